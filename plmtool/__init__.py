@@ -1,0 +1,3 @@
+"""plmtool: compress and accelerate pre-trained language models."""
+
+__version__ = "0.1.0"

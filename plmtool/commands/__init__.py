@@ -1,0 +1,1 @@
+"""One module per command: `run(cfg, run_dir) -> report` plus a `@hydra.main` entry point."""

@@ -1,0 +1,92 @@
+"""Typed config schemas shared by every command.
+
+Each primary config (`conf/<command>.yaml`) starts from a dataclass registered here (or in the
+command's own schema module), so a wrong type (`data.seqlen=abc`) or an unknown key fails when
+Hydra composes the config, with Hydra's own message, before anything heavy is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class ModelConfig:
+    # embedded alias, .gguf file, local checkpoint dir or hub id
+    name_or_path: str = "smollm2-135m"
+    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
+    device: str = "auto"  # auto = cuda when present, else cpu
+    device_map: Optional[str] = None  # e.g. "auto": accelerate places/offloads layers
+    offload_folder: Optional[str] = None
+    gguf_file: Optional[str] = None  # a GGUF file inside a local dir or hub repo
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    attn_implementation: Optional[str] = None  # sdpa | eager | flash_attention_2
+    cache_dir: Optional[str] = None  # where converted GGUF checkpoints are cached
+
+
+@dataclass
+class DataConfig:
+    # evaluation corpus: wiki_sample | news_sample | wikitext2 | c4 | path to .txt/.jsonl
+    corpus: str = "wiki_sample"
+    # calibration corpus (pruning); null = the calibration part of `corpus`
+    calib_corpus: Optional[str] = None
+    nsamples: int = 128  # calibration windows
+    seqlen: int = 2048  # tokens per calibration window
+    seed: int = 0
+    text_field: str = "text"  # field read from local JSONL corpora
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class EvalConfig:
+    ppl: bool = True
+    corpus: str = "${data.corpus}"
+    seqlen: int = 2048  # perplexity window; always reported with the number
+    max_tokens: Optional[int] = None  # cap on evaluated tokens (whole windows)
+    batch_size: int = 1
+    # lm-eval tasks by name, a preset (wanda7, sds7) or the offline task wiki_next_sentence
+    zeroshot: list[str] = field(default_factory=lambda: ["wiki_next_sentence"])
+    zeroshot_limit: Optional[int] = None  # examples per task (None = all)
+    zeroshot_batch_size: int = 8
+    num_fewshot: int = 0
+    include_path: Optional[str] = None  # local lm-eval task directory
+    offline_task_size: int = 500  # examples generated for wiki_next_sentence
+    offline_task_choices: int = 4
+
+
+@dataclass
+class TrainerConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_steps: int = 1000
+    epochs: int = 1
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_seq_len: int = 1024
+    precision: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU | bf16 | fp32
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 200
+    save_every: int = 200
+    num_workers: int = 0
+    seed: int = 0
+
+
+@dataclass
+class EvalApp:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+
+
+def register(name: str, node: Any) -> None:
+    ConfigStore.instance().store(name=name, node=node)
+
+
+register("eval_schema", EvalApp)
