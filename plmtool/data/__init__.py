@@ -1,0 +1,1 @@
+"""Text corpora, calibration sampling and chat/instruction data."""
