@@ -1,0 +1,1 @@
+"""Speculative decoding: drafting heads (Medusa, Amphista), their training, trees and decoding."""
