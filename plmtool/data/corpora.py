@@ -28,7 +28,7 @@ SPLITS = ("calib", "eval")
 EMBEDDED = ("wiki_sample", "news_sample")
 HUB = ("wikitext2", "c4")
 EVAL_EVERY = 5  # document i is in the eval split iff i % EVAL_EVERY == EVAL_EVERY - 1
-CLEANING_VERSION = 1  # bump when the wiki cleaning changes so caches are rebuilt
+CLEANING_VERSION = 4  # bump when the wiki cleaning changes so caches are rebuilt
 # How documents are joined before tokenizing, per the reference implementations.
 JOINERS = {"c4": " "}
 DEFAULT_JOINER = "\n\n"
@@ -40,6 +40,8 @@ def known_corpora() -> tuple[str, ...]:
 
 
 def split_by_document(docs: list[str], split: str) -> list[str]:
+    # Exact duplicates (the news sample has some) would otherwise land on both sides of the split.
+    docs = list(dict.fromkeys(docs))
     chosen = [d for i, d in enumerate(docs) if (i % EVAL_EVERY == EVAL_EVERY - 1) == (split == "eval")]
     if not chosen:
         raise PlmtoolError(f"corpus has {len(docs)} documents: too few to split into calibration and evaluation parts")

@@ -38,11 +38,14 @@ def iter_pages(path: Path) -> Iterator[tuple[str, str]]:
 def clean_wikitext(text: str) -> str:
     import mwparserfromhell
 
+    # Citations first, by regex: inside malformed markup the parser leaves some <ref> tags as text.
+    text = re.sub(r"<ref[^>]*/>", "", text)
+    text = re.sub(r"<ref[^>]*>.*?</ref>", "", text, flags=re.DOTALL)
     code = mwparserfromhell.parse(text)
-    for link in code.filter_wikilinks(recursive=False):
+    for link in code.filter_wikilinks(recursive=True):
         if str(link.title).strip().lower().startswith(_NON_PROSE_LINKS):
             _remove(code, link)
-    for node in code.filter_tags(recursive=False):
+    for node in code.filter_tags(recursive=True):
         if str(node.tag).lower() in ("ref", "table", "gallery", "math", "timeline", "references"):
             _remove(code, node)
     plain = code.strip_code(normalize=True, collapse=True, keep_template_params=False)
@@ -59,6 +62,8 @@ def clean_wikitext(text: str) -> str:
         # Leftovers of tables / image captions and list bullets.
         if line.startswith(("{|", "|", "!", "thumb|")):
             continue
+        line = re.sub(r"\{\{[^{}]*\}\}", "", line)  # templates the parser could not see
+        line = re.sub(r"'{2,}", "", line)  # bold/italic quotes next to a link
         line = re.sub(r"^[*#:;]+\s*", "", line)
         line = re.sub(r"\(\s*[,;]?\s*\)", "", line)  # "( ; )" left by removed templates
         line = re.sub(r"\s{2,}", " ", line).strip()

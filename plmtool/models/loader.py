@@ -165,9 +165,10 @@ def load_model(cfg: Any, device: str | None = None):
     `device_map` (e.g. "auto") hands placement to accelerate, with optional CPU/disk offload for
     models larger than one GPU; otherwise the whole model goes to `device`.
     """
+    # Resolve first: a wrong path fails in milliseconds, before transformers is imported.
+    source = materialize(resolve_model_source(cfg.name_or_path, getattr(cfg, "gguf_file", None)), getattr(cfg, "cache_dir", None))
     from transformers import AutoModelForCausalLM
 
-    source = materialize(resolve_model_source(cfg.name_or_path, getattr(cfg, "gguf_file", None)), getattr(cfg, "cache_dir", None))
     kwargs: dict[str, Any] = {"dtype": torch_dtype(cfg.dtype)}
     if getattr(cfg, "revision", None):
         kwargs["revision"] = cfg.revision
