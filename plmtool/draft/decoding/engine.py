@@ -1,0 +1,219 @@
+"""Generation loops over the static-cache target: plain decoding and tree speculative decoding.
+
+Per step of the speculative loop (batch 1):
+  1. the drafter's K heads (logits for the positions after the bonus token) give their top-k
+     candidates; the static tree picks which ones form the nodes;
+  2. one target forward over the tree (root = the bonus token, not yet in the cache);
+  3. verification accepts a path (greedy / lossless sampling / opt-in typical acceptance) and the
+     target's next token after it (the new bonus token);
+  4. the cache is compacted to the accepted path; the drafter is stepped with the hidden states of
+     the accepted positions and the tokens that follow them, which yields the next K heads.
+
+The plain loop is the same machinery with a one-node tree, so the two share every kernel and
+differ only by the drafting. Accepted tokens per step counts the accepted drafted tokens plus the
+bonus token; the token produced by the prefill is not a step (plain decoding: exactly 1.00).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from plmtool.draft.decoding.target import StepProgram, TargetRunner
+from plmtool.draft.decoding.tree import Tree, make_tree
+from plmtool.draft.decoding.verify import Verdict, filter_probs, greedy_verify, sample_verify, typical_verify
+from plmtool.errors import PlmtoolError
+
+ACCEPTANCE = ("lossless", "typical")
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    acceptance: str = "lossless"  # lossless | typical (Medusa's, lossy; only with temperature > 0)
+    typical_epsilon: float = 0.09
+    stop_token_ids: Sequence[int] = ()
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise PlmtoolError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise PlmtoolError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise PlmtoolError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.acceptance not in ACCEPTANCE:
+            raise PlmtoolError(f"acceptance must be one of {', '.join(ACCEPTANCE)}, got '{self.acceptance}'")
+
+
+@dataclass
+class GenerationResult:
+    prompt_tokens: int
+    tokens: list[int] = field(default_factory=list)
+    accept_lengths: list[int] = field(default_factory=list)  # tokens kept per verification step
+    finish_reason: str = "length"  # "stop" when a stop token was produced
+
+    @property
+    def steps(self) -> int:
+        return len(self.accept_lengths)
+
+    @property
+    def mean_accepted(self) -> float:
+        return sum(self.accept_lengths) / len(self.accept_lengths) if self.accept_lengths else 1.0
+
+    def stats(self) -> dict[str, Any]:
+        return {"steps": self.steps, "mean_accepted": round(self.mean_accepted, 4), "accept_lengths": list(self.accept_lengths)}
+
+
+class SpeculativeEngine:
+    """Plain or speculative generation for one target (and optionally one drafter), batch 1.
+
+    Not thread-safe: one generation at a time (the server serialises requests).
+    """
+
+    def __init__(self, model, drafter=None, tree: Sequence[Sequence[int]] | None = None, max_len: int = 2048,
+                 cuda_graphs: bool | str = "auto"):
+        self.runner = TargetRunner(model, max_len)
+        self.model = model
+        self.drafter = drafter
+        self.device = self.runner.device
+        self.max_len = self.runner.max_len
+        use_graphs = (self.device.type == "cuda") if cuda_graphs == "auto" else bool(cuda_graphs)
+        if use_graphs and self.device.type != "cuda":
+            raise PlmtoolError("CUDA graphs need a CUDA device")
+        self.cuda_graphs = use_graphs
+        pool = torch.cuda.graph_pool_handle() if use_graphs else None
+        one = make_tree([])
+        self.plain_step = StepProgram(self.runner, one.depth, one.ancestors, use_graphs, pool)
+        self.tree: Tree | None = None
+        self.tree_step: StepProgram | None = None
+        if drafter is not None:
+            if tree is None:
+                raise PlmtoolError("a drafter needs a candidate tree")
+            self.tree = make_tree(tree, num_heads=drafter.num_heads).to(self.device)
+            if self.tree.n + 1 > self.max_len:
+                raise PlmtoolError(f"tree of {self.tree.n} nodes does not fit the context of {self.max_len}")
+            self.tree_step = StepProgram(self.runner, self.tree.depth, self.tree.ancestors, use_graphs, pool)
+
+    @property
+    def speculative(self) -> bool:
+        return self.drafter is not None
+
+    def check_request(self, prompt_len: int, max_new_tokens: int) -> None:
+        """Raise PlmtoolError when a request cannot fit the context (the server turns it into a 400)."""
+        reserve = self.tree.n if self.tree is not None else 1
+        if prompt_len < 1:
+            raise PlmtoolError("the prompt is empty")
+        need = prompt_len + max_new_tokens + reserve
+        if need > self.max_len:
+            raise PlmtoolError(
+                f"prompt ({prompt_len} tokens) + max_tokens ({max_new_tokens}) exceeds the context of {self.max_len} tokens"
+                f"{f' (less {reserve} slots for the candidate tree)' if reserve > 1 else ''}"
+            )
+
+    # ------------------------------------------------------------------ public API
+    def generate(self, prompt: Sequence[int], gen: GenerationConfig | None = None, **kw: Any) -> GenerationResult:
+        result = None
+        for _, result in self.stream(prompt, gen, **kw):
+            pass
+        assert result is not None
+        return result
+
+    def stream(self, prompt: Sequence[int], gen: GenerationConfig | None = None, **kw: Any) -> Iterator[tuple[list[int], GenerationResult]]:
+        """Yield (new tokens, running result) after the prefill and after each step."""
+        gen = gen or GenerationConfig(**kw)
+        gen.validate()
+        prompt = [int(t) for t in prompt]
+        self.check_request(len(prompt), gen.max_new_tokens)
+        result = GenerationResult(prompt_tokens=len(prompt))
+        cpu_gen = None
+        if gen.temperature > 0:
+            cpu_gen = torch.Generator()
+            cpu_gen.manual_seed(gen.seed if gen.seed is not None else int(time.time_ns() % 2**31))
+        stops = set(int(t) for t in gen.stop_token_ids)
+        with torch.inference_mode():
+            yield from self._loop(prompt, gen, result, cpu_gen, stops)
+
+    # ------------------------------------------------------------------ internals
+    def _choose(self, logits: torch.Tensor, gen: GenerationConfig, cpu_gen) -> int:
+        if gen.temperature == 0:
+            return int(logits.argmax().item())
+        p = filter_probs(logits, gen.temperature, gen.top_p, gen.top_k).double().cpu()
+        return int(torch.multinomial(p, 1, generator=cpu_gen).item())
+
+    def _emit(self, chunk: list[int], gen: GenerationConfig, result: GenerationResult, stops: set[int]) -> tuple[list[int], bool]:
+        room = gen.max_new_tokens - len(result.tokens)
+        kept: list[int] = []
+        done = False
+        for t in chunk[:room]:
+            kept.append(t)
+            if t in stops:
+                result.finish_reason, done = "stop", True
+                break
+        result.tokens.extend(kept)
+        if len(result.tokens) >= gen.max_new_tokens:
+            done = True
+        return kept, done
+
+    def _loop(self, prompt: list[int], gen: GenerationConfig, result: GenerationResult, cpu_gen, stops: set[int]):
+        runner = self.runner
+        runner.reset()
+        logits, hidden = runner.extend(prompt)
+        token = self._choose(logits[-1], gen, cpu_gen)
+        kept, done = self._emit([token], gen, result, stops)
+        yield kept, result
+        if done:
+            return
+        if self.drafter is None:
+            step = self.plain_step
+            buf = torch.zeros(1, dtype=torch.long, device=self.device)
+            while True:
+                buf.fill_(token)
+                logits, _ = step(buf, runner.length)
+                runner.cache.length += 1
+                token = self._choose(logits[0], gen, cpu_gen)
+                kept, done = self._emit([token], gen, result, stops)
+                result.accept_lengths.append(len(kept))
+                yield kept, result
+                if done:
+                    return
+        tree, step = self.tree, self.tree_step
+        assert tree is not None and step is not None
+        drafter = self.drafter
+        dcache = drafter.new_cache(1, self.max_len, self.device, runner.dtype)
+        nxt = torch.tensor([prompt[1:] + [token]], device=self.device)
+        heads = drafter.step(hidden.unsqueeze(0), nxt, dcache)  # [1, K, V]
+        tokens = torch.empty(tree.n, dtype=torch.long, device=self.device)
+        while True:
+            cands = torch.topk(heads[0, : tree.max_depth], tree.topk, dim=-1).indices.reshape(-1)
+            tokens[0] = token
+            tokens[1:] = cands[tree.candidate_index]
+            start = runner.length
+            logits, hidden = step(tokens, start)
+            verdict = self._verify(tree, tokens, logits, gen, cpu_gen)
+            path = tree.paths[verdict.node]
+            runner.cache.compact(start, path)
+            runner.cache.length = start + verdict.length
+            accepted_path = path[: verdict.length]
+            drafted = tokens[accepted_path[1:]].tolist()
+            token = verdict.bonus
+            kept, done = self._emit(drafted + [token], gen, result, stops)
+            result.accept_lengths.append(len(kept))
+            yield kept, result
+            if done:
+                return
+            nxt = torch.cat([tokens[accepted_path[1:]], torch.tensor([token], device=self.device)]).view(1, -1)
+            heads = drafter.step(hidden[accepted_path].unsqueeze(0), nxt, dcache)
+
+    def _verify(self, tree: Tree, tokens: torch.Tensor, logits: torch.Tensor, gen: GenerationConfig, cpu_gen) -> Verdict:
+        if gen.temperature == 0:
+            return greedy_verify(tree, tokens, logits)
+        if gen.acceptance == "typical":
+            return typical_verify(tree, tokens, logits, gen.temperature, gen.typical_epsilon, generator=cpu_gen)
+        return sample_verify(tree, tokens, logits, gen.temperature, gen.top_p, gen.top_k, generator=cpu_gen)

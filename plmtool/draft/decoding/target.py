@@ -1,0 +1,192 @@
+"""The target model run over a static KV cache: prefill, plain decoding and tree verification.
+
+Hugging Face's forward pays a large per-call overhead (cache objects, mask construction, kwargs
+plumbing) that dominates decoding for small targets. This runner calls the model's own modules
+(embeddings, norms, projections, MLPs, rotary embedding, lm_head) but does the attention itself
+over a preallocated cache with an explicit boolean mask, so
+
+* a tree of `n` candidate nodes is verified in one forward: node i attends to the committed
+  prefix and to its own ancestors in the tree, at position `length + depth(i)`;
+* every step of a given tree shape has the same tensor shapes and no host-side decisions, so it is
+  captured once as a CUDA graph and replayed (one launch per step instead of hundreds);
+* grouped-query attention never expands the cache: the query heads of a group are folded into the
+  query length, `[B, Hq, n, D] -> [B, Hkv, g*n, D]`, and attend to their shared key/value head.
+
+Supported: decoder-only Llama-style blocks (Llama 1-3, Mistral without a sliding window reached,
+Qwen2, Qwen3 with q/k norms, SmolLM2). Anything else raises a clear error.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from plmtool.draft.decoding.kv_cache import StaticKVCache
+from plmtool.errors import PlmtoolError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def check_supported(model, max_len: int | None = None) -> None:
+    cfg = model.config
+    mtype = getattr(cfg, "model_type", None)
+    if mtype not in SUPPORTED_MODEL_TYPES:
+        raise PlmtoolError(
+            f"the decoding engine supports {', '.join(SUPPORTED_MODEL_TYPES)} targets; got model_type '{mtype}'"
+        )
+    window = getattr(cfg, "sliding_window", None)
+    if window and getattr(cfg, "use_sliding_window", True) and max_len and max_len > window:
+        raise PlmtoolError(f"context of {max_len} tokens exceeds the model's sliding window {window}, which the engine does not implement")
+
+
+class TargetRunner:
+    """Static-cache forward of a causal LM (batch 1)."""
+
+    def __init__(self, model, max_len: int):
+        check_supported(model, max_len)
+        cfg = model.config
+        limit = getattr(cfg, "max_position_embeddings", None)
+        if limit and max_len > limit:
+            max_len = int(limit)
+        base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        self.model = model
+        self.embed = base.embed_tokens
+        self.layers = list(base.layers)
+        self.norm = base.norm
+        self.rotary = base.rotary_emb
+        self.lm_head = model.lm_head
+        attn = self.layers[0].self_attn
+        self.head_dim = attn.head_dim
+        self.n_heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.groups = self.n_heads // self.kv_heads
+        self.scaling = attn.scaling
+        self.qk_norm = hasattr(attn, "q_norm")
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.hidden_size = cfg.hidden_size
+        self.vocab_size = self.lm_head.weight.shape[0]
+        self.max_len = max_len
+        self.cache = StaticKVCache(len(self.layers), self.kv_heads, self.head_dim, max_len, 1, self.device, self.dtype)
+        self.slot_ids = torch.arange(max_len, device=self.device)
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    def reset(self) -> None:
+        self.cache.reset()
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor, span: int):
+        """ids/positions [1, n]; slots [n] where the new k/v go; mask [1, 1, n, span] over slots [0, span).
+
+        Returns (logits [n, V], hidden [n, H]); `hidden` is the final-norm output fed to lm_head,
+        which is what drafters read.
+        """
+        n = ids.shape[1]
+        g, hkv, d = self.groups, self.kv_heads, self.head_dim
+        x = self.embed(ids)
+        cos, sin = self.rotary(x, positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        # rows of the folded query are (group member, node): repeat the node mask per member
+        fmask = mask if g == 1 else mask.repeat(1, 1, g, 1)
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(1, n, self.n_heads, d)
+            k = attn.k_proj(h).view(1, n, hkv, d)
+            v = attn.v_proj(h).view(1, n, hkv, d)
+            if self.qk_norm:
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            self.cache.write(i, slots, k, v)
+            keys = self.cache.k[i, :, :, :span]
+            values = self.cache.v[i, :, :, :span]
+            o = F.scaled_dot_product_attention(q.reshape(1, hkv, g * n, d), keys, values, attn_mask=fmask, scale=self.scaling)
+            o = o.view(1, self.n_heads, n, d).transpose(1, 2).reshape(1, n, self.n_heads * d)
+            x = x + attn.o_proj(o)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        hidden = self.norm(x)
+        return self.lm_head(hidden)[0], hidden[0]
+
+    @torch.no_grad()
+    def extend(self, ids: list[int] | torch.Tensor):
+        """Append tokens causally after the committed prefix (prefill); returns (logits, hidden) for them."""
+        ids = torch.as_tensor(ids, device=self.device, dtype=torch.long).view(1, -1)
+        n, start = ids.shape[1], self.cache.length
+        if start + n > self.max_len:
+            raise PlmtoolError(f"sequence of {start + n} tokens exceeds the engine's context of {self.max_len}")
+        slots = self.slot_ids[start : start + n]
+        span = start + n
+        mask = self.slot_ids[:span].view(1, -1) <= slots.view(-1, 1)
+        out = self.forward(ids, slots.view(1, -1), slots, mask.view(1, 1, n, span), span)
+        self.cache.length = span
+        return out
+
+
+class StepProgram:
+    """One verification step for a fixed tree shape (`n = 1` is plain decoding).
+
+    Inputs go into static buffers (`tokens`, `start`); the forward derives slots, positions and
+    the tree mask from them on the device, so the whole step can be captured as a CUDA graph.
+    """
+
+    def __init__(self, runner: TargetRunner, depth: torch.Tensor, ancestors: torch.Tensor, cuda_graph: bool = False,
+                 pool=None):
+        self.runner = runner
+        dev = runner.device
+        self.n = int(depth.numel())
+        self.depth = depth.to(dev)
+        self.ancestors = ancestors.to(dev)
+        self.node_ids = torch.arange(self.n, device=dev)
+        self.tokens = torch.zeros(1, self.n, dtype=torch.long, device=dev)
+        self.start = torch.zeros((), dtype=torch.long, device=dev)
+        self.graph = None
+        self.out: tuple[torch.Tensor, torch.Tensor] | None = None
+        if cuda_graph:
+            self._capture(pool)
+
+    def _run(self, span: int):
+        r, n, start = self.runner, self.n, self.start
+        slots = start + self.node_ids
+        positions = (start + self.depth).view(1, n)
+        cols = r.slot_ids[:span]
+        rel = cols - start
+        in_tree = (rel >= 0) & (rel < n)
+        tree_part = self.ancestors[:, rel.clamp(0, n - 1)] & in_tree
+        mask = (cols < start).view(1, -1) | tree_part
+        return r.forward(self.tokens, positions, slots, mask.view(1, 1, n, span), span)
+
+    def _capture(self, pool) -> None:
+        r = self.runner
+        saved = r.cache.length
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up outside the graph (allocator, cuBLAS handles)
+                self._run(r.max_len)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.out = self._run(r.max_len)
+        r.cache.length = saved
+
+    def __call__(self, tokens: torch.Tensor, start: int):
+        r = self.runner
+        if start + self.n > r.max_len:
+            raise PlmtoolError(f"sequence would exceed the engine's context of {r.max_len} tokens")
+        self.tokens.copy_(tokens.view(1, -1))
+        self.start.fill_(start)
+        if self.graph is not None:
+            self.graph.replay()
+            return self.out
+        # eager: attend only to the live part of the cache
+        return self._run(start + self.n)

@@ -1,0 +1,262 @@
+"""Decoding engine: lossless greedy speculation, cache compaction, trees, speculative sampling."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from draft_decoding_helpers import OracleDrafter, RandomDrafter, plain_greedy, tiny_llama
+from plmtool.draft.decoding import GenerationConfig, SpeculativeEngine, build_tree, make_tree, resolve_tree, validate_tree
+from plmtool.draft.decoding.target import TargetRunner
+from plmtool.draft.decoding.tree import expected_accept_length
+from plmtool.draft.decoding.verify import filter_probs, sample_verify
+from plmtool.errors import PlmtoolError
+
+TREES = {
+    "chain": [[0], [0, 0], [0, 0, 0]],
+    "wide": [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 1, 0], [1, 0, 0]],
+    "auto": "auto:12",
+}
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_llama(vocab=64, hidden=32, layers=2, heads=4, kv_heads=2, seed=0)
+
+
+def prompts(n: int, vocab: int = 64, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (int(torch.randint(1, 12, (), generator=g)),), generator=g).tolist() for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------- trees
+
+
+def test_validate_tree_sorts_and_rejects_bad_trees():
+    assert validate_tree([[0, 0], [1], [0]]) == [[0], [1], [0, 0]]
+    bad = [
+        ("not a list", "list of paths"),
+        ([[]], "non-empty"),
+        ([[0], [0, -1]], "non-negative"),
+        ([[0], [0.5]], "non-negative ints"),
+        ([[0], [0]], "twice"),
+        ([[0], [1, 0]], "no parent"),
+    ]
+    for tree, msg in bad:
+        with pytest.raises(PlmtoolError, match=msg):
+            validate_tree(tree)
+    with pytest.raises(PlmtoolError, match="only 2 heads"):
+        validate_tree([[0], [0, 0], [0, 0, 0]], num_heads=2)
+
+
+def test_tree_mask_and_paths():
+    tree = make_tree([[0], [1], [0, 0], [1, 0], [0, 0, 1]])
+    # node order: root, [0], [1], [0,0], [1,0], [0,0,1]
+    assert tree.depth.tolist() == [0, 1, 1, 2, 2, 3]
+    assert tree.parent.tolist() == [0, 0, 0, 1, 2, 3]
+    expected = torch.zeros(6, 6, dtype=torch.bool)
+    for i, chain in enumerate([[0], [0, 1], [0, 2], [0, 1, 3], [0, 2, 4], [0, 1, 3, 5]]):
+        expected[i, chain] = True
+        assert tree.paths[i, : len(chain)].tolist() == chain
+    assert torch.equal(tree.ancestors, expected)
+    assert tree.children[0] == [1, 2] and tree.topk == 2
+    # candidate table index = head * topk + rank
+    assert tree.candidate_index.tolist() == [0, 1, 2, 2, 5]
+
+
+def test_build_tree_is_optimal_for_independent_heads():
+    acc = [[0.6, 0.2, 0.1], [0.4, 0.2, 0.1]]
+    nodes = [list(p) for d in (1, 2) for p in itertools.product(range(3), repeat=d)]
+    for budget in (1, 3, 5):
+        tree = build_tree(acc, budget)
+        assert len(tree) == budget
+        best = 0.0
+        for subset in itertools.combinations(nodes, budget):
+            try:
+                validate_tree([list(p) for p in subset])
+            except PlmtoolError:
+                continue
+            best = max(best, expected_accept_length(subset, acc))
+        assert expected_accept_length(tree, acc) == pytest.approx(best)
+    assert resolve_tree("chain", 4) == [[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]]
+    assert len(resolve_tree("auto:20", 3)) == 20
+    with pytest.raises(PlmtoolError):
+        resolve_tree("nonsense", 3)
+
+
+# ----------------------------------------------------------------------------- lossless greedy
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_plain_loop_equals_reference_greedy(model_type):
+    model = tiny_llama(model_type=model_type, seed=3)
+    engine = SpeculativeEngine(model, max_len=96)
+    for prompt in prompts(4, seed=5):
+        out = engine.generate(prompt, max_new_tokens=24)
+        assert out.tokens == plain_greedy(model, prompt, 24)
+        assert out.mean_accepted == 1.0 and out.steps == 23
+
+
+@pytest.mark.parametrize("tree_name", list(TREES))
+def test_speculative_greedy_equals_plain_greedy(target, tree_name):
+    total_steps = total_tokens = 0
+    for i, prompt in enumerate(prompts(6, seed=7)):
+        ref = plain_greedy(target, prompt, 30)
+        drafters = [
+            RandomDrafter(32, 64, 3, stateful=bool(i % 2), seed=i),
+            OracleDrafter(target, prompt, num_heads=3, seed=i),
+        ]
+        for drafter in drafters:
+            engine = SpeculativeEngine(target, drafter, tree=resolve_tree(TREES[tree_name], 3), max_len=96)
+            out = engine.generate(prompt, max_new_tokens=30)
+            assert out.tokens == ref, f"prompt {prompt} diverged with {type(drafter).__name__}"
+            assert sum(out.accept_lengths) == len(out.tokens) - 1
+            if isinstance(drafter, OracleDrafter):
+                total_steps += out.steps
+                total_tokens += sum(out.accept_lengths)
+    # the noisy oracle must actually get drafts accepted, or this test proves nothing
+    assert total_tokens / total_steps > 1.8
+
+
+def test_stop_tokens_and_length(target):
+    prompt = [5, 6, 7]
+    ref = plain_greedy(target, prompt, 20)
+    stop = ref[7]
+    engine = SpeculativeEngine(target, OracleDrafter(target, prompt), tree=TREES["wide"], max_len=64)
+    out = engine.generate(prompt, GenerationConfig(max_new_tokens=20, stop_token_ids=[stop]))
+    assert out.tokens == ref[: ref.index(stop) + 1] and out.finish_reason == "stop"
+    out = engine.generate(prompt, max_new_tokens=5)
+    assert out.tokens == ref[:5] and out.finish_reason == "length"
+
+
+def test_cache_after_compaction_equals_rebuilt_cache(target):
+    prompt = [4, 9, 12, 3]
+    engine = SpeculativeEngine(target, OracleDrafter(target, prompt), tree=TREES["wide"], max_len=96)
+    out = engine.generate(prompt, max_new_tokens=25)
+    assert out.mean_accepted > 1.5  # compaction really moved accepted tree nodes
+    # the last token is the bonus token, not yet in the cache
+    seq = prompt + out.tokens[:-1]
+    assert engine.runner.length == len(seq)
+    fresh = TargetRunner(target, 96)
+    fresh.extend(seq)
+    k, v = engine.runner.cache.committed()
+    k2, v2 = fresh.cache.committed()
+    torch.testing.assert_close(k, k2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v, v2, atol=1e-5, rtol=1e-5)
+
+
+def test_tree_forward_logits_match_plain_sequences(target):
+    """Each tree node's logits equal those of the plain sequence prefix + path (tree mask + positions)."""
+    prompt = [3, 8, 20, 11]
+    tree = make_tree(TREES["wide"])
+    engine = SpeculativeEngine(target, RandomDrafter(32, 64, 3), tree=TREES["wide"], max_len=64)
+    engine.runner.reset()
+    engine.runner.extend(prompt)
+    tokens = torch.randint(3, 64, (tree.n,), generator=torch.Generator().manual_seed(0))
+    logits, _ = engine.tree_step(tokens, len(prompt))
+    with torch.no_grad():
+        for i in range(tree.n):
+            path = tree.paths[i, : int(tree.depth[i]) + 1]
+            ref = target(torch.tensor([prompt + tokens[path].tolist()])).logits[0, -1]
+            torch.testing.assert_close(logits[i], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_real_drafters_plug_in(target):
+    """Medusa and Amphista drafters of plmtool.draft keep the output lossless."""
+    drafter_mod = pytest.importorskip("plmtool.draft.drafter")
+    from plmtool.draft.config import DrafterConfig
+
+    prompt = [7, 3, 19]
+    ref = plain_greedy(target, prompt, 16)
+    for kind in ("medusa", "amphista"):
+        try:
+            drafter = drafter_mod.build_drafter(DrafterConfig(kind=kind, num_heads=3), target=target).eval()
+        except (ImportError, ModuleNotFoundError):
+            continue
+        engine = SpeculativeEngine(target, drafter, tree=TREES["wide"], max_len=64)
+        assert engine.generate(prompt, max_new_tokens=16).tokens == ref, kind
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_requests_raise_clear_errors(target):
+    engine = SpeculativeEngine(target, RandomDrafter(32, 64, 3), tree=TREES["wide"], max_len=40)
+    with pytest.raises(PlmtoolError, match="exceeds the context"):
+        engine.generate([1] * 10, max_new_tokens=30)
+    with pytest.raises(PlmtoolError, match="empty"):
+        engine.generate([], max_new_tokens=3)
+    with pytest.raises(PlmtoolError, match="only 3 heads"):
+        SpeculativeEngine(target, RandomDrafter(32, 64, 3), tree=[[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]], max_len=40)
+    with pytest.raises(PlmtoolError, match="temperature"):
+        engine.generate([1, 2], GenerationConfig(max_new_tokens=3, temperature=-1))
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def _chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    from scipy.stats import chisquare
+
+    n = counts.sum().item()
+    expected = probs * n
+    # merge cells with small expectation into one so the chi-square approximation holds
+    small = expected < 5
+    obs = torch.cat([counts[~small], counts[small].sum().view(1)]).double()
+    exp = torch.cat([expected[~small], expected[small].sum().view(1)]).double()
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    exp = exp * obs.sum() / exp.sum()
+    return float(chisquare(obs.numpy(), exp.numpy()).pvalue)
+
+
+def test_sample_verify_emits_tokens_distributed_as_target():
+    """Unit check on one tree step: first emitted token ~ p(root), second ~ sum_x p(x) p(.|x)."""
+    tree = make_tree([[0], [1], [2], [0, 0], [0, 1], [1, 0]])
+    vocab = 6
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(tree.n, vocab, generator=g) * 1.5
+    # candidates: the root's children propose tokens 2, 0, 5; deeper nodes 1, 3, 4
+    tokens = torch.tensor([0, 2, 0, 5, 1, 3, 4])
+    p = torch.softmax(logits, -1)
+    first = torch.zeros(vocab)
+    n = 20000
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(n):
+        v = sample_verify(tree, tokens, logits, temperature=1.0, generator=gen)
+        path = tree.paths[v.node, : v.length].tolist()
+        first[tokens[path[1]] if v.length > 1 else v.bonus] += 1
+    assert _chi2_pvalue(first, p[0]) > 1e-3
+    # an always-accept rule would put far more mass on token 2 than p(2): the test can tell
+    assert abs(first[2] / n - p[0, 2]) < 0.02
+
+
+def test_speculative_sampling_reproduces_target_distribution():
+    vocab = 8
+    model = tiny_llama(vocab=vocab, hidden=16, layers=1, heads=2, kv_heads=1, seed=4)
+    with torch.no_grad():
+        for prm in model.parameters():
+            if prm.dim() == 2:
+                prm.mul_(0.3)  # flatter distributions: every token has real mass
+    prompt = [1, 2]
+    temp = 0.9
+
+    def dist(seq):
+        with torch.no_grad():
+            return filter_probs(model(torch.tensor([seq])).logits[0, -1], temp)
+
+    p1 = dist(prompt)
+    joint = torch.stack([p1[a] * dist(prompt + [a]) for a in range(vocab)]).reshape(-1)
+    drafter = RandomDrafter(16, vocab, num_heads=2, stateful=True, seed=2)
+    tree = [[0], [1], [2], [0, 0], [0, 1], [1, 0]]
+    engine = SpeculativeEngine(model, drafter, tree=tree, max_len=32)
+    plain = SpeculativeEngine(model, max_len=32)
+    n = 1500
+    for eng in (engine, plain):
+        counts = torch.zeros(vocab * vocab)
+        for i in range(n):
+            out = eng.generate(prompt, GenerationConfig(max_new_tokens=2, temperature=temp, seed=i))
+            counts[out.tokens[0] * vocab + out.tokens[1]] += 1
+        assert _chi2_pvalue(counts, joint) > 1e-3
