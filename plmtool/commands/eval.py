@@ -18,12 +18,12 @@ from plmtool.runner import Report, execute, md_table
 
 
 def run(cfg: DictConfig, run_dir: Path) -> Report:
+    from plmtool.eval.suite import check_config, evaluate
     from plmtool.models import load_model
     from plmtool.models.loader import model_info
 
+    check_config(cfg.eval)  # bad settings fail before the model is loaded
     model, tokenizer = load_model(cfg.model)
-    from plmtool.eval.suite import evaluate
-
     result = evaluate(model, tokenizer, cfg.eval, cfg.data, run_dir, label="eval")
     return {"model": cfg.model.name_or_path, "model_info": model_info(model), **result}
 
