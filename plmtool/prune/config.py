@@ -1,0 +1,61 @@
+"""Config schema of `plmtool prune sds` (registered as "prune_sds_schema")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from plmtool.config import DataConfig, EvalConfig, ModelConfig, register
+
+
+@dataclass
+class OptimConfig:
+    iterations: int = 30
+    lr: float = 0.01
+    optimizer: str = "adam"  # adam | sgd
+    schedule: str = "cosine"  # cosine | constant
+    divergence: float = 4.0  # loss above this multiple of the start loss = divergence (step halved)
+    max_retries: int = 6
+    tf32: bool = True  # TF32 matmuls for the Gram iterations on GPU
+
+
+@dataclass
+class SdsConfig:
+    inputs: str = "pruned"  # pruned | dense: activations X used by re-dense and adjustment
+    l1: float = 0.1  # lambda_1 of the L1 penalty (relative to ||W_dense||_1)
+    l2: float = 0.1  # lambda_2 of the L2 penalty (relative to ||W_dense||^2)
+    redense: OptimConfig = field(default_factory=OptimConfig)
+    adjust: OptimConfig = field(default_factory=OptimConfig)
+    early_exit: bool = True  # skip a layer's adjustment when re-pruning already beats one-shot
+    keep_oneshot_if_better: bool = True
+
+
+@dataclass
+class PruneConfig:
+    method: str = "wanda"  # magnitude | wanda | sparsegpt
+    pattern: str = "2:4"  # N:M (keep N of every M) or "unstructured"
+    sparsity: float = 0.5  # used by "unstructured"; N:M implies 1 - N/M
+    stages: list[str] = field(default_factory=lambda: ["dense", "oneshot", "redense", "sds"])
+    propagate: str = "pruned"  # pruned | dense: what the next block sees during one-shot pruning
+    batch_size: int = 1  # calibration samples per block call
+    activations: str = "auto"  # auto | device | cpu: where calibration activations live
+    exclude: list[str] = field(default_factory=list)  # linear names (substrings) left dense
+    blocksize: int = 128  # SparseGPT column block
+    percdamp: float = 0.01  # SparseGPT damping (fraction of mean diag H)
+    sds: SdsConfig = field(default_factory=SdsConfig)
+    save_model: bool = True  # final model as a Hugging Face checkpoint in <run_dir>/model
+    save_stage_weights: bool = True  # pruned-layer weights per stage in <run_dir>/stages/ (resume)
+    semi_structured: bool = False  # run the final 2:4 model on sparse tensor cores for evaluation (GPU)
+    histogram_bins: int = 200
+
+
+@dataclass
+class PruneSdsApp:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    seed: int = 0
+
+
+register("prune_sds_schema", PruneSdsApp)

@@ -1,0 +1,322 @@
+"""Sparse-Dense-Sparse (SDS): re-dense, re-prune, adjust — per linear layer, in Gram form.
+
+The per-layer objective of both optimisation steps is the output reconstruction error against the
+dense layer, plus (re-dense only) L1 / L2 penalties:
+
+    f(W) = ||(W_d - W) X||^2 / ||W_d X||^2  +  l1 * ||W||_1 / ||W_d||_1  +  l2 * ||W||^2 / ||W_d||^2
+
+It is quadratic in W: ||(W_d - W) X||^2 = tr(D H D^T) with D = W - W_d and H = X X^T, so once the
+d_in x d_in Gram matrix is accumulated an iteration costs one (d_out x d_in) @ (d_in x d_in)
+matmul and never touches the calibration tokens (gradient 2 D H / ||W_d X||^2). Every term is
+normalised by its value at the dense weights, so l1 = l2 = 0.1 means the same thing for every layer
+size and weight scale (the SDS paper's lambda = 0.1 gives no scale, so we chose this one).
+
+Step sizes: Adam works on W / rms(W_d), so `lr` is a step relative to the layer's weight scale;
+SGD takes steps of lr / L with L the Lipschitz constant of the smooth part (largest eigenvalue of
+2H / ||W_d X||^2, plus the L2 term), so lr = 1 is the classic safe step; its L1 term is applied as a
+proximal (soft-threshold) step. A NaN/inf or diverging loss restores the best weights seen, halves
+the step, resets the optimiser and is logged (and counted in the layer's report).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from plmtool.errors import PlmtoolError
+from plmtool.prune.patterns import Pattern, magnitude_reselect
+
+log = logging.getLogger("plmtool")
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass
+class OptimOptions:
+    iterations: int = 50
+    lr: float = 0.01
+    optimizer: str = "adam"  # adam | sgd
+    schedule: str = "cosine"  # cosine | constant
+    divergence: float = 4.0  # loss above this multiple of the starting loss counts as divergence
+    max_retries: int = 6  # step halvings before giving up (keeps the best weights seen)
+    tf32: bool = True  # TF32 matmuls on GPU for the Gram iterations (reconstruction tolerates it)
+
+
+@dataclass
+class GuardLog:
+    retries: int = 0
+    events: list = field(default_factory=list)
+
+
+class Reconstruction:
+    """||(W - W_d) X||^2 / ||W_d X||^2 evaluated through H = X X^T (any positive scale of H)."""
+
+    def __init__(self, dense: torch.Tensor, H: torch.Tensor):
+        self.dense = dense.float()
+        self.H = H.float()
+        self.norm = float(torch.sum((self.dense @ self.H) * self.dense))
+        if not self.norm > 0:
+            self.norm = 1.0  # an all-zero layer or input: any loss scale works
+
+    def residual(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        D = W - self.dense
+        return D, D @ self.H
+
+    def loss(self, W: torch.Tensor) -> float:
+        D, DH = self.residual(W)
+        return float(torch.sum(DH * D)) / self.norm
+
+    def loss_and_grad(self, W: torch.Tensor) -> tuple[float, torch.Tensor]:
+        D, DH = self.residual(W)
+        return float(torch.sum(DH * D)) / self.norm, DH.mul_(2.0 / self.norm)
+
+    def lipschitz(self, iters: int = 30) -> float:
+        """2 * largest eigenvalue of H / norm, by power iteration (H is symmetric PSD)."""
+        v = torch.randn(self.H.shape[0], 1, device=self.H.device, generator=torch.Generator(device=self.H.device).manual_seed(0))
+        lam = 0.0
+        for _ in range(iters):
+            v = self.H @ v
+            lam = float(v.norm())
+            if lam == 0:
+                return 1.0
+            v /= lam
+        return 2.0 * lam * 1.05 / self.norm  # small margin over the power-iteration estimate
+
+
+def token_loss(dense: torch.Tensor, W: torch.Tensor, X: torch.Tensor) -> float:
+    """The same objective evaluated on tokens (X: [tokens, d_in]); used to check the Gram form."""
+    return float(((X @ (W - dense).t()) ** 2).sum() / ((X @ dense.t()) ** 2).sum())
+
+
+def _lr_at(opts: OptimOptions, base: float, t: int) -> float:
+    if opts.schedule == "constant":
+        return base
+    return base * 0.5 * (1 + math.cos(math.pi * t / max(1, opts.iterations)))
+
+
+def _optimize(
+    W0: torch.Tensor,
+    rec: Reconstruction,
+    opts: OptimOptions,
+    l1: float = 0.0,
+    l2: float = 0.0,
+    project: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    what: str = "re-dense",
+) -> tuple[torch.Tensor, dict]:
+    """Minimise rec + penalties from W0; `project` (hard re-masking) makes it iterative hard
+    thresholding. Returns the best weights by the full objective and a history."""
+    if opts.optimizer not in OPTIMIZERS:
+        raise PlmtoolError(f"sds optimizer '{opts.optimizer}': choose from {', '.join(OPTIMIZERS)}")
+    dense = rec.dense
+    l1_norm = float(dense.abs().sum()) or 1.0
+    l2_norm = float((dense**2).sum()) or 1.0
+    scale = float(dense.pow(2).mean().sqrt()) or 1.0
+
+    def objective(W: torch.Tensor, r: float) -> float:
+        total = r
+        if l1:
+            total += l1 * float(W.abs().sum()) / l1_norm
+        if l2:
+            total += l2 * float((W**2).sum()) / l2_norm
+        return total
+
+    if opts.optimizer == "sgd":
+        base_lr = opts.lr / (rec.lipschitz() + 2 * l2 / l2_norm)
+    else:
+        base_lr = opts.lr * scale
+    W = W0.float().clone()
+    r0 = rec.loss(W)
+    start = objective(W, r0)
+    best_W, best, best_rec = W.clone(), start, r0
+    history = [start]
+    guard = GuardLog()
+    state_m = torch.zeros_like(W) if opts.optimizer == "adam" else None
+    state_v = torch.zeros_like(W) if opts.optimizer == "adam" else None
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    lr_mult = 1.0
+    step = 0
+    t = 0
+    while t < opts.iterations:
+        r, grad = rec.loss_and_grad(W)
+        f = objective(W, r)
+        if t > 0:
+            history.append(f)
+        if not math.isfinite(f) or f > opts.divergence * max(start, 1e-12):
+            guard.retries += 1
+            guard.events.append({"iteration": t, "loss": f if math.isfinite(f) else str(f), "lr_mult": lr_mult / 2})
+            log.warning("sds %s: loss %s at iteration %d diverged; restoring best weights, halving the step", what, f, t)
+            if guard.retries > opts.max_retries:
+                log.warning("sds %s: giving up after %d step reductions; keeping the best weights", what, opts.max_retries)
+                break
+            W = best_W.clone()
+            lr_mult /= 2
+            if state_m is not None:
+                state_m.zero_()
+                state_v.zero_()
+                step = 0
+            continue
+        if f < best:
+            best, best_W, best_rec = f, W.clone(), r
+        if l2:
+            grad.add_(W, alpha=2 * l2 / l2_norm)
+        lr = _lr_at(opts, base_lr, t) * lr_mult
+        if opts.optimizer == "adam":
+            if l1:
+                grad.add_(torch.sign(W), alpha=l1 / l1_norm)
+            step += 1
+            state_m.mul_(beta1).add_(grad, alpha=1 - beta1)
+            state_v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            mhat = state_m / (1 - beta1**step)
+            vhat = state_v / (1 - beta2**step)
+            W = W - lr * mhat / (vhat.sqrt() + eps)
+        else:
+            W = W - lr * grad
+            if l1:  # proximal step for the L1 term
+                thr = lr * l1 / l1_norm
+                W = torch.sign(W) * torch.clamp(W.abs() - thr, min=0)
+        if project is not None:
+            W = project(W)
+        t += 1
+    r = rec.loss(W)
+    f = objective(W, r)
+    if math.isfinite(f):
+        history.append(f)
+        if f < best:
+            best, best_W, best_rec = f, W.clone(), r
+    return best_W, {"start": start, "best": best, "reconstruction": best_rec, "history": history, "retries": guard.retries, "guard_events": guard.events}
+
+
+def redense(W_sparse: torch.Tensor, rec: Reconstruction, opts: OptimOptions, l1: float, l2: float) -> tuple[torch.Tensor, dict]:
+    """Every entry trainable, starting from the pruned weights."""
+    return _optimize(W_sparse, rec, opts, l1=l1, l2=l2, what="re-dense")
+
+
+def adjust(W_sparse: torch.Tensor, rec: Reconstruction, pattern: Pattern, opts: OptimOptions) -> tuple[torch.Tensor, dict]:
+    """Reconstruction only, the mask re-selected by magnitude inside `pattern` after every step."""
+
+    def project(W: torch.Tensor) -> torch.Tensor:
+        return W.masked_fill(magnitude_reselect(W, pattern), 0)
+
+    return _optimize(W_sparse, rec, opts, project=project, what="adjust")
+
+
+class tf32_matmuls:
+    """Allow TF32 inside (GPU speed for the Gram iterations), restoring the caller's setting."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __enter__(self):
+        self.old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = self.enabled
+        return self
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.old
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-model stages (block walking in plmtool.prune.sequential)
+
+
+@dataclass
+class SdsOptions:
+    inputs: str = "pruned"  # pruned | dense: whose activations X the objectives use
+    l1: float = 0.1
+    l2: float = 0.1
+    redense: OptimOptions = field(default_factory=OptimOptions)
+    adjust: OptimOptions = field(default_factory=OptimOptions)
+    early_exit: bool = True  # skip the adjustment when the re-pruned layer already beats one-shot
+    keep_oneshot_if_better: bool = True  # never end a layer worse than its one-shot weights
+
+
+def _key(i: int, name: str) -> str:
+    return f"layers.{i}.{name}"
+
+
+def redense_model(model, calib_ids, dense: dict, opts: SdsOptions, walk_opts) -> dict:
+    """Re-dense every linear of every block in place (the model holds the one-shot weights)."""
+    from dataclasses import replace
+
+    from plmtool.prune.sequential import walk
+
+    if opts.inputs not in ("pruned", "dense"):
+        raise PlmtoolError(f"prune.sds.inputs={opts.inputs}: expected 'pruned' or 'dense'")
+    info: dict[str, dict] = {}
+
+    def process(i, block, linears, stats) -> None:
+        with tf32_matmuls(opts.redense.tf32):
+            for name, lin in linears.items():
+                dev = lin.weight.device
+                rec = Reconstruction(dense[_key(i, name)].to(dev), stats[name].gram)
+                W, hist = redense(lin.weight.data, rec, opts.redense, opts.l1, opts.l2)
+                lin.weight.data = W.to(lin.weight.dtype)
+                info[_key(i, name)] = {
+                    "objective_start": hist["start"],
+                    "objective_end": hist["best"],
+                    "reconstruction": hist["reconstruction"],
+                    "retries": hist["retries"],
+                    "sparsity": float((lin.weight.data == 0).float().mean()),
+                }
+                del rec
+
+    # The activations stay those of the pruned (or dense) model: the calibration pass runs the
+    # block with its one-shot (or dense) weights and its outputs are propagated as they are.
+    calib = (lambda i, n: dense[_key(i, n)]) if opts.inputs == "dense" else None
+    walk(model, calib_ids, process, stats="gram", opts=replace(walk_opts, propagate="dense"), calib_weights=calib, description="SDS re-dense")
+    return info
+
+
+def reprune_model(model, calib_ids, dense: dict, oneshot: dict, method: str, pattern: Pattern, opts: SdsOptions, walk_opts, sgpt) -> dict:
+    """Re-prune the re-dense model with the one-shot method, then adjust each layer (unless the
+    early exit applies); pruned outputs propagate to the next block."""
+    from dataclasses import replace
+
+    from plmtool.prune.oneshot import prune_linear
+    from plmtool.prune.sequential import walk
+
+    info: dict[str, dict] = {}
+
+    def process(i, block, linears, stats) -> None:
+        for name, lin in linears.items():
+            dev = lin.weight.device
+            st = stats[name]
+            W_rp, _ = prune_linear(method, lin.weight.data, st, pattern, sgpt)
+            with tf32_matmuls(opts.adjust.tf32):
+                rec = Reconstruction(dense[_key(i, name)].to(dev), st.gram)
+                W_os = oneshot[_key(i, name)].to(dev).float()
+                loss_os, loss_rp = rec.loss(W_os), rec.loss(W_rp)
+                entry = {"oneshot": loss_os, "reprune": loss_rp, "adjusted": None, "choice": "reprune", "retries": 0}
+                W = W_rp
+                if not (opts.early_exit and loss_rp <= loss_os) and opts.adjust.iterations > 0:
+                    W, hist = adjust(W_rp, rec, pattern, opts.adjust)
+                    entry.update(adjusted=hist["reconstruction"], choice="adjusted", retries=hist["retries"])
+                final = rec.loss(W)
+                if opts.keep_oneshot_if_better and loss_os < final:
+                    W, final, entry["choice"] = W_os, loss_os, "oneshot"
+                entry["final"] = final
+            lin.weight.data = W.to(lin.weight.dtype)
+            entry["sparsity"] = float((lin.weight.data == 0).float().mean())
+            info[_key(i, name)] = entry
+            del rec
+
+    calib = (lambda i, n: dense[_key(i, n)]) if opts.inputs == "dense" else None
+    propagate = "dense" if opts.inputs == "dense" else "pruned"
+    walk(model, calib_ids, process, stats="gram", opts=replace(walk_opts, propagate=propagate), calib_weights=calib, description="SDS re-prune + adjust")
+    return info
+
+
+def linear_weights(model, exclude: tuple = (), device: str = "cpu") -> dict:
+    """Copies of every block linear's weight, keyed like the reports ("layers.<i>.<name>")."""
+    from plmtool.prune.sequential import block_linears, decoder_layers
+
+    return {
+        _key(i, name): lin.weight.data.detach().to(device, copy=True)
+        for i, block in enumerate(decoder_layers(model))
+        for name, lin in block_linears(block, exclude).items()
+    }
