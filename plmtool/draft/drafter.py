@@ -86,13 +86,30 @@ class VocabProjection(nn.Module):
         with torch.no_grad():
             self.weight.copy_(lm_head_weight.detach().to(self.weight.dtype).unsqueeze(0).expand_as(self.weight))
 
+    def _weight(self, states: torch.Tensor) -> torch.Tensor:
+        # A frozen projection under autocast would be re-cast to bf16 on every call (a [V,H]
+        # copy per head per step); keep one cast copy until the weight changes.
+        w = self.weight
+        if w.requires_grad or not torch.is_autocast_enabled(states.device.type):
+            return w
+        dtype = torch.get_autocast_dtype(states.device.type)
+        key = (dtype, w.device, w.data_ptr(), w._version)
+        cached = getattr(self, "_cast", None)
+        if cached is None or cached[0] != key:
+            cached = (key, w.detach().to(dtype))
+            self._cast = cached
+        return cached[1]
+
     def forward(self, states: torch.Tensor, head: int | None = None) -> torch.Tensor:
+        w = self._weight(states)
+        if w is not self.weight:
+            states = states.to(w.dtype)
         if head is not None:
-            return states @ self.weight[0 if self.shared else head].T
+            return states @ w[0 if self.shared else head].T
         if self.shared:
-            return states @ self.weight[0].T
+            return states @ w[0].T
         # [..., K, H] x [K, V, H] -> [..., K, V]
-        return torch.einsum("...kh,kvh->...kv", states, self.weight)
+        return torch.einsum("...kh,kvh->...kv", states, w)
 
 
 # ----------------------------------------------------------------------------- target helpers

@@ -1,0 +1,249 @@
+"""Amphista (Li et al., NAACL 2025): bi-directional multi-head drafting.
+
+    x_t   = fuse(h_t, E[next_token_t])                  sampled-token fusion (concat+Linear | add)
+    s^1   = Stage1(x)   s^2 = Stage2(s^1)                staged adaptation: causal decoder layers with
+                                                         their own KV cache (accepted tokens only)
+    u_t,k = ResBlocks_k(s^{stage(k)}_t) + P_k            K head states, learned head positions
+    z_t   = AutoEmbedding([u_t,0 .. u_t,K-1])            bidirectional encoder over the K heads
+    logits_t,k = LMHead(z_t,k)                           shared or per-head vocabulary projection
+
+All K drafts come out of one parallel pass (no autoregressive drafting); the auto-embedding block
+lets every head see every other head's state, which Medusa's independent heads cannot. Parts the
+public descriptions leave open (layers per stage, which heads read which stage, fusion, shared lm
+head, K) are knobs in DrafterConfig; every component has a switch for ablations. New residual
+branches start at zero, so an untrained drafter predicts what the target's lm_head says for h_t.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from plmtool.draft.config import DrafterConfig
+from plmtool.draft.drafter import Drafter, VocabProjection
+from plmtool.draft.medusa import ResBlock
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * x).to(dtype)
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary position embedding (half-split layout) of x [B, heads, T, d] at `positions` [T]."""
+    d = x.shape[-1]
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
+    ang = positions.to(torch.float32)[:, None] * inv[None, :]
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm self-attention + SwiGLU MLP. Causal with RoPE (adaptation layers) or
+    bidirectional without positions (auto-embedding block, which adds learned ones).
+    Output projections start at zero so a new layer is the identity."""
+
+    def __init__(self, hidden: int, heads: int, intermediate: int, eps: float, causal: bool, rope_theta: float):
+        super().__init__()
+        if hidden % heads:
+            raise ValueError(f"hidden size {hidden} is not divisible by {heads} attention heads")
+        self.heads, self.head_dim, self.causal, self.rope_theta = heads, hidden // heads, causal, rope_theta
+        self.attn_norm = RMSNorm(hidden, eps)
+        self.qkv = nn.Linear(hidden, 3 * hidden, bias=False)
+        self.o_proj = nn.Linear(hidden, hidden, bias=False)
+        self.mlp_norm = RMSNorm(hidden, eps)
+        self.gate_up = nn.Linear(hidden, 2 * intermediate, bias=False)
+        self.down = nn.Linear(intermediate, hidden, bias=False)
+        for lin in (self.qkv, self.gate_up):
+            nn.init.normal_(lin.weight, std=hidden**-0.5)
+        nn.init.zeros_(self.o_proj.weight)
+        nn.init.zeros_(self.down.weight)
+
+    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return q, k, v  # each [B, heads, T, d]
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, kv: "LayerCache | None" = None) -> torch.Tensor:
+        b, t, h = x.shape
+        q, k, v = self._split(self.attn_norm(x))
+        if self.causal:
+            q, k = rotary(q, positions, self.rope_theta), rotary(k, positions, self.rope_theta)
+        if kv is None:
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        else:
+            # incremental: write the new keys/values at their positions, attend over the prefix
+            start = int(positions[0])
+            kv.k[:, :, start : start + t] = k.to(kv.k.dtype)
+            kv.v[:, :, start : start + t] = v.to(kv.v.dtype)
+            keys, values = kv.k[:, :, : start + t].to(q.dtype), kv.v[:, :, : start + t].to(q.dtype)
+            mask = torch.arange(start + t, device=x.device)[None, :] <= positions[:, None].to(x.device)
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        x = x + self.o_proj(attn.transpose(1, 2).reshape(b, t, h))
+        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+
+@dataclass
+class LayerCache:
+    k: torch.Tensor  # [B, heads, max_len, d]
+    v: torch.Tensor
+
+
+@dataclass
+class AmphistaCache:
+    layers: list[LayerCache]  # one per adaptation layer, stage by stage
+    length: int  # positions filled (shared by the batch)
+    max_len: int
+
+
+class AmphistaDrafter(Drafter):
+    def __init__(self, cfg: DrafterConfig, dims: dict):
+        super().__init__()
+        self.cfg = cfg
+        self.dims = dict(dims)
+        self.num_heads = K = cfg.num_heads
+        self.hidden_size = H = int(dims["hidden_size"])
+        self.vocab_size = V = int(dims["vocab_size"])
+        heads = cfg.num_attention_heads or int(dims.get("num_attention_heads") or max(1, H // 64))
+        inter = cfg.intermediate_size or int(dims.get("intermediate_size") or 4 * H)
+
+        # sampled-token fusion; the embedding table is a frozen copy of the target's
+        self.embed = None
+        self.fuse = None
+        if cfg.use_token_embedding:
+            self.embed = nn.Embedding(V, H)
+            self.embed.weight.requires_grad_(False)
+            if cfg.fusion == "concat":
+                self.fuse = nn.Linear(2 * H, H, bias=False)
+                with torch.no_grad():  # [I | 0]: starts as h_t alone
+                    self.fuse.weight.zero_()
+                    self.fuse.weight[:, :H].copy_(torch.eye(H))
+
+        # staged adaptation layers
+        n_stages = len(cfg.stage_layers) if cfg.use_staged_adaptation else 0
+        self.stages = nn.ModuleList(
+            nn.ModuleList(TransformerLayer(H, heads, inter, cfg.norm_eps, True, cfg.rope_theta) for _ in range(n))
+            for n in (cfg.stage_layers if n_stages else [])
+        )
+        if n_stages:
+            split = list(cfg.stage_heads) if cfg.stage_heads is not None else _even_split(K, n_stages)
+            # head k reads the output of stage head_stage[k] (1-based; 0 = the fused input)
+            self.head_stage = [s + 1 for s, n in enumerate(split) for _ in range(n)]
+        else:
+            self.head_stage = [0] * K
+
+        self.head_blocks = nn.ModuleList(nn.Sequential(*[ResBlock(H) for _ in range(cfg.head_resblocks)]) for _ in range(K))
+        self.position = None
+        if cfg.use_position_embedding:
+            # zero start keeps the untrained drafter == lm_head(h_t); the heads' different labels
+            # give each position its own gradient, so the symmetry breaks on the first step
+            self.position = nn.Parameter(torch.zeros(K, H))
+        self.auto_embedding = nn.ModuleList(
+            TransformerLayer(H, heads, inter, cfg.norm_eps, False, cfg.rope_theta)
+            for _ in range(cfg.auto_embedding_layers if cfg.use_auto_embedding else 0)
+        )
+        self.norm = RMSNorm(H, cfg.norm_eps) if cfg.final_norm else None
+        self.lm_head = VocabProjection(K, H, V, cfg.share_lm_head, cfg.freeze_lm_head)
+
+    # ------------------------------------------------------------------ init
+    def init_from_target(self, target) -> None:
+        with torch.no_grad():
+            if self.embed is not None:
+                self.embed.weight.copy_(target.get_input_embeddings().weight[: self.vocab_size].to(self.embed.weight.dtype))
+            if self.cfg.init_lm_head_from_target:
+                self.lm_head.copy_from(target.get_output_embeddings().weight)
+
+    # ------------------------------------------------------------------ pieces
+    def _fused(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
+        if self.embed is None:
+            return hidden
+        e = self.embed(next_tokens).to(hidden.dtype)
+        if self.fuse is not None:
+            return self.fuse(torch.cat([hidden, e], dim=-1))
+        return hidden + e
+
+    def _heads_from_features(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Stage outputs [.., H] (index 0 = fused input) -> head states [.., K, H]."""
+        u = torch.stack([self.head_blocks[k](features[self.head_stage[k]]) for k in range(self.num_heads)], dim=-2)
+        if self.position is not None:
+            u = u + self.position.to(u.dtype)
+        if len(self.auto_embedding):
+            lead = u.shape[:-2]
+            z = u.reshape(-1, self.num_heads, self.hidden_size)
+            for layer in self.auto_embedding:
+                z = layer(z)
+            u = z.reshape(*lead, self.num_heads, self.hidden_size)
+        if self.norm is not None:
+            u = self.norm(u)
+        return u
+
+    def head_states(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
+        x = self._fused(hidden, next_tokens)
+        positions = torch.arange(x.shape[1], device=x.device)
+        features = [x]
+        for stage in self.stages:
+            for layer in stage:
+                x = layer(x, positions)
+            features.append(x)
+        return self._heads_from_features(features)
+
+    def project(self, states: torch.Tensor, head: int | None = None) -> torch.Tensor:
+        return self.lm_head(states, head)
+
+    # ------------------------------------------------------------------ incremental decoding
+    def new_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> AmphistaCache | None:
+        ref = next(self.parameters())
+        device = device or ref.device
+        dtype = dtype or ref.dtype
+        layers = []
+        for stage in self.stages:
+            for layer in stage:
+                shape = (batch_size, layer.heads, max_len, layer.head_dim)
+                layers.append(LayerCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)))
+        return AmphistaCache(layers, 0, max_len)
+
+    def step(self, hidden: torch.Tensor, next_tokens: torch.Tensor, cache: AmphistaCache | None) -> torch.Tensor:
+        n = hidden.shape[1]
+        if not len(self.stages):  # no causal layers: stateless like Medusa
+            x = self._fused(hidden[:, -1:], next_tokens[:, -1:])
+            return self.project(self._heads_from_features([x]))[:, -1]
+        if cache is None:
+            raise ValueError("Amphista.step needs a cache from new_cache()")
+        if cache.length + n > cache.max_len:
+            raise ValueError(f"drafter cache full: {cache.length} + {n} > {cache.max_len}")
+        x = self._fused(hidden, next_tokens)
+        positions = torch.arange(cache.length, cache.length + n, device=x.device)
+        features = [x[:, -1:]]
+        i = 0
+        for stage in self.stages:
+            for layer in stage:
+                x = layer(x, positions, cache.layers[i])
+                i += 1
+            features.append(x[:, -1:])
+        cache.length += n
+        return self.project(self._heads_from_features(features))[:, -1]
+
+    def crop_cache(self, cache: AmphistaCache | None, length: int) -> None:
+        # entries beyond `length` are simply overwritten by the next step
+        if cache is not None:
+            cache.length = min(cache.length, max(0, int(length)))
+
+
+def _even_split(k: int, parts: int) -> list[int]:
+    """K heads over `parts` stages, earlier stages taking the remainder: 5 over 2 -> [3, 2]."""
+    base, extra = divmod(k, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]

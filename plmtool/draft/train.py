@@ -1,0 +1,434 @@
+"""Training loop for drafting heads on a frozen target (Medusa-1 style).
+
+    hidden = target(ids).last_hidden_state              frozen, no grad
+    states = drafter.head_states(hidden, ids[:, 1:])    next_tokens[t] = ids[t+1]
+    loss   = sum_k w_k * CE(project_k(states[:, t, k]), ids[:, t+2+k])   assistant tokens only
+
+The vocabulary projection (the expensive part) runs only on the supervised rows of each head.
+Per-head held-out top-1/top-5 accuracy is measured every `eval_every` steps into metrics.jsonl.
+A resumable checkpoint (drafter, optimizer, scheduler, step, config) is written every
+`save_every` steps; rerunning into the same directory continues from it. With WORLD_SIZE > 1
+(torchrun) the drafter is wrapped in DistributedDataParallel, each rank reads its share of every
+batch through a DistributedSampler, and only rank 0 writes.
+
+`train_drafter(...)` is the whole recipe as a plain function: it needs no Hydra, lm-eval or
+datasets, so scripts on a bare GPU box can call it directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from plmtool.draft.config import DraftDataConfig, DrafterConfig, DraftTrainerConfig
+from plmtool.draft.data import build_examples, collate
+from plmtool.draft.drafter import Drafter, build_drafter, save_drafter, target_dims, target_hidden
+from plmtool.errors import PlmtoolError
+
+log = logging.getLogger("plmtool")
+
+CHECKPOINT = "checkpoints/last.pt"
+
+
+# ----------------------------------------------------------------------------- pure pieces
+
+
+def head_weights(num_heads: int, decay: float) -> list[float]:
+    return [decay**k for k in range(num_heads)]
+
+
+def head_targets(input_ids: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (b, t) where head k is supervised and their labels: head k at position t predicts
+    input_ids[t+2+k], counted only when that token is an assistant token."""
+    shift = 2 + k
+    valid = torch.zeros_like(mask)
+    if input_ids.shape[1] > shift:
+        valid[:, :-shift] = mask[:, shift:]
+    labels = torch.zeros_like(input_ids)
+    if input_ids.shape[1] > shift:
+        labels[:, :-shift] = input_ids[:, shift:]
+    return valid, labels
+
+
+def next_tokens_of(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """next_tokens[t] = input_ids[t+1] (the last position gets pad; no head is supervised there)."""
+    nxt = torch.full_like(input_ids, pad_id)
+    nxt[:, :-1] = input_ids[:, 1:]
+    return nxt
+
+
+class DraftLoss(nn.Module):
+    """Wraps a drafter so DDP sees one forward that returns the weighted loss and head stats."""
+
+    def __init__(self, drafter: Drafter, weights: list[float], pad_id: int):
+        super().__init__()
+        self.drafter = drafter
+        self.weights = weights
+        self.pad_id = pad_id
+
+    def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor):
+        states = self.drafter.head_states(hidden, next_tokens_of(input_ids, self.pad_id))
+        total = states.new_zeros((), dtype=torch.float32)
+        stats = []
+        for k, w in enumerate(self.weights):
+            valid, labels = head_targets(input_ids, mask, k)
+            n = int(valid.sum())
+            if n == 0:
+                # keep every parameter in the graph (DDP expects a gradient for each)
+                total = total + 0.0 * states[..., k, :].sum()
+                stats.append((0, 0.0, 0, 0))
+                continue
+            logits = self.drafter.project(states[:, :, k][valid], head=k).float()
+            y = labels[valid]
+            ce = F.cross_entropy(logits, y)
+            total = total + w * ce
+            with torch.no_grad():
+                top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+                stats.append((n, float(ce), int((top5[:, 0] == y).sum()), int((top5 == y[:, None]).any(-1).sum())))
+        return total, stats
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def _dist_info() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return world, rank, local
+
+
+def _init_distributed(device: str) -> tuple[int, int]:
+    world, rank, _ = _dist_info()
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return world, rank
+
+
+def _all_sum(values: list[float], device) -> list[float]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+    return values
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _autocast(device: str, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
+    return torch.autocast(device_type="cpu", enabled=False)
+
+
+@torch.no_grad()
+def evaluate_heads(target, loss_module: DraftLoss, examples: list[dict], batch_size: int, pad_id: int, device: str,
+                   precision: str, hidden_cache: dict | None = None, key_offset: int = 0) -> dict[str, Any]:
+    """Per-head top-1/top-5 accuracy and loss on held-out examples (sharded over ranks)."""
+    world, rank, _ = _dist_info()
+    k = len(loss_module.weights)
+    sums = [0.0] * (4 * k)  # per head: n, ce*n, top1, top5
+    was_training = loss_module.training
+    loss_module.eval()
+    mine = list(range(rank, len(examples), world))
+    for i in range(0, len(mine), batch_size):
+        idx = mine[i : i + batch_size]
+        ids, attn, mask = collate([examples[j] for j in idx], pad_id)
+        ids, attn, mask = ids.to(device), attn.to(device), mask.to(device)
+        with _autocast(device, precision):
+            hidden = _hidden(target, ids, attn, [key_offset + j for j in idx], hidden_cache)
+            _, stats = loss_module(hidden, ids, mask)
+        for h, (n, ce, t1, t5) in enumerate(stats):
+            sums[4 * h] += n
+            sums[4 * h + 1] += ce * n
+            sums[4 * h + 2] += t1
+            sums[4 * h + 3] += t5
+    loss_module.train(was_training)
+    sums = _all_sum(sums, device)
+    n = [sums[4 * h] for h in range(k)]
+    return {
+        "top1": [round(sums[4 * h + 2] / max(n[h], 1), 4) for h in range(k)],
+        "top5": [round(sums[4 * h + 3] / max(n[h], 1), 4) for h in range(k)],
+        "loss": [round(sums[4 * h + 1] / max(n[h], 1), 4) for h in range(k)],
+        "tokens": [int(x) for x in n],
+    }
+
+
+def _hidden(target, ids, attn, keys: list[int], cache: dict | None) -> torch.Tensor:
+    """Target hidden states for a batch; with a cache, each example's rows are computed once."""
+    if cache is None or any(k not in cache for k in keys):
+        with torch.no_grad():
+            hidden = target_hidden(target, ids, attn)
+        if cache is not None:
+            lengths = attn.sum(1).tolist()
+            for row, (key, n) in enumerate(zip(keys, lengths)):
+                cache[key] = hidden[row, : int(n)].detach().clone()
+        return hidden
+    t = ids.shape[1]
+    rows = []
+    for key in keys:
+        h = cache[key]
+        rows.append(F.pad(h, (0, 0, 0, t - h.shape[0])) if h.shape[0] < t else h[:t])
+    return torch.stack(rows)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine to 10%
+
+    return f
+
+
+def _save_checkpoint(path: Path, drafter: Drafter, optimizer, scheduler, step: int, config: dict, history: dict) -> None:
+    from plmtool.io import atomic_write
+
+    state = {
+        "drafter": drafter.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "step": step,
+        "config": config,
+        "history": history,
+        "rng": torch.get_rng_state(),
+    }
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def _config_key(drafter_cfg: DrafterConfig, trainer_cfg: DraftTrainerConfig) -> dict:
+    # what must match for a resume to be the same run (max_steps may grow, logging may change)
+    t = dataclasses.asdict(trainer_cfg)
+    for k in ("max_steps", "log_every", "eval_every", "save_every", "eval_batch_size", "cache_hidden"):
+        t.pop(k, None)
+    return {"drafter": dataclasses.asdict(drafter_cfg), "trainer": t}
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+
+def _as_dataclass(obj: Any, cls):
+    if obj is None:
+        return cls()
+    if isinstance(obj, cls):
+        return obj
+    if hasattr(obj, "items"):  # DictConfig or dict
+        try:
+            from omegaconf import OmegaConf
+
+            obj = OmegaConf.to_container(obj, resolve=True) if not isinstance(obj, dict) else obj
+        except ImportError:
+            pass
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in dict(obj).items() if k in known})
+    raise TypeError(f"cannot read {type(obj).__name__} as {cls.__name__}")
+
+
+def validate_trainer_config(t: DraftTrainerConfig) -> None:
+    if t.precision not in ("auto", "bf16", "fp32"):
+        raise PlmtoolError(f"trainer.precision must be auto, bf16 or fp32, got '{t.precision}'")
+    for name in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_every", "save_every", "eval_batch_size"):
+        if getattr(t, name) < 1:
+            raise PlmtoolError(f"trainer.{name} must be >= 1, got {getattr(t, name)}")
+    if t.lr <= 0:
+        raise PlmtoolError(f"trainer.lr must be > 0, got {t.lr}")
+
+
+def split_heldout(examples: list, heldout: int, seed: int) -> tuple[list, list]:
+    """Seeded split; at least one training example stays."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(examples), generator=g).tolist()
+    n = min(max(0, heldout), len(examples) - 1)
+    return [examples[i] for i in order[n:]], [examples[i] for i in order[:n]]
+
+
+def train_drafter(target_model, tokenizer, drafter_cfg, trainer_cfg, conversations, out_dir, data_cfg=None,
+                  base_model_info: dict | None = None) -> dict[str, Any]:
+    """Train a drafter on `conversations` for the frozen `target_model`; returns the metrics dict.
+
+    Writes `out_dir/drafter/` (the drafter checkpoint), `out_dir/checkpoints/last.pt` (resumable
+    state) and `out_dir/metrics.jsonl`. Rerunning with the same `out_dir` resumes.
+    """
+    from plmtool.io import write_json
+
+    drafter_cfg = _as_dataclass(drafter_cfg, DrafterConfig)
+    trainer_cfg = _as_dataclass(trainer_cfg, DraftTrainerConfig)
+    data_cfg = _as_dataclass(data_cfg, DraftDataConfig)
+    validate_trainer_config(trainer_cfg)
+    out_dir = Path(out_dir)
+    device = str(next(target_model.parameters()).device)
+    world, rank = _init_distributed(device)
+    is_main = rank == 0
+    precision = trainer_cfg.precision
+    if precision == "auto":
+        precision = "bf16" if device.startswith("cuda") else "fp32"
+    torch.manual_seed(trainer_cfg.seed)
+
+    target_model.eval()
+    target_model.requires_grad_(False)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    dims = target_dims(target_model)
+    base_info = {**dims, **(base_model_info or {})}
+
+    examples = build_examples(tokenizer, conversations, data_cfg.max_seq_len, data_cfg.min_assistant_tokens)
+    train_set, heldout = split_heldout(examples, data_cfg.heldout, data_cfg.seed)
+    log.info("drafter training: %d train / %d held-out conversations", len(train_set), len(heldout))
+
+    drafter = build_drafter(drafter_cfg, target_model).to(device)
+    drafter.train()
+    weights = head_weights(drafter.num_heads, trainer_cfg.head_weight_decay)
+    loss_module = DraftLoss(drafter, weights, pad_id)
+    model_for_step: nn.Module = loss_module
+    if world > 1:
+        ids = [torch.device(device).index] if device.startswith("cuda") else None
+        model_for_step = nn.parallel.DistributedDataParallel(loss_module, device_ids=ids)
+
+    params = drafter.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=trainer_cfg.lr, weight_decay=trainer_cfg.weight_decay, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(trainer_cfg.warmup_steps, trainer_cfg.max_steps))
+
+    step = 0
+    history: dict[str, list] = {"loss": [], "eval": []}
+    ckpt_path = out_dir / CHECKPOINT
+    key = _config_key(drafter_cfg, trainer_cfg)
+    if ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if state["config"] != key:
+            raise PlmtoolError(f"{ckpt_path} was written with a different drafter/trainer config; use a new run dir")
+        drafter.load_state_dict(state["drafter"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = int(state["step"])
+        history = state["history"]
+        torch.set_rng_state(state["rng"])
+        log.info("resuming drafter training from step %d (%s)", step, ckpt_path)
+
+    hidden_cache: dict | None = {} if trainer_cfg.cache_hidden else None
+    metrics_file = out_dir / "metrics.jsonl"
+
+    def log_metrics(record: dict) -> None:
+        if is_main:
+            metrics_file.parent.mkdir(parents=True, exist_ok=True)
+            with metrics_file.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def run_eval(at_step: int) -> dict:
+        if not heldout:
+            return {}
+        res = evaluate_heads(target_model, loss_module, heldout, trainer_cfg.eval_batch_size, pad_id, device, precision,
+                             hidden_cache, key_offset=len(train_set))
+        log.info("step %d held-out top-1 per head: %s", at_step, res["top1"])
+        log_metrics({"step": at_step, "eval": res})
+        history["eval"].append({"step": at_step, **res})
+        return res
+
+    sampler = torch.utils.data.DistributedSampler(range(len(train_set)), num_replicas=world, rank=rank, shuffle=True,
+                                                  seed=trainer_cfg.seed, drop_last=False)
+    per_rank = max(1, trainer_cfg.batch_size // world)
+    batches_per_epoch = max(1, math.ceil(len(sampler) / per_rank))
+    order_epoch, order = -1, []
+
+    from plmtool.progress import track
+
+    start = time.perf_counter()
+    window: list[float] = []
+    head_window = [[0, 0.0, 0] for _ in weights]
+    for step in track(range(step, trainer_cfg.max_steps), "training drafter", total=trainer_cfg.max_steps - step):
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for micro in range(trainer_cfg.grad_accum):
+            b = step * trainer_cfg.grad_accum + micro
+            epoch, within = divmod(b, batches_per_epoch)
+            if epoch != order_epoch:  # deterministic in the step number, so a resume continues exactly
+                sampler.set_epoch(epoch)
+                order, order_epoch = list(iter(sampler)), epoch
+            idx = order[within * per_rank : (within + 1) * per_rank] or order[:per_rank]
+            ids, attn, mask = collate([train_set[i] for i in idx], pad_id)
+            ids, attn, mask = ids.to(device), attn.to(device), mask.to(device)
+            with _autocast(device, precision):
+                hidden = _hidden(target_model, ids, attn, idx, hidden_cache)
+                loss, stats = model_for_step(hidden, ids, mask)
+            (loss / trainer_cfg.grad_accum).backward()
+            step_loss += float(loss.detach()) / trainer_cfg.grad_accum
+            for h, (n, ce, t1, _) in enumerate(stats):
+                head_window[h][0] += n
+                head_window[h][1] += ce * n
+                head_window[h][2] += t1
+        if trainer_cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, trainer_cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        window.append(step_loss)
+        done = step + 1
+        if done % trainer_cfg.log_every == 0 or done == trainer_cfg.max_steps:
+            mean = sum(window) / len(window)
+            record = {
+                "step": done,
+                "loss": round(mean, 5),
+                "lr": scheduler.get_last_lr()[0],
+                "train_top1": [round(hw[2] / max(hw[0], 1), 4) for hw in head_window],
+                "train_head_loss": [round(hw[1] / max(hw[0], 1), 4) for hw in head_window],
+                "elapsed_s": round(time.perf_counter() - start, 1),
+            }
+            history["loss"].append([done, record["loss"]])
+            log_metrics(record)
+            log.info("step %d loss %.4f head top-1 (train) %s", done, mean, record["train_top1"])
+            window, head_window = [], [[0, 0.0, 0] for _ in weights]
+        if done % trainer_cfg.eval_every == 0 and done != trainer_cfg.max_steps:
+            run_eval(done)
+        if done % trainer_cfg.save_every == 0 and done != trainer_cfg.max_steps and is_main:
+            _save_checkpoint(ckpt_path, drafter, optimizer, scheduler, done, key, history)
+    wall = time.perf_counter() - start
+
+    final = run_eval(trainer_cfg.max_steps)
+    if is_main:
+        _save_checkpoint(ckpt_path, drafter, optimizer, scheduler, trainer_cfg.max_steps, key, history)
+        save_drafter(drafter, out_dir / "drafter", base_info)
+    losses = [v for _, v in history["loss"]]
+    metrics = {
+        "kind": drafter_cfg.kind,
+        "num_heads": drafter.num_heads,
+        "heads": {
+            "top1": final.get("top1", []),
+            "top5": final.get("top5", []),
+            "loss": final.get("loss", []),
+            "tokens": final.get("tokens", []),
+            "weights": [round(w, 4) for w in weights],
+        },
+        "loss": {
+            "first": losses[0] if losses else None,
+            "last": losses[-1] if losses else None,
+            "min": min(losses) if losses else None,
+            "curve": history["loss"],
+        },
+        "eval_history": history["eval"],
+        "steps": trainer_cfg.max_steps,
+        "wall_time_s": round(wall, 2),
+        "precision": precision,
+        "device": device,
+        "world_size": world,
+        "parameters": drafter.num_parameters(),
+        "trainable_parameters": drafter.num_parameters(trainable_only=True),
+        "train_conversations": len(train_set),
+        "heldout_conversations": len(heldout),
+        "checkpoint": str(out_dir / "drafter"),
+        "base_model": base_info.get("name_or_path"),
+    }
+    if is_main:
+        write_json(out_dir / "train_metrics.json", metrics)
+    return metrics
