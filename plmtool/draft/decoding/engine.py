@@ -137,8 +137,9 @@ class SpeculativeEngine:
             cpu_gen = torch.Generator()
             cpu_gen.manual_seed(gen.seed if gen.seed is not None else int(time.time_ns() % 2**31))
         stops = set(int(t) for t in gen.stop_token_ids)
-        with torch.inference_mode():
-            yield from self._loop(prompt, gen, result, cpu_gen, stops)
+        # no grad-mode context spans a `yield`: a consumer may resume this generator on another
+        # thread (the server streams from a thread pool) and grad mode is thread-local
+        yield from self._loop(prompt, gen, result, cpu_gen, stops)
 
     # ------------------------------------------------------------------ internals
     def _choose(self, logits: torch.Tensor, gen: GenerationConfig, cpu_gen) -> int:
@@ -163,9 +164,10 @@ class SpeculativeEngine:
 
     def _loop(self, prompt: list[int], gen: GenerationConfig, result: GenerationResult, cpu_gen, stops: set[int]):
         runner = self.runner
-        runner.reset()
-        logits, hidden = runner.extend(prompt)
-        token = self._choose(logits[-1], gen, cpu_gen)
+        with torch.inference_mode():
+            runner.reset()
+            logits, hidden = runner.extend(prompt)
+            token = self._choose(logits[-1], gen, cpu_gen)
         kept, done = self._emit([token], gen, result, stops)
         yield kept, result
         if done:
@@ -174,10 +176,11 @@ class SpeculativeEngine:
             step = self.plain_step
             buf = torch.zeros(1, dtype=torch.long, device=self.device)
             while True:
-                buf.fill_(token)
-                logits, _ = step(buf, runner.length)
-                runner.cache.length += 1
-                token = self._choose(logits[0], gen, cpu_gen)
+                with torch.inference_mode():
+                    buf.fill_(token)
+                    logits, _ = step(buf, runner.length)
+                    runner.cache.length += 1
+                    token = self._choose(logits[0], gen, cpu_gen)
                 kept, done = self._emit([token], gen, result, stops)
                 result.accept_lengths.append(len(kept))
                 yield kept, result
@@ -186,30 +189,33 @@ class SpeculativeEngine:
         tree, step = self.tree, self.tree_step
         assert tree is not None and step is not None
         drafter = self.drafter
-        dcache = drafter.new_cache(1, self.max_len, self.device, runner.dtype)
-        nxt = torch.tensor([prompt[1:] + [token]], device=self.device)
-        heads = drafter.step(hidden.unsqueeze(0), nxt, dcache)  # [1, K, V]
-        tokens = torch.empty(tree.n, dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            dcache = drafter.new_cache(1, self.max_len, self.device, runner.dtype)
+            nxt = torch.tensor([prompt[1:] + [token]], device=self.device)
+            heads = drafter.step(hidden.unsqueeze(0), nxt, dcache)  # [1, K, V]
+            tokens = torch.empty(tree.n, dtype=torch.long, device=self.device)
         while True:
-            cands = torch.topk(heads[0, : tree.max_depth], tree.topk, dim=-1).indices.reshape(-1)
-            tokens[0] = token
-            tokens[1:] = cands[tree.candidate_index]
-            start = runner.length
-            logits, hidden = step(tokens, start)
-            verdict = self._verify(tree, tokens, logits, gen, cpu_gen)
-            path = tree.paths[verdict.node]
-            runner.cache.compact(start, path)
-            runner.cache.length = start + verdict.length
-            accepted_path = path[: verdict.length]
-            drafted = tokens[accepted_path[1:]].tolist()
-            token = verdict.bonus
+            with torch.inference_mode():
+                cands = torch.topk(heads[0, : tree.max_depth], tree.topk, dim=-1).indices.reshape(-1)
+                tokens[0] = token
+                tokens[1:] = cands[tree.candidate_index]
+                start = runner.length
+                logits, hidden = step(tokens, start)
+                verdict = self._verify(tree, tokens, logits, gen, cpu_gen)
+                path = tree.paths[verdict.node]
+                runner.cache.compact(start, path)
+                runner.cache.length = start + verdict.length
+                accepted_path = path[: verdict.length]
+                drafted = tokens[accepted_path[1:]].tolist()
+                token = verdict.bonus
             kept, done = self._emit(drafted + [token], gen, result, stops)
             result.accept_lengths.append(len(kept))
             yield kept, result
             if done:
                 return
-            nxt = torch.cat([tokens[accepted_path[1:]], torch.tensor([token], device=self.device)]).view(1, -1)
-            heads = drafter.step(hidden[accepted_path].unsqueeze(0), nxt, dcache)
+            with torch.inference_mode():
+                nxt = torch.cat([tokens[accepted_path[1:]], torch.tensor([token], device=self.device)]).view(1, -1)
+                heads = drafter.step(hidden[accepted_path].unsqueeze(0), nxt, dcache)
 
     def _verify(self, tree: Tree, tokens: torch.Tensor, logits: torch.Tensor, gen: GenerationConfig, cpu_gen) -> Verdict:
         if gen.temperature == 0:

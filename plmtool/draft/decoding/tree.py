@@ -133,14 +133,18 @@ def build_tree(rank_acc: Sequence[Sequence[float]], budget: int, max_depth: int 
     if budget < 1:
         raise PlmtoolError(f"tree budget must be at least 1 node, got {budget}")
     depth_limit = len(rank_acc) if max_depth is None else min(max_depth, len(rank_acc))
+    if depth_limit < 1:
+        raise PlmtoolError("cannot build a tree without head accuracies")
+    # a floor keeps the budget filled (in rank order) for heads measured at zero accuracy
+    rank_acc = [[max(float(a), 1e-9) for a in row] for row in rank_acc]
     heap: list[tuple[float, tuple[int, ...]]] = []
 
     def push(path: tuple[int, ...], prob: float) -> None:
         k, r = len(path) - 1, path[-1]
-        if k < depth_limit and r < len(rank_acc[k]) and prob > 0:
+        if k < depth_limit and r < len(rank_acc[k]):
             heapq.heappush(heap, (-prob, path))
 
-    push((0,), float(rank_acc[0][0]) if depth_limit else 0.0)
+    push((0,), rank_acc[0][0])
     chosen: list[list[int]] = []
     while heap and len(chosen) < budget:
         neg, path = heapq.heappop(heap)

@@ -1,0 +1,84 @@
+"""plmtool draft serve: an OpenAI-compatible server with speculative decoding.
+
+    plmtool draft serve draft.checkpoint=outputs/draft/.../drafter          # 127.0.0.1:8000
+    plmtool draft serve serve.port=9000 model.dtype=bfloat16                # plain mode: no drafter
+    curl 127.0.0.1:8000/v1/chat/completions -d '{"model": "smollm2-135m", "messages": [{"role": "user", "content": "Hi"}]}'
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+import plmtool.config  # noqa: F401  (registers the shared schemas)
+import plmtool.draft.decoding.config  # noqa: F401  (registers draft_serve_schema)
+from plmtool.errors import PlmtoolError
+from plmtool.paths import CONF_DIR
+from plmtool.runner import Report, execute, md_table
+
+log = logging.getLogger("plmtool")
+
+
+def build_server(cfg: DictConfig):
+    """Model (+ drafter and tree) -> Server; shared by the command and the tests."""
+    from plmtool.draft.decoding.benchmark import calibration_sequences, chat_prompt_ids, setup_drafter, stop_token_ids
+    from plmtool.draft.decoding.engine import ACCEPTANCE, SpeculativeEngine
+    from plmtool.models import load_model
+    from plmtool.serve.app import Server
+
+    s, d = cfg.serve, cfg.draft
+    if s.acceptance not in ACCEPTANCE:
+        raise PlmtoolError(f"serve.acceptance must be one of {', '.join(ACCEPTANCE)}, got '{s.acceptance}'")
+    if not 0 < s.port < 65536:
+        raise PlmtoolError(f"serve.port must be in 1..65535, got {s.port}")
+    if d.checkpoint and not Path(d.checkpoint).is_dir():
+        raise PlmtoolError(f"draft.checkpoint: {d.checkpoint} is not a directory (expected a drafter checkpoint)")
+    graphs = {"auto": "auto", "true": True, "false": False}.get(str(d.cuda_graphs).lower(), "auto")
+    model, tokenizer = load_model(cfg.model)
+    stops = stop_token_ids(model, tokenizer)
+    plain = SpeculativeEngine(model, max_len=s.max_len, cuda_graphs=graphs)
+    engine, kind, tree_info = plain, None, None
+    if d.checkpoint:
+        spec = d.tree if isinstance(d.tree, (str, type(None))) else OmegaConf.to_container(d.tree)
+        cal = []
+        if isinstance(spec, str) and spec.startswith("auto") and d.tree_calibration > 0:
+            from plmtool.data.chat import load_mtbench
+
+            prompts = [chat_prompt_ids(tokenizer, q["turns"][-1]) for q in load_mtbench()[: d.tree_calibration]]
+            cal = calibration_sequences(plain, prompts, 64, stops)
+        setup = setup_drafter(model, d.checkpoint, spec, cal, s.max_len)
+        del plain
+        engine = SpeculativeEngine(model, setup.drafter, setup.tree, max_len=s.max_len, cuda_graphs=graphs)
+        kind, tree_info = setup.name, len(setup.tree) + 1
+    model_id = s.model_id or str(cfg.model.name_or_path)
+    server = Server(engine, tokenizer, model_id, s.max_tokens_default, s.acceptance, s.typical_epsilon, stops, kind)
+    return server, {"model_id": model_id, "drafter": kind, "tree_nodes": tree_info, "max_len": engine.max_len,
+                    "acceptance": s.acceptance if kind else None, "device": str(engine.device), "cuda_graphs": engine.cuda_graphs}
+
+
+def run(cfg: DictConfig, run_dir: Path) -> Report:
+    from plmtool.serve.app import create_app
+
+    server, info = build_server(cfg)
+    app = create_app(server)
+    report = {"host": cfg.serve.host, "port": cfg.serve.port, **info}
+    if cfg.serve.dry_run:
+        return {**report, "served": 0, "dry_run": True}
+    import uvicorn
+
+    log.info("serving %s on http://%s:%d (drafter: %s)", info["model_id"], cfg.serve.host, cfg.serve.port, info["drafter"] or "none")
+    uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="info")
+    return {**report, "served": server.served, "dry_run": False}
+
+
+def render(report: Report) -> str:
+    rows = [[k, report.get(k)] for k in ("model_id", "drafter", "tree_nodes", "acceptance", "device", "cuda_graphs", "host", "port", "served")]
+    return "# plmtool draft serve\n\n" + md_table(["key", "value"], rows) + "\n"
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="draft_serve")
+def main(cfg: DictConfig) -> None:
+    execute(cfg, run, render)

@@ -1,0 +1,320 @@
+"""Speed benchmark of plain, generate() and speculative decoding (Spec-Bench conventions).
+
+Pure Python over torch/transformers (no Hydra), so the same code runs from `plmtool draft bench`
+and from `scripts/bench_draft.py` on machines without Hydra.
+
+Conventions: greedy, batch 1; every method first decodes `warmup` untimed questions; each timed run
+is bracketed by device synchronisation; a question's time is the median over `runs`; tokens/s
+per question = new tokens / time; a method's tokens/s is the mean over questions and speedup is
+the ratio of those means against each baseline, over the questions both decoded. Accepted tokens
+per step counts accepted drafted tokens + the bonus token (plain decoding: 1.00).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from plmtool.draft.decoding.accuracy import measure_rank_accuracy
+from plmtool.draft.decoding.engine import GenerationConfig, SpeculativeEngine
+from plmtool.draft.decoding.tree import expected_accept_length, rank_accuracy_from_top1, resolve_tree, tree_summary
+from plmtool.errors import PlmtoolError
+
+log = logging.getLogger("plmtool")
+
+BASELINES = ("ar", "hf_generate", "hf_generate_static")
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def chat_prompt_ids(tokenizer, text: str, system_prompt: str | None = None) -> list[int]:
+    """Token ids of one user turn in the model's chat template (plain text without a template)."""
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": text}]
+    if getattr(tokenizer, "chat_template", None):
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    return tokenizer(text)["input_ids"]
+
+
+def prepare_questions(tokenizer, questions: Sequence[dict], system_prompt: str | None = None) -> list[dict]:
+    """First turns as prompts; second turns (when present) serve as tree-calibration prompts."""
+    out = []
+    for q in questions:
+        out.append({
+            "question_id": q["question_id"], "category": q.get("category", "unknown"),
+            "prompt_ids": chat_prompt_ids(tokenizer, q["turns"][0], system_prompt),
+            "calibration_ids": chat_prompt_ids(tokenizer, q["turns"][1], system_prompt) if len(q["turns"]) > 1 else None,
+        })
+    return out
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    ids = set()
+    for src in (getattr(model, "generation_config", None), model.config, tokenizer):
+        eos = getattr(src, "eos_token_id", None)
+        if eos is None:
+            continue
+        ids.update([eos] if isinstance(eos, int) else list(eos))
+    return sorted(int(i) for i in ids)
+
+
+# ----------------------------------------------------------------------------- drafters + engines
+
+
+@dataclass
+class DrafterSetup:
+    name: str  # method name = drafter kind
+    drafter: Any
+    tree: list[list[int]]
+    rank_accuracy: list[list[float]] | None
+    checkpoint: str
+
+
+def load_checked_drafter(path: str, model):
+    from plmtool.draft.drafter import load_drafter
+
+    if not Path(path).is_dir():
+        raise PlmtoolError(f"drafter checkpoint {path} not found (expected a directory written by `plmtool draft train`)")
+    param = next(model.parameters())
+    return load_drafter(path, device=param.device, dtype=param.dtype, target=model)
+
+
+def setup_drafter(model, path: str, tree_spec: Any, calibration: Sequence[tuple[list[int], list[int]]], max_len: int) -> DrafterSetup:
+    """Load a drafter for `model` and resolve its tree (auto trees use measured rank accuracies)."""
+    from plmtool.draft.drafter import read_drafter_config
+
+    kind = read_drafter_config(path)["kind"]
+    drafter = load_checked_drafter(path, model)
+    acc = None
+    if isinstance(tree_spec, str) and tree_spec.startswith("auto") and calibration:
+        from plmtool.draft.decoding.target import TargetRunner
+
+        acc = measure_rank_accuracy(TargetRunner(model, max_len), drafter, calibration)
+    tree = resolve_tree(tree_spec, drafter.num_heads, acc)
+    return DrafterSetup(kind, drafter, tree, acc, str(path))
+
+
+def calibration_sequences(engine: SpeculativeEngine, prompts: Sequence[list[int]], max_new_tokens: int,
+                          stops: Sequence[int]) -> list[tuple[list[int], list[int]]]:
+    """(prompt, target greedy response) pairs on which drafter accuracies are measured."""
+    seqs = []
+    for p in prompts:
+        out = engine.generate(p, GenerationConfig(max_new_tokens=max_new_tokens, stop_token_ids=stops))
+        seqs.append((list(p), out.tokens))
+    return seqs
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+@dataclass
+class Decoded:
+    tokens: list[int]
+    accept_lengths: list[int] = field(default_factory=list)
+
+
+def engine_method(engine: SpeculativeEngine, max_new: int, stops: Sequence[int]) -> Callable[..., Decoded]:
+    def run(prompt: list[int], max_new_tokens: int | None = None) -> Decoded:
+        gen = GenerationConfig(max_new_tokens=max_new_tokens or max_new, stop_token_ids=list(stops))
+        out = engine.generate(prompt, gen)
+        return Decoded(out.tokens, out.accept_lengths)
+
+    return run
+
+
+def hf_generate_method(model, max_new: int, stops: Sequence[int], pad_id: int | None, static: bool) -> Callable[..., Decoded]:
+    import copy
+
+    gc = copy.deepcopy(model.generation_config)
+    gc.do_sample = False
+    gc.temperature = gc.top_p = gc.top_k = None
+    gc.repetition_penalty = None
+    gc.max_new_tokens = max_new
+    gc.min_new_tokens = None
+    gc.max_length = None
+    gc.eos_token_id = list(stops) or None
+    gc.pad_token_id = pad_id if pad_id is not None else (list(stops)[0] if stops else None)
+    if static:
+        gc.cache_implementation = "static"
+    device = next(model.parameters()).device
+
+    def run(prompt: list[int], max_new_tokens: int | None = None) -> Decoded:
+        ids = torch.tensor([prompt], device=device)
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc,
+                                 max_new_tokens=max_new_tokens or max_new)
+        tokens = out[0, len(prompt):].tolist()
+        return Decoded(tokens, [1] * max(len(tokens) - 1, 0))
+
+    return run
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def run_benchmark(
+    methods: dict[str, Callable[..., Decoded]],
+    questions: Sequence[dict],
+    device: torch.device,
+    runs: int = 3,
+    warmup: int = 1,
+    warmup_tokens: int | None = None,
+    question_caps: dict[str, int] | None = None,
+    progress: Callable[[Any, str, int], Any] | None = None,
+) -> dict[str, list[dict]]:
+    """Decode every question with every method; returns per-method per-question records."""
+    if "ar" not in methods:
+        raise PlmtoolError("the benchmark needs the 'ar' method: every output is checked against it")
+    records: dict[str, list[dict]] = {}
+    for name, fn in methods.items():
+        cap = (question_caps or {}).get(name)
+        qs = list(questions)[: cap] if cap else list(questions)
+        for q in list(questions)[: max(warmup, 0)]:
+            fn(q["prompt_ids"], warmup_tokens)
+        _sync(device)
+        recs = []
+        items = progress(qs, f"bench {name}", len(qs)) if progress else qs
+        for q in items:
+            times, out = [], None
+            for _ in range(max(runs, 1)):
+                _sync(device)
+                t0 = time.perf_counter()
+                out = fn(q["prompt_ids"])
+                _sync(device)
+                times.append(time.perf_counter() - t0)
+            assert out is not None
+            t = statistics.median(times)
+            recs.append({
+                "question_id": q["question_id"], "category": q["category"], "tokens": out.tokens,
+                "new_tokens": len(out.tokens), "wall_time": t, "times": times,
+                "tokens_per_s": len(out.tokens) / t if t > 0 else 0.0, "accept_lengths": out.accept_lengths,
+            })
+        records[name] = recs
+        log.info("%s: %.1f tokens/s over %d questions", name, statistics.mean(r["tokens_per_s"] for r in recs), len(recs))
+    return records
+
+
+def _first_divergence(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def summarize(records: dict[str, list[dict]]) -> dict[str, Any]:
+    """Aggregate tokens/s, accepted tokens per step, identity with `ar`, per category; speedups."""
+    ar = {r["question_id"]: r for r in records["ar"]}
+    methods: dict[str, Any] = {}
+    for name, recs in records.items():
+        steps = sum(len(r["accept_lengths"]) for r in recs)
+        accepted = sum(sum(r["accept_lengths"]) for r in recs)
+        diverged = []
+        for r in recs:
+            pos = _first_divergence(r["tokens"], ar[r["question_id"]]["tokens"])
+            if pos is not None:
+                diverged.append({"question_id": r["question_id"], "position": pos})
+        cats: dict[str, list[dict]] = {}
+        for r in recs:
+            cats.setdefault(r["category"], []).append(r)
+        methods[name] = {
+            "questions": len(recs),
+            "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in recs),
+            "tokens_per_s_total": sum(r["new_tokens"] for r in recs) / max(sum(r["wall_time"] for r in recs), 1e-9),
+            "mean_accepted": accepted / steps if steps else 1.0,
+            "new_tokens": sum(r["new_tokens"] for r in recs),
+            "wall_time_s": sum(r["wall_time"] for r in recs),
+            "identical_to_ar": not diverged,
+            "divergent_questions": len(diverged),
+            "divergences": diverged,
+            "per_category": {
+                c: {"questions": len(rs), "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in rs),
+                    "mean_accepted": (sum(sum(r["accept_lengths"]) for r in rs) / max(sum(len(r["accept_lengths"]) for r in rs), 1))
+                    if any(r["accept_lengths"] for r in rs) else 1.0}
+                for c, rs in sorted(cats.items())
+            },
+        }
+    speedups: dict[str, dict[str, float]] = {}
+    for name, recs in records.items():
+        for base in BASELINES:
+            if base == name or base not in records:
+                continue
+            base_by_q = {r["question_id"]: r for r in records[base]}
+            common = [r for r in recs if r["question_id"] in base_by_q]
+            if not common:
+                continue
+            mine = statistics.mean(r["tokens_per_s"] for r in common)
+            theirs = statistics.mean(base_by_q[r["question_id"]]["tokens_per_s"] for r in common)
+            speedups.setdefault(name, {})[base] = mine / theirs if theirs > 0 else float("nan")
+    return {"methods": methods, "speedups": speedups,
+            "identical_to_ar": all(m["identical_to_ar"] for m in methods.values()),
+            "divergent_questions_total": sum(m["divergent_questions"] for m in methods.values())}
+
+
+def spec_bench_lines(name: str, recs: Sequence[dict], tokenizer, model_id: str) -> list[dict]:
+    """One Spec-Bench answer record per question (fields of Spec-Bench's evaluation scripts)."""
+    lines = []
+    for r in recs:
+        text = tokenizer.decode(r["tokens"], skip_special_tokens=True) if tokenizer is not None else ""
+        lines.append({
+            "question_id": r["question_id"], "category": r["category"], "answer_id": uuid.uuid4().hex[:22],
+            "model_id": f"{model_id}-{name}",
+            "choices": [{"index": 0, "turns": [text], "decoding_steps": [max(len(r["accept_lengths"]), 1)],
+                         "new_tokens": [r["new_tokens"]], "wall_time": [r["wall_time"]],
+                         "accept_lengths": [r["accept_lengths"]]}],
+            "tstamp": time.time(),
+        })
+    return lines
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    from plmtool.draft.decoding.markdown import md_table
+
+    methods = report["methods"]
+    bases = [b for b in BASELINES if b in methods]
+    head = ["method", "questions", "tokens/s", "mean accepted"] + [f"× {b}" for b in bases] + ["identical to ar", "divergent q."]
+    rows = []
+    for name, m in methods.items():
+        sp = report.get("speedups", {}).get(name, {})
+        rows.append([name, m["questions"], round(m["tokens_per_s"], 2), round(m["mean_accepted"], 3)]
+                    + [round(sp[b], 3) if b in sp else ("1" if b == name else "") for b in bases]
+                    + ["yes" if m["identical_to_ar"] else "no", m["divergent_questions"]])
+    info = report.get("setup", {})
+    lines = [f"# plmtool draft bench: {report.get('model', '')}", "",
+             f"{report.get('num_questions')} questions, greedy, batch 1, up to {info.get('max_new_tokens')} new tokens, "
+             f"{info.get('runs')} run(s) per question (median), device {info.get('device')}, dtype {info.get('dtype')}.", "",
+             md_table(head, rows), ""]
+    cats = sorted({c for m in methods.values() for c in m["per_category"]})
+    if cats:
+        lines += ["## tokens/s per category", "",
+                  md_table(["category"] + list(methods), [[c] + [round(methods[n]["per_category"].get(c, {}).get("tokens_per_s", 0.0), 1) for n in methods] for c in cats]), ""]
+    for name, t in report.get("trees", {}).items():
+        lines.append(f"- {name}: tree of {t['nodes']} nodes, depth {t['max_depth']} (per depth {t['per_depth']}), "
+                     f"expected accepted/step {t.get('expected_accept_length', 'n/a')}")
+    for name, why in report.get("skipped", {}).items():
+        lines.append(f"- skipped {name}: {why}")
+    return "\n".join(lines) + "\n"
+
+
+def tree_report(setup: DrafterSetup) -> dict[str, Any]:
+    info = tree_summary(setup.tree)
+    acc = setup.rank_accuracy or rank_accuracy_from_top1([0.5] * setup.drafter.num_heads)
+    info["expected_accept_length"] = round(expected_accept_length(setup.tree, acc), 3)
+    if setup.rank_accuracy:
+        info["head_top1"] = [round(a[0], 4) for a in setup.rank_accuracy]
+        info["head_top5"] = [round(sum(a[:5]), 4) for a in setup.rank_accuracy]
+    info["checkpoint"] = setup.checkpoint
+    info["choices"] = setup.tree
+    return info

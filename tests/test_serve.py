@@ -1,0 +1,163 @@
+"""OpenAI-compatible server over the engine, through FastAPI's TestClient."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from draft_decoding_helpers import RandomDrafter, plain_greedy
+from plmtool.draft.decoding import SpeculativeEngine
+from plmtool.serve.app import Server, create_app
+
+MODEL_ID = "tiny"
+TREE = [[0], [1], [0, 0], [1, 0], [0, 0, 0]]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_llama, tiny_tokenizer):
+    vocab = tiny_llama.config.vocab_size
+    engine = SpeculativeEngine(tiny_llama, RandomDrafter(tiny_llama.config.hidden_size, vocab, 3, stateful=True), TREE, max_len=128)
+    server = Server(engine, tiny_tokenizer, MODEL_ID, max_tokens_default=16, drafter_kind="random")
+    return server, TestClient(create_app(server))
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return served[1]
+
+
+def _sse(text: str) -> list:
+    events = [line[len("data: "):] for line in text.split("\n\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_health_and_models(client):
+    h = client.get("/health").json()
+    assert h["status"] == "ok" and h["speculative"] is True
+    m = client.get("/v1/models").json()
+    assert m["object"] == "list" and m["data"][0]["id"] == MODEL_ID and m["data"][0]["object"] == "model"
+
+
+def test_completion_schema_and_lossless_text(client, tiny_llama, tiny_tokenizer):
+    prompt = "The quick brown fox"
+    r = client.post("/v1/completions", json={"model": MODEL_ID, "prompt": prompt, "max_tokens": 12, "temperature": 0})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    choice = body["choices"][0]
+    ids = tiny_tokenizer(prompt)["input_ids"]
+    ref = plain_greedy(tiny_llama, ids, 12)
+    eos = tiny_tokenizer.eos_token_id
+    ref = ref[: ref.index(eos) + 1] if eos in ref else ref
+    assert choice["text"] == tiny_tokenizer.decode(ref, skip_special_tokens=True)
+    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(ref), "total_tokens": len(ids) + len(ref)}
+    spec = body["speculative"]
+    assert spec["mode"] == "speculative" and spec["steps"] == len(spec["accept_lengths"]) >= 1
+    assert spec["mean_accepted"] >= 1.0
+    assert choice["finish_reason"] in ("length", "stop")
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
+def test_streamed_text_equals_non_streamed(client, endpoint):
+    req = {"model": MODEL_ID, "max_tokens": 20, "temperature": 0}
+    if endpoint.endswith("chat/completions"):
+        req["messages"] = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Numbers: 0 1 2"}]
+    else:
+        req["prompt"] = "Speculative decoding drafts"
+    full = client.post(endpoint, json=req).json()
+    r = client.post(endpoint, json={**req, "stream": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    chunks = _sse(r.text)
+    if endpoint.endswith("chat/completions"):
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert full["choices"][0]["message"]["role"] == "assistant"
+        expected = full["choices"][0]["message"]["content"]
+    else:
+        text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+        expected = full["choices"][0]["text"]
+    assert text == expected and len(expected) > 0
+    finals = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert finals[-1]["choices"][0]["finish_reason"] == full["choices"][0]["finish_reason"]
+    assert chunks[-1]["usage"] == full["usage"] and "mean_accepted" in chunks[-1]["speculative"]
+
+
+def test_stop_strings(client):
+    req = {"model": MODEL_ID, "prompt": "Numbers: 0 1", "max_tokens": 20, "temperature": 0}
+    text = client.post("/v1/completions", json=req).json()["choices"][0]["text"]
+    assert len(text) > 4
+    stop = text[2:4]
+    cut = text[: text.find(stop)]
+    r = client.post("/v1/completions", json={**req, "stop": [stop]}).json()
+    assert r["choices"][0]["text"] == cut and r["choices"][0]["finish_reason"] == "stop"
+    streamed = "".join(c["choices"][0]["text"] for c in _sse(client.post("/v1/completions", json={**req, "stop": stop, "stream": True}).text) if c["choices"])
+    assert streamed == cut
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"prompt": "hi"}, 400, "model"),
+    ({"model": MODEL_ID}, 400, "prompt"),
+    ({"model": MODEL_ID, "prompt": 5}, 400, "prompt"),
+    ({"model": MODEL_ID, "prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens"),
+    ({"model": MODEL_ID, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": MODEL_ID, "prompt": "hi", "max_tokens": 100000}, 400, "max_tokens"),
+    ({"model": MODEL_ID, "prompt": "hi", "temperature": "hot"}, 400, "temperature"),
+    ({"model": MODEL_ID, "prompt": "hi", "stream": "yes"}, 400, "stream"),
+    ({"model": "gpt-4", "prompt": "hi"}, 404, "model"),
+])
+def test_bad_completion_requests_are_4xx(client, body, status, param):
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"] and err["type"] == "invalid_request_error" and "code" in err
+    # streaming requests fail the same way, before any event is sent
+    r = client.post("/v1/completions", json={**body, "stream": True} if "stream" not in body else body)
+    assert r.status_code == status
+
+
+def test_bad_chat_requests_and_json(client):
+    for body, param in [({"model": MODEL_ID}, "messages"), ({"model": MODEL_ID, "messages": []}, "messages"),
+                        ({"model": MODEL_ID, "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+                        ({"model": MODEL_ID, "messages": [{"role": "user", "content": 3}]}, "messages[0].content")]:
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param
+    r = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    assert client.get("/v1/nothing").status_code == 404
+
+
+def test_concurrent_requests_all_answered_correctly(client):
+    prompts = ["The quick brown", "A language model", "Pruning removes", "Experts are trained"]
+    req = lambda p: {"model": MODEL_ID, "prompt": p, "max_tokens": 10, "temperature": 0}  # noqa: E731
+    expected = {p: client.post("/v1/completions", json=req(p)).json()["choices"][0]["text"] for p in prompts}
+    got: dict[str, str] = {}
+
+    def worker(p):
+        got[p] = client.post("/v1/completions", json=req(p)).json()["choices"][0]["text"]
+
+    threads = [threading.Thread(target=worker, args=(p,)) for p in prompts * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == expected
+
+
+def test_sampling_with_seed_is_reproducible(client):
+    req = {"model": MODEL_ID, "prompt": "The quick", "max_tokens": 10, "temperature": 0.8, "seed": 3}
+    a = client.post("/v1/completions", json=req).json()["choices"][0]["text"]
+    b = client.post("/v1/completions", json=req).json()["choices"][0]["text"]
+    assert a == b
+
+
+def test_plain_mode(tiny_llama, tiny_tokenizer):
+    server = Server(SpeculativeEngine(tiny_llama, max_len=64), tiny_tokenizer, MODEL_ID)
+    c = TestClient(create_app(server))
+    body = c.post("/v1/chat/completions", json={"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0}).json()
+    assert body["speculative"]["mode"] == "plain" and body["speculative"]["mean_accepted"] == 1.0
+    assert body["object"] == "chat.completion"
