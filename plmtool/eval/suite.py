@@ -1,0 +1,140 @@
+"""One call that every command uses to score a model: perplexity + zero-shot accuracy.
+
+    evaluate(model, tokenizer, cfg.eval, cfg.data, run_dir, label="dense")
+    -> {"ppl", "seqlen", "corpus", "ppl_tokens", "ppl_windows", "zeroshot", "zeroshot_norm"}
+
+`ppl` / `ppl_tokens` / `ppl_windows` are None when `eval.ppl` is false; `zeroshot` / `zeroshot_norm`
+are {} when `eval.zeroshot` is empty. lm-eval's results go to `run_dir/lm_eval_<label>.json`.
+
+The finished result is kept as a stage marker (`run_dir/stages/eval-<label>.json`) together with a
+fingerprint of the model weights and of the settings, so a requeued run skips an evaluation that
+already completed on the same weights and re-runs it if anything differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from plmtool.errors import PlmtoolError
+from plmtool.eval.zeroshot import expand_tasks
+
+log = logging.getLogger("plmtool")
+
+# The offline task is a fixed benchmark: its examples do not follow data.seed, so results stay
+# comparable across runs that differ only in calibration seed.
+OFFLINE_TASK_SEED = 0
+
+
+def check_config(eval_cfg: Any) -> None:
+    """Validate eval settings cheaply (call before loading a model)."""
+    from plmtool.eval.zeroshot import check_task_names
+
+    if eval_cfg.ppl:
+        if eval_cfg.seqlen < 2:
+            raise PlmtoolError(f"eval.seqlen must be at least 2 (got {eval_cfg.seqlen})")
+        if eval_cfg.batch_size < 1:
+            raise PlmtoolError(f"eval.batch_size must be at least 1 (got {eval_cfg.batch_size})")
+        if eval_cfg.max_tokens is not None and eval_cfg.max_tokens < eval_cfg.seqlen:
+            raise PlmtoolError(
+                f"eval.max_tokens={eval_cfg.max_tokens} is smaller than one window of eval.seqlen={eval_cfg.seqlen}"
+            )
+    tasks = expand_tasks(list(eval_cfg.zeroshot or []))
+    if tasks:
+        if eval_cfg.offline_task_size < 1:
+            raise PlmtoolError(f"eval.offline_task_size must be at least 1 (got {eval_cfg.offline_task_size})")
+        if eval_cfg.offline_task_choices < 2:
+            raise PlmtoolError(f"eval.offline_task_choices must be at least 2 (got {eval_cfg.offline_task_choices})")
+        if eval_cfg.zeroshot_batch_size < 1:
+            raise PlmtoolError(f"eval.zeroshot_batch_size must be at least 1 (got {eval_cfg.zeroshot_batch_size})")
+        if eval_cfg.zeroshot_limit is not None and eval_cfg.zeroshot_limit < 1:
+            raise PlmtoolError(f"eval.zeroshot_limit must be at least 1 or null (got {eval_cfg.zeroshot_limit})")
+        check_task_names(tasks, eval_cfg.include_path)
+
+
+def weights_fingerprint(model) -> str:
+    """Cheap identity of the weights: shapes + per-tensor L1 norms (no copy of any tensor)."""
+    import torch
+
+    h = hashlib.sha1()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            norm = torch.linalg.vector_norm(p.detach(), ord=1, dtype=torch.float32)
+            h.update(f"{name}:{tuple(p.shape)}:{float(norm):.6e};".encode())
+    return h.hexdigest()[:16]
+
+
+def _settings(eval_cfg: Any, data_cfg: Any) -> dict[str, Any]:
+    return {
+        "ppl": bool(eval_cfg.ppl),
+        "corpus": str(eval_cfg.corpus),
+        "seqlen": int(eval_cfg.seqlen),
+        "max_tokens": eval_cfg.max_tokens,
+        "batch_size": int(eval_cfg.batch_size),
+        "zeroshot": expand_tasks(list(eval_cfg.zeroshot or [])),
+        "zeroshot_limit": eval_cfg.zeroshot_limit,
+        "num_fewshot": int(eval_cfg.num_fewshot),
+        "include_path": eval_cfg.include_path,
+        "offline_task_size": int(eval_cfg.offline_task_size),
+        "offline_task_choices": int(eval_cfg.offline_task_choices),
+        "data_cache_dir": getattr(data_cfg, "cache_dir", None),
+    }
+
+
+def evaluate(model, tokenizer, eval_cfg: Any, data_cfg: Any, run_dir: str | Path | None, label: str = "eval") -> dict[str, Any]:
+    from plmtool.io import Stages
+
+    check_config(eval_cfg)
+    stages = Stages(run_dir) if run_dir is not None else None
+    stage = f"eval-{label}"
+    key = {"weights": weights_fingerprint(model), "settings": _settings(eval_cfg, data_cfg)}
+    if stages is not None and stages.done(stage):
+        saved = stages.result(stage)
+        if saved.get("key") == key:
+            log.info("evaluation '%s' already done in %s; reusing it", label, run_dir)
+            return saved["result"]
+
+    result: dict[str, Any] = {
+        "ppl": None,
+        "seqlen": int(eval_cfg.seqlen),
+        "corpus": str(eval_cfg.corpus),
+        "ppl_tokens": None,
+        "ppl_windows": None,
+        "zeroshot": {},
+        "zeroshot_norm": {},
+    }
+    if eval_cfg.ppl:
+        from plmtool.data.corpora import eval_tokens
+        from plmtool.eval.perplexity import perplexity
+
+        ids = eval_tokens(tokenizer, eval_cfg.corpus, data_cfg)
+        p = perplexity(model, ids, eval_cfg.seqlen, batch_size=eval_cfg.batch_size, max_tokens=eval_cfg.max_tokens)
+        log.info("perplexity %s (%s, seqlen %d, %d tokens)", f"{p['ppl']:.4f}", eval_cfg.corpus, p["seqlen"], p["tokens"])
+        result.update(ppl=p["ppl"], ppl_tokens=p["tokens"], ppl_windows=p["windows"])
+
+    tasks = expand_tasks(list(eval_cfg.zeroshot or []))
+    if tasks:
+        from plmtool.eval.zeroshot import zeroshot
+
+        acc, acc_norm = zeroshot(
+            model,
+            tokenizer,
+            tasks,
+            run_dir,
+            label,
+            batch_size=eval_cfg.zeroshot_batch_size,
+            limit=eval_cfg.zeroshot_limit,
+            num_fewshot=eval_cfg.num_fewshot,
+            include_path=eval_cfg.include_path,
+            offline_task_size=eval_cfg.offline_task_size,
+            offline_task_choices=eval_cfg.offline_task_choices,
+            offline_task_seed=OFFLINE_TASK_SEED,
+            data_cfg=data_cfg,
+        )
+        result.update(zeroshot=acc, zeroshot_norm=acc_norm)
+
+    if stages is not None:
+        stages.mark(stage, {"key": key, "result": result})
+    return result
