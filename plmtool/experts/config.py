@@ -1,0 +1,108 @@
+"""Config schemas of `plmtool experts redistribute` and `plmtool experts train`.
+
+The method dataclasses are plain (no hydra import) so that scripts on machines without hydra can
+build them; the app schemas are registered in Hydra's ConfigStore only when hydra is present.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class DensityConfig:
+    method: str = "dbscan"  # dbscan (adaptive DBSCAN modes + k-NN radius) | knn (k-NN radius only)
+    k: int = 10  # neighbours for the k-NN radius; DBSCAN min_samples
+    quantile: float = 0.5  # eps of a cluster = this quantile of its k-NN radii
+    ref_size: int = 2048  # reference points per cluster for k-NN / DBSCAN
+
+
+@dataclass
+class RedistributeConfig:
+    # instruction data: sharegpt (embedded) | .jsonl (instruction/input/output[/task] or messages) | .json list
+    data: str = "sharegpt"
+    limit: Optional[int] = None  # first N usable samples (None = all)
+    turns: str = "first"  # first: first user->assistant exchange; all: whole conversation
+    heldout: float = 0.05  # fraction kept apart for evaluation (never clustered or trained on)
+    # embeddings
+    embedder: str = "model"  # model (mean-pooled hidden states) | minilm | sentence-transformers path
+    embed_layer: int = -1
+    embed_max_len: int = 256
+    embed_batch_size: int = 16
+    cache_dir: Optional[str] = None  # embedding cache; default <plmtool cache>/experts/embeddings
+    # clustering
+    k: Optional[int] = 8  # null: choose K in [k_min, k_max] by k_criterion
+    k_min: int = 2
+    k_max: int = 12
+    k_criterion: str = "silhouette"  # silhouette | calinski_harabasz
+    kmeans_n_init: int = 3
+    density: DensityConfig = field(default_factory=DensityConfig)
+    # redistribution
+    budget: float = 0.1  # fraction of the (non-held-out) samples selected
+    floor: int = 8  # minimum samples per cluster (capped at its size; >= 1)
+    alpha: float = 0.5  # cluster quota ~ size**alpha
+    beta: float = 1.0  # weight ~ (k-NN radius / median)**beta: sparse neighbourhoods favoured
+    mode_alpha: float = 0.5  # weight ~ (DBSCAN mode size)**-mode_alpha: dense modes thinned
+    need: str = "loss"  # none | loss | ifd: the model's need for a sample
+    gamma: float = 1.0  # weight ~ (need / mean need)**gamma
+    # tokenization for the need signal (and recorded for training)
+    max_len: int = 512
+    max_prompt_len: int = 256
+    batch_size: int = 8
+    plot: bool = True
+    plot_points: int = 20000
+
+
+@dataclass
+class LoraOptions:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+
+@dataclass
+class TrainExpertsConfig:
+    redistribution: Optional[str] = None  # run dir of `plmtool experts redistribute`
+    mode: str = "all"  # all: train what is missing + evaluate | assemble: evaluate trained adapters | generate
+    expert_index: Optional[int] = None  # train only this expert (one job of a multirun / Slurm array)
+    baseline: Optional[str] = None  # train only this baseline (full | random | redistributed)
+    baselines: list[str] = field(default_factory=lambda: ["full", "random", "redistributed"])
+    adapters_dir: Optional[str] = None  # default <redistribution>/adapters (shared by array jobs)
+    lora: LoraOptions = field(default_factory=LoraOptions)
+    max_prompt_len: Optional[int] = None  # default: the redistribution's
+    eval_batch_size: int = 8
+    oracle: bool = True  # evaluate every expert on every held-out sample (K passes)
+    top_k: int = 1  # >1: routed loss also for a top-k blend of experts
+    temperature: float = 0.05  # softmax temperature of the top-k blend weights (over cosine)
+    prompt: Optional[str] = None  # generate mode: route this prompt and answer it
+    max_new_tokens: int = 128
+    gen_temperature: float = 0.0
+    lm_eval_tasks: list[str] = field(default_factory=list)  # optional, routed per example
+    lm_eval_include_path: Optional[str] = None
+    lm_eval_limit: Optional[int] = None
+
+
+try:
+    from plmtool.config import ModelConfig, TrainerConfig, register
+except ImportError:  # no hydra here (e.g. a bare GPU box running a benchmark script)
+    register = None  # type: ignore[assignment]
+
+if register is not None:
+
+    @dataclass
+    class ExpertsRedistributeApp:
+        model: ModelConfig = field(default_factory=ModelConfig)
+        experts: RedistributeConfig = field(default_factory=RedistributeConfig)
+        seed: int = 0
+
+    @dataclass
+    class ExpertsTrainApp:
+        model: ModelConfig = field(default_factory=ModelConfig)
+        experts: TrainExpertsConfig = field(default_factory=TrainExpertsConfig)
+        trainer: TrainerConfig = field(default_factory=TrainerConfig)
+        seed: int = 0
+
+    register("experts_redistribute_schema", ExpertsRedistributeApp)
+    register("experts_train_schema", ExpertsTrainApp)

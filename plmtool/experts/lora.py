@@ -1,0 +1,164 @@
+"""LoRA adapters (peft), one per expert or baseline, on one shared base model, and their training.
+
+All adapters live in one PeftModel: training activates one adapter at a time (only its
+parameters require grad); evaluation can mix adapters per sample (`adapter_names`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from plmtool.errors import PlmtoolError
+from plmtool.experts.tokenize import IGNORE, collate
+
+log = logging.getLogger("plmtool")
+BASE = "__base__"  # peft's name for "no adapter" in mixed batches
+
+
+def lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules: Sequence[str] | str = "all-linear"):
+    from peft import LoraConfig
+
+    if r < 1:
+        raise PlmtoolError(f"experts.lora.r must be >= 1, got {r}")
+    targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM", bias="none")
+
+
+def add_adapters(model, names: Sequence[str], config) -> Any:
+    """Wrap `model` in a PeftModel (if needed) and add one fresh adapter per name."""
+    from peft import PeftModel, get_peft_model
+
+    names = list(names)
+    if not isinstance(model, PeftModel):
+        model = get_peft_model(model, config, adapter_name=names[0])
+        names = names[1:]
+    for n in names:
+        if n not in model.peft_config:
+            model.add_adapter(n, config)
+    return model
+
+
+def _only_trainable(model, name: str) -> list[torch.nn.Parameter]:
+    params = []
+    for pname, p in model.named_parameters():
+        mine = "lora_" in pname and f".{name}." in pname
+        p.requires_grad_(mine)
+        if mine:
+            params.append(p)
+    if not params:
+        raise PlmtoolError(f"adapter '{name}' has no parameters (check experts.lora.target_modules)")
+    return params
+
+
+def train_adapter(model, name: str, encoded: Sequence[dict[str, Any]], pad_id: int, lr: float = 2e-4, epochs: float = 1.0,
+                  batch_size: int = 8, grad_accum: int = 1, max_steps: int | None = None, warmup_ratio: float = 0.03,
+                  weight_decay: float = 0.0, grad_clip: float = 1.0, seed: int = 0, bf16: bool = False,
+                  log_every: int = 10) -> dict[str, Any]:
+    """Train adapter `name` on `encoded` for `epochs` passes; returns timing and loss stats."""
+    from plmtool.progress import track
+
+    if len(encoded) == 0:
+        raise PlmtoolError(f"adapter '{name}': no training samples")
+    model.set_adapter(name)
+    params = _only_trainable(model, name)
+    per_step = batch_size * grad_accum
+    steps = max(1, math.ceil(len(encoded) * epochs / per_step))
+    capped = bool(max_steps and steps > max_steps)
+    if capped:
+        steps = int(max_steps)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    warmup = int(round(steps * warmup_ratio))
+
+    def lr_at(step: int) -> float:  # linear warm-up, cosine decay to 0
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    rng = np.random.default_rng(seed)
+    device = next(model.parameters()).device
+    order: list[int] = []
+    model.train()
+    losses, tokens = [], 0
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for step in track(range(steps), f"training {name}", total=steps):
+        opt.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for _ in range(grad_accum):
+            if len(order) < batch_size:
+                order += rng.permutation(len(encoded)).tolist()
+            idx, order = order[:batch_size], order[batch_size:]
+            b = collate([encoded[i] for i in idx], pad_id)
+            labels = b["labels"].to(device)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
+            target = labels[:, 1:]
+            n = (target != IGNORE).sum()
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
+            ) / n.clamp(min=1)
+            (loss / grad_accum).backward()
+            step_loss += loss.item() / grad_accum
+            tokens += int(b["attention_mask"].sum())
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(step_loss)
+        if log_every and (step + 1) % log_every == 0:
+            log.info("%s step %d/%d loss %.4f", name, step + 1, steps, float(np.mean(losses[-log_every:])))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    model.eval()
+    for p in params:
+        p.requires_grad_(False)
+    tail = losses[-max(1, len(losses) // 10):]
+    return {"adapter": name, "samples": len(encoded), "epochs": epochs, "steps": steps, "capped_by_max_steps": capped,
+            "train_tokens": tokens, "seconds": round(seconds, 3), "first_loss": losses[0], "final_loss": float(np.mean(tail))}
+
+
+def save_adapter(model, name: str, target: str | Path, meta: dict[str, Any]) -> None:
+    """Save one adapter to `target` (a directory) atomically, with `meta` in train.json."""
+    target = Path(target)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), selected_adapters=[name])
+    # peft puts non-"default" adapters in a sub-folder named after the adapter
+    src = tmp / name if (tmp / name).is_dir() else tmp
+    (src / "train.json").write_text(json.dumps(meta, indent=2))
+    final = target.with_name(target.name + ".new")
+    shutil.rmtree(final, ignore_errors=True)
+    shutil.move(str(src), str(final))
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(target, ignore_errors=True)
+    final.rename(target)
+
+
+def adapter_meta(path: str | Path) -> dict[str, Any] | None:
+    p = Path(path) / "train.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def load_adapter(model, name: str, path: str | Path, lora_cfg=None):
+    """Load a saved adapter into `model` (wrapping it in a PeftModel on first use)."""
+    from peft import PeftModel
+
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file():
+        raise PlmtoolError(f"no adapter at {path} (train it first)")
+    if not isinstance(model, PeftModel):
+        return PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=False)
+    model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+    return model

@@ -1,0 +1,87 @@
+"""Routed experts over one model: route by prompt embedding, evaluate and generate.
+
+`RoutedExperts` holds a PeftModel carrying one adapter per expert (named expert_<k>), the
+router, and the embedder used at redistribution time. Embeddings are always taken from the
+base model (adapters disabled), exactly as they were when the centroids were computed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from plmtool.experts.embed import ModelEmbedder
+from plmtool.experts.losses import token_logprobs
+from plmtool.experts.lora import BASE
+from plmtool.experts.router import Router
+from plmtool.experts.samples import prompt_text
+from plmtool.experts.tokenize import encode_prompt
+
+
+def expert_name(k: int) -> str:
+    return f"expert_{k}"
+
+
+class RoutedExperts:
+    def __init__(self, model, tokenizer, router: Router, embedder, expert_names: Sequence[str] | None = None):
+        self.model, self.tokenizer, self.router, self.embedder = model, tokenizer, router, embedder
+        self.names = list(expert_names or [expert_name(k) for k in range(router.k)])
+
+    def _base_context(self):
+        # the model embedder must see the base model, as at clustering time
+        if isinstance(self.embedder, ModelEmbedder) and hasattr(self.model, "disable_adapter"):
+            return self.model.disable_adapter()
+        return contextlib.nullcontext()
+
+    def embed(self, prompts: Sequence[str]) -> np.ndarray:
+        with self._base_context():
+            return self.embedder.embed(list(prompts))
+
+    def route(self, prompts: Sequence[str]) -> np.ndarray:
+        return self.router.route(self.embed(prompts))
+
+    def token_logprobs(self, encoded: Sequence[dict[str, Any]], routes: np.ndarray, pad_id: int, batch_size: int = 8,
+                       blend: tuple[np.ndarray, np.ndarray] | None = None, autocast: bool = False) -> list[np.ndarray]:
+        """Per-token log-probs under the routed experts; with `blend=(idx, w)`, the mixture
+        sum_j w_j p_j of the top-k experts' distributions (evaluated at the target tokens)."""
+        if blend is None:
+            names = [self.names[int(r)] for r in routes]
+            return token_logprobs(self.model, encoded, pad_id, batch_size, names, "routed loss", autocast)
+        idx, w = blend
+        per_rank = []
+        for r in range(idx.shape[1]):
+            names = [self.names[int(i)] for i in idx[:, r]]
+            per_rank.append(token_logprobs(self.model, encoded, pad_id, batch_size, names, f"blend rank {r}", autocast))
+        out = []
+        for s in range(len(encoded)):
+            stacked = np.stack([per_rank[r][s] for r in range(idx.shape[1])])  # [k, T]
+            logw = np.log(np.maximum(w[s], 1e-30))[:, None]
+            out.append(np.logaddexp.reduce(stacked + logw, axis=0))
+        return out
+
+    @torch.no_grad()
+    def generate(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, max_prompt_len: int | None = None,
+                 expert: int | None = None) -> dict[str, Any]:
+        """Route one prompt (top-1) and generate with that expert; `expert` forces a choice."""
+        scores = self.router.scores(self.embed([prompt]))[0]
+        k = int(np.argmax(scores)) if expert is None else int(expert)
+        ids = torch.tensor([encode_prompt(self.tokenizer, prompt, max_prompt_len)], device=next(self.model.parameters()).device)
+        kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id}
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature)
+        else:
+            kwargs.update(do_sample=False)
+        self.model.set_adapter(self.names[k])
+        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+        text = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        return {"prompt": prompt, "expert": k, "adapter": self.names[k], "scores": [float(s) for s in scores], "response": text}
+
+
+def routes_for_samples(experts: RoutedExperts, samples: Sequence[dict[str, Any]]) -> np.ndarray:
+    return experts.route([prompt_text(s) for s in samples])
+
+
+__all__ = ["RoutedExperts", "expert_name", "routes_for_samples", "BASE"]

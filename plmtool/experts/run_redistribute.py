@@ -1,0 +1,195 @@
+"""Orchestration of `plmtool experts redistribute` (no hydra: usable from scripts).
+
+Stages (each resumable in the run dir): data -> embed (+ need) -> space. Outputs:
+  samples.jsonl            the training pool (held-out removed), one sample per line
+  heldout.jsonl            held-out samples with their routed cluster
+  embeddings.npy / heldout_embeddings.npy / need.npy
+  manifest.jsonl           one line per pool sample: id, cluster, density, weight, selected (+ random, mode, task)
+  centroids.npy            router centroids (unit norm)
+  shards/expert_<k>.jsonl  the selected samples of cluster k (one training shard per expert)
+  selected.jsonl / random.jsonl   the redistributed and the random subset of the same size
+  redistribution.json      what `experts train` needs to know (encoder, lengths, K, seed)
+  semantic_space.png       PCA picture
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from plmtool.errors import PlmtoolError
+from plmtool.experts.embed import embed_cached, make_embedder
+from plmtool.experts.need import KINDS as NEED_KINDS
+from plmtool.experts.need import need_signal
+from plmtool.experts.router import Router
+from plmtool.experts.samples import load_samples, prompt_text, read_samples, split_heldout, write_samples
+from plmtool.experts.space import build_space, validate
+from plmtool.io import Stages, atomic_write, write_json
+
+log = logging.getLogger("plmtool")
+Loader = Callable[[], tuple[Any, Any]]
+
+
+def save_npy(path: Path, arr: np.ndarray) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+
+    atomic_write(path, write)
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+    atomic_write(path, write)
+
+
+def check_options(o: Any) -> None:
+    """Everything that can be checked before reading data or loading a model."""
+    validate(o)
+    if not 0.0 <= o.heldout < 1.0:
+        raise PlmtoolError(f"experts.heldout must be in [0, 1), got {o.heldout}")
+    if o.need not in NEED_KINDS:
+        raise PlmtoolError(f"unknown experts.need '{o.need}' (choose from {', '.join(NEED_KINDS)})")
+    if o.limit is not None and o.limit < 1:
+        raise PlmtoolError(f"experts.limit must be >= 1 or null, got {o.limit}")
+    if o.max_len < 8 or o.max_prompt_len < 1 or o.max_prompt_len >= o.max_len:
+        raise PlmtoolError(f"need 1 <= experts.max_prompt_len < experts.max_len (got {o.max_prompt_len}, {o.max_len})")
+    if o.density.method not in ("dbscan", "knn"):
+        raise PlmtoolError(f"unknown experts.density.method '{o.density.method}' (choose dbscan or knn)")
+
+
+def run(o: Any, run_dir: Path, seed: int, load: Loader, model_id: str, cache: Path | None) -> dict[str, Any]:
+    check_options(o)
+    run_dir = Path(run_dir)
+    stages = Stages(run_dir)
+    timings: dict[str, float] = {}
+
+    # 1. data and the held-out split
+    t = time.perf_counter()
+    if not stages.done("data"):
+        samples = load_samples(o.data, o.limit, o.turns)
+        train_idx, held_idx = split_heldout(len(samples), o.heldout, seed)
+        validate(o, len(train_idx))  # K vs number of samples, before any model is loaded
+        write_samples(run_dir / "samples.jsonl", [samples[i] for i in train_idx])
+        write_samples(run_dir / "heldout.jsonl", [samples[i] for i in held_idx])
+        stages.mark("data", {"pool": len(train_idx), "heldout": len(held_idx)})
+    pool = read_samples(run_dir / "samples.jsonl")
+    held = read_samples(run_dir / "heldout.jsonl")
+    validate(o, len(pool))
+    timings["data"] = time.perf_counter() - t
+
+    # 2. embeddings (cached across runs) and the model's need signal
+    t = time.perf_counter()
+    model = tokenizer = None
+    if not stages.done("embed"):
+        if o.embedder == "model" or o.need != "none":
+            model, tokenizer = load()
+        embedder = make_embedder(o.embedder, model, tokenizer, model_id=model_id, layer=o.embed_layer,
+                                 max_len=o.embed_max_len, batch_size=o.embed_batch_size)
+        texts = [prompt_text(s) for s in pool] + [prompt_text(s) for s in held]
+        emb, info = embed_cached(embedder, texts, cache)
+        save_npy(run_dir / "embeddings.npy", emb[: len(pool)])
+        save_npy(run_dir / "heldout_embeddings.npy", emb[len(pool):])
+        need = need_signal(model, tokenizer, pool, o.need, o.max_len, o.max_prompt_len, o.batch_size) if o.need != "none" else None
+        if need is not None:
+            save_npy(run_dir / "need.npy", need)
+        stages.mark("embed", info)
+    embed_info = stages.result("embed")
+    emb = np.load(run_dir / "embeddings.npy")
+    held_emb = np.load(run_dir / "heldout_embeddings.npy")
+    need = np.load(run_dir / "need.npy") if (run_dir / "need.npy").is_file() else None
+    timings["embed"] = time.perf_counter() - t
+
+    # 3. the semantic space: cluster, density, redistribution (cheap: always recomputed)
+    t = time.perf_counter()
+    space = build_space(emb, o, need=need, seed=seed)
+    timings.update({f"space_{k}": v for k, v in space.seconds.items()})
+    router = Router(space.centroids)
+    held_cluster = router.route(held_emb) if len(held) else np.zeros(0, dtype=np.int64)
+    red, dens = space.redistribution, space.density
+    manifest = [
+        {"id": s["id"], "cluster": int(space.labels[i]), "density": round(float(dens.density[i]), 6),
+         "weight": round(float(red.weight[i]), 6), "selected": bool(red.selected[i]), "random": bool(space.random[i]),
+         "mode": int(dens.mode[i]), "need": None if need is None else round(float(need[i]), 6), "task": s.get("task")}
+        for i, s in enumerate(pool)
+    ]
+    write_jsonl(run_dir / "manifest.jsonl", manifest)
+    router.save(run_dir / "centroids.npy")
+    for c in range(space.k):
+        write_samples(run_dir / "shards" / f"expert_{c}.jsonl", [pool[i] for i in np.flatnonzero(red.selected & (space.labels == c))])
+    write_samples(run_dir / "selected.jsonl", [pool[i] for i in np.flatnonzero(red.selected)])
+    write_samples(run_dir / "random.jsonl", [pool[i] for i in np.flatnonzero(space.random)])
+    write_samples(run_dir / "heldout.jsonl", held, extra={"cluster": [int(c) for c in held_cluster]})
+    write_json(run_dir / "redistribution.json", {
+        "model": model_id, "embedder": o.embedder, "embed_layer": o.embed_layer, "embed_max_len": o.embed_max_len,
+        "k": space.k, "max_len": o.max_len, "max_prompt_len": o.max_prompt_len, "seed": seed, "data": o.data,
+    })
+    timings["space"] = time.perf_counter() - t
+    if o.plot:
+        t = time.perf_counter()
+        from plmtool.experts.plot import plot_space
+
+        plot_space(emb, space.labels, red.selected, space.centroids, run_dir / "semantic_space.png", o.plot_points, seed)
+        timings["plot"] = time.perf_counter() - t
+    return make_report(o, pool, held, held_cluster, space, need, embed_info, timings, seed)
+
+
+def make_report(o, pool, held, held_cluster, space, need, embed_info, timings, seed) -> dict[str, Any]:
+    red, dens = space.redistribution, space.density
+    clusters = []
+    for c in range(space.k):
+        m = space.labels == c
+        clusters.append({
+            "cluster": c,
+            "size_before": int(m.sum()),
+            "size_after": int((m & red.selected).sum()),
+            "size_random": int((m & space.random).sum()),
+            "quota": int(red.quotas[c]),
+            "heldout": int((held_cluster == c).sum()),
+            "eps": round(dens.eps.get(c, 0.0), 6),
+            "dense_modes": int(dens.n_modes.get(c, 0)),
+            "tail": int((m & (dens.mode < 0)).sum()),
+            "tail_selected": int((m & (dens.mode < 0) & red.selected).sum()),
+            "mean_need": None if need is None else float(need[m].mean()),
+            "mean_need_selected": None if need is None or not (m & red.selected).any() else float(need[m & red.selected].mean()),
+            "examples": [pool[i]["messages"][0]["content"][:80] for i in np.flatnonzero(m)[:2]],
+        })
+    report: dict[str, Any] = {
+        "total": len(pool),
+        "selected": int(red.selected.sum()),
+        "budget": float(o.budget),
+        "budget_samples": red.budget_n,
+        "floors_exceed_budget": red.floors_exceed_budget,
+        "heldout": len(held),
+        "k": space.k,
+        "k_scores": {str(k): v for k, v in space.k_scores.items()},
+        "embedder": embed_info,
+        "need": o.need,
+        "density_method": o.density.method,
+        "tail_total": int((dens.mode < 0).sum()),
+        "tail_selected": int(((dens.mode < 0) & red.selected).sum()),
+        "clusters": clusters,
+        "seed": seed,
+        "seconds": {k: round(v, 3) for k, v in timings.items()},
+    }
+    tasks = [s.get("task") for s in pool]
+    if any(tasks):
+        table: dict[str, dict[str, int]] = {}
+        for t, c, sel in zip(tasks, space.labels, red.selected):
+            row = table.setdefault(str(t), {})
+            row[str(int(c))] = row.get(str(int(c)), 0) + 1
+        report["task_cluster"] = table
+        report["task_selected"] = dict(Counter(str(t) for t, sel in zip(tasks, red.selected) if sel))
+    if o.plot:
+        report["plot"] = "semantic_space.png"
+    return report
