@@ -44,8 +44,6 @@ class PruneConfig:
     percdamp: float = 0.01  # SparseGPT damping (fraction of mean diag H)
     sds: SdsConfig = field(default_factory=SdsConfig)
     save_model: bool = True  # final model as a Hugging Face checkpoint in <run_dir>/model
-    save_stage_weights: bool = True  # pruned-layer weights per stage in <run_dir>/stages/ (resume)
-    semi_structured: bool = False  # run the final 2:4 model on sparse tensor cores for evaluation (GPU)
     histogram_bins: int = 200
 
 

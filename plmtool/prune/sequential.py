@@ -129,8 +129,9 @@ class _StatsHooks:
         self._seen: list[tuple[torch.Tensor, str]] = []
         self._handles = [mod.register_forward_pre_hook(self._hook(name)) for name, mod in linears.items()]
 
-    def new_pass(self) -> None:
+    def new_pass(self, batch: int) -> None:
         self._seen = []
+        self.batch = batch
 
     def _hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
@@ -144,7 +145,7 @@ class _StatsHooks:
                     self.leader[name] = same
             self._seen.append((x, self.leader[name]))
             if self.leader[name] == name:
-                self.stats[name].add(x.detach())
+                self.stats[name].add(x.detach(), self.batch)
 
         return hook
 
@@ -260,7 +261,7 @@ def walk(
             outs = []
             try:
                 for h in inps:
-                    hooks.new_pass()
+                    hooks.new_pass(h.shape[0])
                     outs.append(run_block(h))
             finally:
                 block_stats = hooks.remove()

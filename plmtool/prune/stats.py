@@ -21,11 +21,12 @@ class InputStats:
         self.gram = torch.zeros(columns, columns, device=device) if gram else None
 
     @torch.no_grad()
-    def add(self, x: torch.Tensor) -> None:
-        """`x`: the layer input for one forward call, [batch, tokens, columns] or [tokens, columns]."""
+    def add(self, x: torch.Tensor, batch: int | None = None) -> None:
+        """`x`: the layer input for one forward call, [batch, tokens, columns] or [tokens, columns].
+        `batch`: samples in the call, when the model flattened them (OPT's MLP sees [tokens, cols])."""
         if x.dim() == 2:
             x = x.unsqueeze(0)
-        batch = x.shape[0]
+        batch = batch or x.shape[0]
         flat = x.reshape(-1, x.shape[-1])
         scale_old = self.nsamples / (self.nsamples + batch)
         self.nsamples += batch
