@@ -128,9 +128,12 @@ def run(o: Any, trainer: Any, run_dir: Path, seed: int, load: Callable[[], tuple
                                   grad_clip=trainer.grad_clip, seed=seed, bf16=bf16, log_every=trainer.log_every)
             save_adapter(model, u, path, {"fingerprint": fps[u], "stats": stats})
             train_stats[u] = {**stats, "reused": False}
-        elif fresh:
+        elif fresh or (saved is not None and u not in jobs and o.mode in ("assemble", "generate")):
+            # assemble / generate use what the jobs trained, whatever their settings (recorded)
+            if not fresh:
+                log.warning("adapter %s was trained with other settings than this run's; using it as is", u)
             model = load_adapter(model, u, path)
-            train_stats[u] = {**saved["stats"], "reused": True}
+            train_stats[u] = {**saved["stats"], "reused": True, "settings_match": fresh}
         elif o.expert_index is None and o.baseline is None:
             why = "was trained with other settings" if saved else "is missing"
             raise PlmtoolError(f"adapter '{u}' in {adapters} {why}: train it first (mode=all, or experts.expert_index / experts.baseline jobs)")

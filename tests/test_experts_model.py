@@ -1,0 +1,178 @@
+"""Experts on a tiny random Llama: tokenization, losses, LoRA experts and routing, end-to-end commands."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from plmtool import cli
+from plmtool.errors import PlmtoolError
+from plmtool.experts.embed import ModelEmbedder, embed_cached
+from plmtool.experts.losses import encoded_losses
+from plmtool.experts.lora import BASE, add_adapters, lora_config, train_adapter
+from plmtool.experts.need import need_signal
+from plmtool.experts.samples import load_samples, read_jsonl
+from plmtool.experts.tokenize import IGNORE, encode
+
+TASKS = {
+    "math": ("Compute {a} plus {b}.", "The sum is {c}."),
+    "geo": ("Which state is number {a} in the list of {b} states?", "Alabama is a state in the southeastern region, number {a}."),
+    "code": ("Write a function that returns {a} times {b}.", "def f():\n    return {a} * {b}"),
+}
+
+
+def write_fixture(path, n_per_task=24, bad_line=None):
+    rows = []
+    for t, (q, a) in TASKS.items():
+        for i in range(n_per_task):
+            rows.append({"instruction": q.format(a=i, b=i + 3, c=2 * i + 3), "input": "", "output": a.format(a=i, b=i + 3, c=2 * i + 3), "task": t})
+    lines = [json.dumps(r) for r in rows]
+    if bad_line is not None:
+        lines.insert(bad_line, json.dumps({"instruction": "no output here"}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_labels_cover_exactly_the_assistant_reply(tiny_tokenizer):
+    msgs = [{"role": "user", "content": "Compute 2 plus 3."}, {"role": "assistant", "content": "The sum is 5."}]
+    enc = encode(tiny_tokenizer, msgs, max_len=128)
+    labelled = [t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab != IGNORE]
+    assert tiny_tokenizer.decode(labelled) == "The sum is 5.<|im_end|>\n"
+    assert all(lab in (IGNORE, t) for t, lab in zip(enc["input_ids"], enc["labels"]))
+    short = encode(tiny_tokenizer, msgs, max_len=6)
+    assert len(short["input_ids"]) == 6
+
+
+def test_sample_loss_matches_model_loss(tiny_llama, tiny_tokenizer):
+    msgs = [{"role": "user", "content": "Compute 2 plus 3."}, {"role": "assistant", "content": "The sum is 5."}]
+    enc = encode(tiny_tokenizer, msgs, max_len=128)
+    nll, ntok = encoded_losses(tiny_llama, [enc, enc], tiny_tokenizer.pad_token_id, batch_size=2)
+    ids = torch.tensor([enc["input_ids"]])
+    ref = tiny_llama(input_ids=ids, labels=torch.tensor([enc["labels"]])).loss.item()  # HF's own shifted CE
+    assert nll[0] / ntok[0] == pytest.approx(ref, rel=1e-5)
+    assert nll[1] == pytest.approx(nll[0], rel=1e-6)
+    need = need_signal(tiny_llama, tiny_tokenizer, [{"messages": msgs}], "loss", 128, None)
+    assert need[0] == pytest.approx(ref, rel=1e-5)
+    ifd = need_signal(tiny_llama, tiny_tokenizer, [{"messages": msgs}], "ifd", 128, None)
+    assert 0 < ifd[0] <= 1.5
+
+
+def test_model_embedder_is_mean_pooled_hidden_state(tiny_llama, tiny_tokenizer, tmp_path):
+    texts = ["Compute 2 plus 3.", "Which state is number one?", "Write a function"]
+    emb = ModelEmbedder(tiny_llama, tiny_tokenizer, "tiny", max_len=32, batch_size=2)
+    got = emb.embed(texts)
+    for i, t in enumerate(texts):
+        ids = torch.tensor([tiny_tokenizer(t, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            h = tiny_llama(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]
+        assert np.allclose(got[i], h.mean(0).numpy(), atol=1e-5)
+    a, info = embed_cached(emb, texts, tmp_path)
+    b, info2 = embed_cached(emb, texts, tmp_path)
+    assert not info["cached"] and info2["cached"] and np.array_equal(a, b)
+
+
+def test_missing_field_names_file_and_line(tmp_path):
+    path = write_fixture(tmp_path / "data.jsonl", n_per_task=2, bad_line=3)
+    with pytest.raises(PlmtoolError, match=r"data.jsonl:4: missing field 'output'"):
+        read_jsonl(path)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(PlmtoolError, match="no usable samples"):
+        load_samples(str(tmp_path / "empty.jsonl"))
+    (tmp_path / "broken.jsonl").write_text('{"instruction": "a", "output": "b"}\n{not json\n')
+    with pytest.raises(PlmtoolError, match=r"broken.jsonl:2: invalid JSON"):
+        load_samples(str(tmp_path / "broken.jsonl"))
+
+
+def test_expert_adapter_changes_only_its_routed_inputs(tiny_llama, tiny_tokenizer):
+    import copy
+
+    model = add_adapters(copy.deepcopy(tiny_llama), ["expert_0", "expert_1"], lora_config(r=4, alpha=8, dropout=0.0))
+    msgs = [[{"role": "user", "content": f"Compute {i} plus 1."}, {"role": "assistant", "content": f"The sum is {i + 1}."}] for i in range(6)]
+    enc = [encode(tiny_tokenizer, m, 64) for m in msgs]
+    routes = ["expert_0", "expert_1", "expert_0", "expert_1", BASE, "expert_1"]
+    pad = tiny_tokenizer.pad_token_id
+    before, _ = encoded_losses(model, enc, pad, batch_size=6, adapter_names=routes)
+    base, _ = encoded_losses(model, enc, pad, batch_size=6, adapter_names=[BASE] * 6)
+    assert np.allclose(before, base)  # fresh LoRA (B = 0) is the identity
+    stats = train_adapter(model, "expert_0", enc[:2], pad, lr=1e-2, epochs=4, batch_size=2)
+    assert stats["steps"] == 4
+    after, _ = encoded_losses(model, enc, pad, batch_size=6, adapter_names=routes)
+    for i, r in enumerate(routes):
+        if r == "expert_0":
+            assert not np.isclose(after[i], before[i], rtol=1e-6), i
+        else:
+            assert after[i] == pytest.approx(before[i], rel=1e-6, abs=1e-6), i
+
+
+def plmtool(*argv):
+    """Run the CLI in-process; returns the exit code."""
+    try:
+        return cli.main(list(argv))
+    except SystemExit as e:
+        return e.code
+
+
+def test_commands_end_to_end(tmp_path, tiny_llama_dir, monkeypatch):
+    monkeypatch.setenv("PLMTOOL_CACHE", str(tmp_path / "cache"))
+    data = write_fixture(tmp_path / "tasks.jsonl")
+    d, e = tmp_path / "D", tmp_path / "E"
+    common = [f"model.name_or_path={tiny_llama_dir}", "model.device=cpu", "model.dtype=float32"]
+    rc = plmtool("experts", "redistribute", "experiment=smoke", *common, f"experts.data={data}", "experts.limit=null",
+                 "experts.heldout=0.2", "experts.budget=0.25", "experts.floor=2", "experts.need=ifd", f"hydra.run.dir={d}")
+    assert rc in (0, None)
+    rep = json.loads((d / "report.json").read_text())
+    assert rep["total"] == 58 and rep["heldout"] == 14
+    assert rep["selected"] == round(0.25 * 58) == sum(c["size_after"] for c in rep["clusters"])
+    assert sum(c["size_before"] for c in rep["clusters"]) == 58 and all(c["size_after"] >= 2 for c in rep["clusters"])
+    assert set(rep["task_cluster"]) == set(TASKS)
+    manifest = [json.loads(line) for line in (d / "manifest.jsonl").read_text().splitlines()]
+    assert len(manifest) == 58 and {"id", "cluster", "density", "weight", "selected"} <= set(manifest[0])
+    assert sum(m["selected"] for m in manifest) == rep["selected"]
+    shards = [len((d / "shards" / f"expert_{c}.jsonl").read_text().splitlines()) for c in range(3)]
+    assert shards == [c["size_after"] for c in rep["clusters"]]
+    assert (d / "semantic_space.png").stat().st_size > 1000 and (d / "centroids.npy").is_file()
+
+    # one expert as its own job (what a multirun / Slurm array does), then the rest and evaluation
+    tr = [*common, f"experts.redistribution={d}", "trainer.batch_size=4", "experts.eval_batch_size=8"]
+    assert plmtool("experts", "train", "experiment=smoke", *tr, "experts.expert_index=1", f"hydra.run.dir={tmp_path / 'job1'}") in (0, None)
+    job = json.loads((tmp_path / "job1" / "report.json").read_text())
+    assert job["job"] == "expert_1" and (d / "adapters" / "expert_1" / "adapter_config.json").is_file()
+    assert plmtool("experts", "train", "experiment=smoke", *tr, "experts.top_k=2", f"hydra.run.dir={e}") in (0, None)
+    rep = json.loads((e / "report.json").read_text())
+    assert rep["train"]["expert_1"]["reused"] and not rep["train"]["expert_0"]["reused"]
+    for key in ("base", "full", "random", "redistributed", "routed", "oracle", "routed_top2"):
+        assert isinstance(rep["eval"][key], float) and rep["eval"][key] > 0, key
+    assert rep["eval"]["full"] < rep["eval"]["base"]  # training on the tasks lowers held-out loss
+    assert rep["eval"]["oracle"] <= rep["eval"]["routed"] + 1e-9
+    assert set(rep["eval_per_task"]["routed"]) == set(TASKS)
+    assert 0 <= rep["router"]["agreement_group"] <= 1
+    # routed generation for one prompt
+    g = tmp_path / "G"
+    assert plmtool("experts", "train", *tr, "experts.mode=generate", "experts.prompt=Compute 2 plus 3.", "experts.max_new_tokens=5",
+                   f"hydra.run.dir={g}") in (0, None)
+    gen = json.loads((g / "report.json").read_text())["generation"]
+    assert gen["expert"] in (0, 1, 2) and isinstance(gen["response"], str)
+
+
+def test_bad_input_fails_cleanly_without_half_written_outputs(tmp_path, tiny_llama_dir, monkeypatch, capsys):
+    monkeypatch.setenv("PLMTOOL_CACHE", str(tmp_path / "cache"))
+    data = write_fixture(tmp_path / "tasks.jsonl", n_per_task=2)
+    common = [f"model.name_or_path={tiny_llama_dir}", "model.device=cpu", f"experts.data={data}", "experts.heldout=0"]
+    cases = [
+        (["experts.k=50"], "larger than the number of training samples"),
+        (["experts.budget=0"], "budget must be in (0, 1]"),
+        (["experts.budget=1.5"], "budget must be in (0, 1]"),
+        ([f"experts.data={write_fixture(tmp_path / 'bad.jsonl', 2, bad_line=2)}"], "bad.jsonl:3: missing field 'output'"),
+    ]
+    for i, (extra, msg) in enumerate(cases):
+        out = tmp_path / f"run{i}"
+        assert plmtool("experts", "redistribute", *common, *extra, f"hydra.run.dir={out}") == 2
+        assert msg in capsys.readouterr().err
+        assert not (out / "report.json").exists() and not (out / "manifest.jsonl").exists()
+        assert not list(out.rglob("*.tmp"))
+    assert plmtool("experts", "train", f"experts.redistribution={tmp_path / 'nope'}", f"hydra.run.dir={tmp_path / 'E'}") == 2
+    assert "not a finished redistribution run" in capsys.readouterr().err
