@@ -174,37 +174,72 @@ def run_benchmark(
     warmup_tokens: int | None = None,
     question_caps: dict[str, int] | None = None,
     progress: Callable[[Any, str, int], Any] | None = None,
+    deadline: float | None = None,
+    errors: dict[str, str] | None = None,
 ) -> dict[str, list[dict]]:
-    """Decode every question with every method; returns per-method per-question records."""
+    """Decode every question with every method; returns per-method per-question records.
+
+    `deadline` (a time.perf_counter() value) splits the remaining time evenly over the methods
+    not yet run: a method out of time stops after the questions it finished (speedups are always
+    computed over common questions). With `errors` given, a method that raises is recorded there
+    and skipped instead of failing the whole benchmark.
+    """
     if "ar" not in methods:
         raise PlmtoolError("the benchmark needs the 'ar' method: every output is checked against it")
     records: dict[str, list[dict]] = {}
-    for name, fn in methods.items():
+    names = list(methods)
+    for idx, name in enumerate(names):
+        fn = methods[name]
         cap = (question_caps or {}).get(name)
         qs = list(questions)[: cap] if cap else list(questions)
-        for q in list(questions)[: max(warmup, 0)]:
-            fn(q["prompt_ids"], warmup_tokens)
-        _sync(device)
-        recs = []
-        items = progress(qs, f"bench {name}", len(qs)) if progress else qs
-        for q in items:
-            times, out = [], None
-            for _ in range(max(runs, 1)):
-                _sync(device)
-                t0 = time.perf_counter()
-                out = fn(q["prompt_ids"])
-                _sync(device)
-                times.append(time.perf_counter() - t0)
-            assert out is not None
-            t = statistics.median(times)
-            recs.append({
-                "question_id": q["question_id"], "category": q["category"], "tokens": out.tokens,
-                "new_tokens": len(out.tokens), "wall_time": t, "times": times,
-                "tokens_per_s": len(out.tokens) / t if t > 0 else 0.0, "accept_lengths": out.accept_lengths,
-            })
+        my_deadline = None
+        if deadline is not None:
+            my_deadline = time.perf_counter() + max(deadline - time.perf_counter(), 0) / (len(names) - idx)
+        try:
+            for q in list(questions)[: max(warmup, 0)]:
+                fn(q["prompt_ids"], warmup_tokens)
+            _sync(device)
+            recs = _timed(fn, qs, device, runs, progress, name, my_deadline)
+        except PlmtoolError:
+            raise
+        except Exception as e:
+            if errors is None or name == "ar":
+                raise
+            errors[name] = f"{type(e).__name__}: {e}"
+            log.warning("method %s failed: %s", name, errors[name])
+            continue
+        if not recs:
+            if errors is not None and name != "ar":
+                errors[name] = "out of time before the first question"
+                continue
+            raise PlmtoolError(f"method {name} decoded no question within the time budget")
         records[name] = recs
         log.info("%s: %.1f tokens/s over %d questions", name, statistics.mean(r["tokens_per_s"] for r in recs), len(recs))
     return records
+
+
+def _timed(fn, qs, device, runs, progress, name, deadline) -> list[dict]:
+    recs = []
+    items = progress(qs, f"bench {name}", len(qs)) if progress else qs
+    for q in items:
+        if deadline is not None and time.perf_counter() > deadline and recs:
+            log.warning("%s: time budget reached after %d questions", name, len(recs))
+            break
+        times, out = [], None
+        for _ in range(max(runs, 1)):
+            _sync(device)
+            t0 = time.perf_counter()
+            out = fn(q["prompt_ids"])
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        assert out is not None
+        t = statistics.median(times)
+        recs.append({
+            "question_id": q["question_id"], "category": q["category"], "tokens": out.tokens,
+            "new_tokens": len(out.tokens), "wall_time": t, "times": times,
+            "tokens_per_s": len(out.tokens) / t if t > 0 else 0.0, "accept_lengths": out.accept_lengths,
+        })
+    return recs
 
 
 def _first_divergence(a: list[int], b: list[int]) -> int | None:

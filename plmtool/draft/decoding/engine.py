@@ -87,8 +87,7 @@ class SpeculativeEngine:
         use_graphs = (self.device.type == "cuda") if cuda_graphs == "auto" else bool(cuda_graphs)
         if use_graphs and self.device.type != "cuda":
             raise PlmtoolError("CUDA graphs need a CUDA device")
-        self.cuda_graphs = use_graphs
-        pool = torch.cuda.graph_pool_handle() if use_graphs else None
+        pool = None  # each step program keeps its own graph memory: programs never share outputs
         one = make_tree([])
         self.plain_step = StepProgram(self.runner, one.depth, one.ancestors, use_graphs, pool)
         self.tree: Tree | None = None
@@ -100,6 +99,8 @@ class SpeculativeEngine:
             if self.tree.n + 1 > self.max_len:
                 raise PlmtoolError(f"tree of {self.tree.n} nodes does not fit the context of {self.max_len}")
             self.tree_step = StepProgram(self.runner, self.tree.depth, self.tree.ancestors, use_graphs, pool)
+        # graphs in use only where every program captured
+        self.cuda_graphs = self.plain_step.graph is not None and (self.tree_step is None or self.tree_step.graph is not None)
 
     @property
     def speculative(self) -> bool:

@@ -152,7 +152,14 @@ class StepProgram:
         self.graph = None
         self.out: tuple[torch.Tensor, torch.Tensor] | None = None
         if cuda_graph:
-            self._capture(pool)
+            try:
+                self._capture(pool)
+            except Exception as e:  # a model whose modules cannot be captured still decodes eagerly
+                import logging
+
+                logging.getLogger("plmtool").warning("CUDA graph capture failed (%s); decoding eagerly", e)
+                self.graph, self.out = None, None
+                torch.cuda.synchronize()
 
     def _run(self, span: int):
         r, n, start = self.runner, self.n, self.start
@@ -165,6 +172,7 @@ class StepProgram:
         mask = (cols < start).view(1, -1) | tree_part
         return r.forward(self.tokens, positions, slots, mask.view(1, 1, n, span), span)
 
+    @torch.no_grad()
     def _capture(self, pool) -> None:
         r = self.runner
         saved = r.cache.length
