@@ -121,17 +121,17 @@ def test_ablation_switches_remove_components(target):
     hidden, ids = inputs(target)
     states = torch.stack([blk(hidden) for blk in d.head_blocks], -2)
     with torch.no_grad():
-        a = d._heads_from_features([hidden])
+        a = d.heads_from_features([hidden])
         d.head_blocks[2][0].linear.bias.add_(1.0)
-        b = d._heads_from_features([hidden])
+        b = d.heads_from_features([hidden])
     assert states.shape[-2] == 3
     assert not torch.allclose(a[..., 0, :], b[..., 0, :], atol=1e-4)
     # without it, heads are independent
     d2 = perturbed(build_drafter(DrafterConfig(kind="amphista", num_heads=3, use_staged_adaptation=False, use_auto_embedding=False), target))
     with torch.no_grad():
-        a = d2._heads_from_features([hidden])
+        a = d2.heads_from_features([hidden])
         d2.head_blocks[2][0].linear.bias.add_(1.0)
-        b = d2._heads_from_features([hidden])
+        b = d2.heads_from_features([hidden])
     assert torch.allclose(a[..., 0, :], b[..., 0, :]) and not torch.allclose(a[..., 2, :], b[..., 2, :])
 
 

@@ -176,7 +176,7 @@ class AmphistaDrafter(Drafter):
             return self.fuse(torch.cat([hidden, e], dim=-1))
         return hidden + e
 
-    def _heads_from_features(self, features: list[torch.Tensor]) -> torch.Tensor:
+    def heads_from_features(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Stage outputs [.., H] (index 0 = fused input) -> head states [.., K, H]."""
         u = torch.stack([self.head_blocks[k](features[self.head_stage[k]]) for k in range(self.num_heads)], dim=-2)
         if self.position is not None:
@@ -191,7 +191,8 @@ class AmphistaDrafter(Drafter):
             u = self.norm(u)
         return u
 
-    def head_states(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
+    def features(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> list[torch.Tensor]:
+        """[fused input, stage-1 output, stage-2 output, ...], each [B,T,H]."""
         x = self._fused(hidden, next_tokens)
         positions = torch.arange(x.shape[1], device=x.device)
         features = [x]
@@ -199,7 +200,7 @@ class AmphistaDrafter(Drafter):
             for layer in stage:
                 x = layer(x, positions)
             features.append(x)
-        return self._heads_from_features(features)
+        return features
 
     def project(self, states: torch.Tensor, head: int | None = None) -> torch.Tensor:
         return self.lm_head(states, head)
@@ -220,7 +221,7 @@ class AmphistaDrafter(Drafter):
         n = hidden.shape[1]
         if not len(self.stages):  # no causal layers: stateless like Medusa
             x = self._fused(hidden[:, -1:], next_tokens[:, -1:])
-            return self.project(self._heads_from_features([x]))[:, -1]
+            return self.project(self.heads_from_features([x]))[:, -1]
         if cache is None:
             raise ValueError("Amphista.step needs a cache from new_cache()")
         if cache.length + n > cache.max_len:
@@ -235,7 +236,7 @@ class AmphistaDrafter(Drafter):
                 i += 1
             features.append(x[:, -1:])
         cache.length += n
-        return self.project(self._heads_from_features(features))[:, -1]
+        return self.project(self.heads_from_features(features))[:, -1]
 
     def crop_cache(self, cache: AmphistaCache | None, length: int) -> None:
         # entries beyond `length` are simply overwritten by the next step

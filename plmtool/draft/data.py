@@ -43,7 +43,8 @@ def assistant_spans(tokenizer, messages: Conversation) -> tuple[str, list[tuple[
         before = _render(tokenizer, messages[:i], True) if i else ""
         through = _render(tokenizer, messages[: i + 1], False)
         if full.startswith(through) and through.startswith(before) and len(before) >= cursor:
-            start, end = len(before), len(through)
+            # the newline a template puts after the end-of-turn marker is glue, not the reply
+            start, end = len(before), len(through.rstrip("\n"))
         else:  # template renders history differently: locate the reply text itself
             start = full.find(m["content"], cursor)
             if start < 0:

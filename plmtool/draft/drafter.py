@@ -32,17 +32,27 @@ FORMAT_VERSION = 1
 
 
 class Drafter(nn.Module):
-    """Base class: subclasses implement `head_states` (and a cache when they are stateful)."""
+    """Base class: subclasses implement `features`, `heads_from_features`, `project` (and a
+    cache when they are stateful)."""
 
     cfg: DrafterConfig
     num_heads: int
     hidden_size: int
     vocab_size: int
 
-    # --- the two halves of forward: training projects only the supervised rows ---
+    # --- forward in three parts, so training can run the per-head work and the vocabulary
+    # projection only on the rows it supervises ---
+    def features(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Per-position features [B,T,H] that the heads read (sequence-level, causal work)."""
+        raise NotImplementedError
+
+    def heads_from_features(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Position-wise: features [..., H] -> per-head states [..., K, H]."""
+        raise NotImplementedError
+
     def head_states(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
         """[B,T,H], [B,T] -> per-head states [B,T,K,H] (before the vocabulary projection)."""
-        raise NotImplementedError
+        return self.heads_from_features(self.features(hidden, next_tokens))
 
     def project(self, states: torch.Tensor, head: int | None = None) -> torch.Tensor:
         """Vocabulary logits of head states: [..., K, H] -> [..., K, V], or [..., H] -> [..., V]

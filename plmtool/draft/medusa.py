@@ -50,9 +50,11 @@ class MedusaDrafter(Drafter):
         if self.cfg.init_lm_head_from_target:
             self.lm_head.copy_from(target.get_output_embeddings().weight)
 
-    def head_states(self, hidden: torch.Tensor, next_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        # next_tokens is ignored: Medusa heads read only h_t.
-        return torch.stack([block(hidden) for block in self.blocks], dim=-2)
+    def features(self, hidden: torch.Tensor, next_tokens: torch.Tensor | None = None) -> list[torch.Tensor]:
+        return [hidden]  # next_tokens is ignored: Medusa heads read only h_t
+
+    def heads_from_features(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([block(features[0]) for block in self.blocks], dim=-2)
 
     def project(self, states: torch.Tensor, head: int | None = None) -> torch.Tensor:
         return self.lm_head(states, head)

@@ -1,7 +1,7 @@
 """Training loop for drafting heads on a frozen target (Medusa-1 style).
 
     hidden = target(ids).last_hidden_state              frozen, no grad
-    states = drafter.head_states(hidden, ids[:, 1:])    next_tokens[t] = ids[t+1]
+    states = drafter.head_states(hidden, next)          next[t] = ids[t+1]
     loss   = sum_k w_k * CE(project_k(states[:, t, k]), ids[:, t+2+k])   assistant tokens only
 
 The vocabulary projection (the expensive part) runs only on the supervised rows of each head.
@@ -77,19 +77,25 @@ class DraftLoss(nn.Module):
         self.pad_id = pad_id
 
     def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor):
-        states = self.drafter.head_states(hidden, next_tokens_of(input_ids, self.pad_id))
+        features = self.drafter.features(hidden, next_tokens_of(input_ids, self.pad_id))
+        targets = [head_targets(input_ids, mask, k) for k in range(len(self.weights))]
+        # per-head blocks and the vocabulary projection run only where some head is supervised
+        rows = torch.stack([v for v, _ in targets]).any(0)
+        if not bool(rows.any()):
+            rows[:, 0] = True  # keep the graph whole (DDP expects a gradient for every parameter)
+        states = self.drafter.heads_from_features([f[rows] for f in features])  # [N, K, H]
         total = states.new_zeros((), dtype=torch.float32)
         stats = []
         for k, w in enumerate(self.weights):
-            valid, labels = head_targets(input_ids, mask, k)
-            n = int(valid.sum())
+            valid, labels = targets[k]
+            pick = valid[rows]
+            n = int(pick.sum())
             if n == 0:
-                # keep every parameter in the graph (DDP expects a gradient for each)
-                total = total + 0.0 * states[..., k, :].sum()
+                total = total + 0.0 * states[:, k].float().sum()
                 stats.append((0, 0.0, 0, 0))
                 continue
-            logits = self.drafter.project(states[:, :, k][valid], head=k).float()
-            y = labels[valid]
+            logits = self.drafter.project(states[pick, k], head=k).float()
+            y = labels[rows][pick]
             ce = F.cross_entropy(logits, y)
             total = total + w * ce
             with torch.no_grad():

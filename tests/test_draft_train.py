@@ -1,0 +1,208 @@
+"""Drafter training: label alignment, gradients, loss going down, resume, the command end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import build_tiny_tokenizer
+from conftest_draft import save_tiny_checkpoint, tiny_conversations, tiny_target, write_chat_jsonl
+from plmtool.draft.config import DraftDataConfig, DrafterConfig, DraftTrainerConfig
+from plmtool.draft.data import build_examples, collate, tokenize_conversation
+from plmtool.draft.drafter import build_drafter, load_drafter, target_hidden
+from plmtool.draft.train import DraftLoss, head_targets, head_weights, next_tokens_of, train_drafter
+from plmtool.errors import PlmtoolError
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tiny_tokenizer()
+
+
+def test_head_targets_align_head_k_with_token_t_plus_2_plus_k():
+    ids = torch.arange(10)[None] + 100
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[0, :4] = False  # prompt tokens are never labels
+    for k in range(3):
+        valid, labels = head_targets(ids, mask, k)
+        for t in range(10):
+            assert bool(valid[0, t]) == (t + 2 + k < 10 and t + 2 + k >= 4)
+            if valid[0, t]:
+                assert int(labels[0, t]) == int(ids[0, t + 2 + k])
+    assert next_tokens_of(ids, -1)[0].tolist() == list(range(101, 110)) + [-1]
+
+
+def test_assistant_mask_covers_replies_only(tok):
+    conv = [{"role": "user", "content": "count from 3"}, {"role": "assistant", "content": "3 4 5"},
+            {"role": "user", "content": "again"}, {"role": "assistant", "content": "6 7"}]
+    ids, mask = tokenize_conversation(tok, conv, 512)
+    supervised = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert supervised == "3 4 5<|im_end|>6 7<|im_end|>"
+    ids, mask = tokenize_conversation(tok, conv, 20)  # truncation keeps ids and mask aligned
+    assert len(ids) == len(mask) == 20
+
+
+def test_label_alignment_is_learned(tok):
+    # Replies are the same fixed string of distinct characters: from position t the tokens at
+    # t+2+k are fully determined, so a correctly aligned head k becomes exact, and checking its
+    # argmax against t+1+k or t+3+k (off by one) fails.
+    target = tiny_target(len(tok))
+    reply = "abcdefghijklmnopqrstuvwxyz"
+    convs = [[{"role": "user", "content": f"go {i}"}, {"role": "assistant", "content": reply}] for i in range(8)]
+    drafter = build_drafter(DrafterConfig(kind="medusa", num_heads=3, share_lm_head=False), target)
+    ex = build_examples(tok, convs, 128)
+    ids, attn, mask = collate(ex, tok.pad_token_id)
+    with torch.no_grad():
+        hidden = target_hidden(target, ids, attn)
+    loss_fn = DraftLoss(drafter, head_weights(3, 1.0), tok.pad_token_id)
+    opt = torch.optim.Adam(drafter.parameters(), lr=1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        loss, _ = loss_fn(hidden, ids, mask)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        pred = drafter(hidden, ids).argmax(-1)  # [B, T, K]
+    for k in range(3):
+        valid, labels = head_targets(ids, mask, k)
+        acc = (pred[..., k][valid] == labels[valid]).float().mean()
+        assert acc > 0.95, (k, acc)
+        # off-by-one labels: token at t+1+k
+        shifted = torch.zeros_like(ids)
+        shifted[:, : -(1 + k)] = ids[:, 1 + k :]
+        assert (pred[..., k][valid] == shifted[valid]).float().mean() < 0.2
+
+
+@pytest.mark.parametrize("kind", ["medusa", "amphista"])
+def test_every_head_and_component_receives_gradient(tok, kind):
+    target = tiny_target(len(tok))
+    drafter = build_drafter(DrafterConfig(kind=kind, num_heads=3, share_lm_head=False), target)
+    ex = build_examples(tok, tiny_conversations(4), 128)
+    ids, attn, mask = collate(ex, tok.pad_token_id)
+    with torch.no_grad():
+        hidden = target_hidden(target, ids, attn)
+    loss_fn = DraftLoss(drafter, head_weights(3, 0.8), tok.pad_token_id)
+    loss, stats = loss_fn(hidden, ids, mask)
+    loss.backward()
+    assert all(n > 0 for n, *_ in stats)
+    for k in range(3):  # from the zero-initialised start, every head already learns
+        assert drafter.lm_head.weight.grad[k].abs().sum() > 0  # per-head projections
+        block = drafter.blocks[k] if kind == "medusa" else drafter.head_blocks[k]
+        assert block[0].linear.weight.grad.abs().sum() > 0
+    if kind == "amphista":
+        assert (drafter.position.grad.abs().sum(-1) > 0).all()
+        assert not drafter.embed.weight.requires_grad  # the target's embedding copy stays frozen
+    # once the residual branches are non-zero (after a step), every trainable tensor gets gradient
+    with torch.no_grad():
+        for p in drafter.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    drafter.zero_grad()
+    loss_fn(hidden, ids, mask)[0].backward()
+    for name, p in drafter.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def _train(tok, target, out, steps, **trainer):
+    cfg = DraftTrainerConfig(**{"max_steps": steps, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "log_every": 2,
+                                "eval_every": 1000, "save_every": 4, **trainer})
+    return train_drafter(target, tok, DrafterConfig(kind="amphista", num_heads=2), cfg, tiny_conversations(20), out,
+                         DraftDataConfig(heldout=4, max_seq_len=96))
+
+
+def test_training_lowers_the_loss_and_writes_checkpoint_and_metrics(tmp_path, tok):
+    target = tiny_target(len(tok))
+    m = _train(tok, target, tmp_path, 30)
+    assert m["loss"]["last"] < 0.6 * m["loss"]["first"]
+    assert len(m["heads"]["top1"]) == 2 and all(0 <= a <= 1 for a in m["heads"]["top1"])
+    assert m["heads"]["top1"][0] > 0.3  # counting replies are easy to draft
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval" in r for r in records) and any("loss" in r for r in records)
+    drafter = load_drafter(tmp_path / "drafter", target=target)
+    assert drafter.num_heads == 2 and m["parameters"] == drafter.num_parameters()
+
+
+def test_resume_continues_from_the_saved_step(tmp_path, tok, monkeypatch):
+    target = tiny_target(len(tok))
+    straight = _train(tok, target, tmp_path / "a", 10)
+    ref = load_drafter(tmp_path / "a" / "drafter").state_dict()
+
+    # interrupt the second run after its step-8 checkpoint, then rerun into the same directory
+    import plmtool.draft.train as train_mod
+
+    calls = {"n": 0}
+    real = train_mod.collate
+
+    def failing_collate(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 9:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(train_mod, "collate", failing_collate)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tok, target, tmp_path / "b", 10)
+    assert torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False)["step"] == 8
+    monkeypatch.setattr(train_mod, "collate", real)
+    resumed = _train(tok, target, tmp_path / "b", 10)
+    records = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == [2, 4, 6, 8, 10]  # steps 9-10 ran once, after the resume
+    got = load_drafter(tmp_path / "b" / "drafter").state_dict()
+    for k in ref:
+        assert torch.allclose(ref[k], got[k], atol=1e-5), k
+    assert resumed["heads"]["top1"] == straight["heads"]["top1"]
+    # a different config cannot silently continue someone else's run
+    with pytest.raises(PlmtoolError, match="different drafter/trainer config"):
+        _train(tok, target, tmp_path / "b", 10, lr=1e-2)
+
+
+def test_command_end_to_end(tmp_path, tok):
+    from hydra import compose, initialize_config_dir
+
+    from plmtool.commands.draft_train import run
+    from plmtool.paths import CONF_DIR
+
+    target = tiny_target(len(tok))
+    model_dir = save_tiny_checkpoint(tmp_path / "model", target, tok)
+    data = write_chat_jsonl(tmp_path / "chats.jsonl", tiny_conversations(16))
+    overrides = [
+        f"model.name_or_path={model_dir}", "model.device=cpu", f"data.source={data}", "data.heldout=4",
+        "data.max_seq_len=96", "draft.num_heads=2", "trainer.max_steps=6", "trainer.batch_size=4",
+        "trainer.eval_every=3", "trainer.save_every=3", "trainer.log_every=3",
+    ]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="draft_train", overrides=overrides)
+    assert cfg.draft.kind == "amphista"  # the default drafter
+    report = run(cfg, tmp_path / "run")
+    assert len(report["heads"]["top1"]) == 2 and report["steps"] == 6 and report["drafter"] == "amphista"
+    assert (tmp_path / "run" / "drafter" / "drafter.safetensors").is_file()
+    conf = json.loads((tmp_path / "run" / "drafter" / "drafter_config.json").read_text())
+    assert conf["base_model"]["name_or_path"] == str(model_dir) and conf["base_model"]["vocab_size"] == len(tok)
+
+    # bad input is one clear error, before any model loads
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        bad = compose(config_name="draft_train", overrides=[*overrides, "data.source=/nonexistent.jsonl"])
+        with pytest.raises(PlmtoolError, match="data.source"):
+            run(bad, tmp_path / "bad")
+        bad = compose(config_name="draft_train", overrides=[*overrides, "draft.kind=eagle"])
+        with pytest.raises(PlmtoolError, match="draft.kind"):
+            run(bad, tmp_path / "bad")
+
+
+def test_self_distillation_replaces_replies_with_the_targets_own(tmp_path, tok):
+    from plmtool.draft.data import generate_replies, self_distill
+
+    target = tiny_target(len(tok))
+    convs = tiny_conversations(3)
+    out = self_distill(target, tok, convs, tmp_path / "distill", max_new_tokens=6, batch_size=2)
+    assert len(out) == 3 and [m["role"] for m in out[0]] == ["user", "assistant"]
+    assert out[0][0] == convs[0][0]
+    # the reply is exactly the target's greedy continuation of that prompt
+    assert out[0][1]["content"] == generate_replies(target, tok, [convs[0][:1]], 6, 512)[0]
+    # cached: a second call reads the parts instead of generating
+    assert sorted(p.name for p in (tmp_path / "distill").iterdir()) == ["part-00000.jsonl", "part-00001.jsonl"]
+    assert self_distill(None, tok, convs, tmp_path / "distill", max_new_tokens=6, batch_size=2) == out
