@@ -1,0 +1,93 @@
+"""`plmtool draft bench` / `plmtool draft serve` end to end, in-process, on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from plmtool import cli
+from plmtool.draft.config import DrafterConfig
+from plmtool.draft.drafter import build_drafter, save_drafter, target_dims
+
+
+def _cli(monkeypatch, *args: str) -> None:
+    monkeypatch.setattr(sys, "argv", ["plmtool", *args])
+    cli.main(list(args))
+
+
+@pytest.fixture(scope="module")
+def drafters(tmp_path_factory, tiny_llama):
+    root = tmp_path_factory.mktemp("drafters")
+    paths = {}
+    for kind in ("amphista", "medusa"):
+        d = build_drafter(DrafterConfig(kind=kind, num_heads=3), target=tiny_llama)
+        paths[kind] = save_drafter(d, root / kind, target_dims(tiny_llama))
+    return paths
+
+
+def test_bench_writes_report_and_spec_bench_answers(monkeypatch, tmp_path, tiny_llama_dir, drafters):
+    run = tmp_path / "bench"
+    _cli(monkeypatch, "draft", "bench", f"model.name_or_path={tiny_llama_dir}", f"draft.checkpoint={drafters['amphista']}",
+         f"draft.medusa_checkpoint={drafters['medusa']}", "bench.num_questions=3", "bench.max_new_tokens=12",
+         "bench.runs=2", "bench.methods=[ar,hf_generate,medusa,amphista]", "draft.tree=auto:8", "draft.tree_calibration=2",
+         "bench.max_len=512", f"hydra.run.dir={run}")
+    report = json.loads((run / "report.json").read_text())
+    assert set(report["methods"]) == {"ar", "hf_generate", "medusa", "amphista"}
+    for name, m in report["methods"].items():
+        assert m["tokens_per_s"] > 0 and m["questions"] == 3
+        assert m["mean_accepted"] >= 1.0
+        # fp32: every method reproduces plain greedy decoding token for token
+        assert m["identical_to_ar"], name
+        lines = [json.loads(x) for x in (run / "answers" / f"{name}.jsonl").read_text().splitlines()]
+        assert len(lines) == 3
+        c = lines[0]["choices"][0]
+        assert {"turns", "decoding_steps", "new_tokens", "wall_time", "accept_lengths"} <= set(c)
+    assert report["methods"]["ar"]["mean_accepted"] == 1.0
+    assert report["identical_to_ar"] is True
+    assert report["speedups"]["amphista"]["ar"] > 0 and "hf_generate" in report["speedups"]["ar"]
+    assert report["trees"]["amphista"]["nodes"] == 9
+    assert (run / "report.md").read_text().startswith("# plmtool draft bench")
+
+
+def test_bench_skips_methods_without_checkpoint(monkeypatch, tmp_path, tiny_llama_dir, drafters):
+    run = tmp_path / "bench"
+    _cli(monkeypatch, "draft", "bench", f"model.name_or_path={tiny_llama_dir}", f"draft.checkpoint={drafters['amphista']}",
+         "bench.num_questions=1", "bench.max_new_tokens=4", "bench.runs=1", "bench.methods=[ar,medusa,amphista]",
+         "draft.tree=[[0],[1],[0,0]]", f"hydra.run.dir={run}")
+    report = json.loads((run / "report.json").read_text())
+    assert "medusa" in report["skipped"] and "amphista" in report["methods"]
+
+
+@pytest.mark.parametrize("override,msg", [
+    ("bench.methods=[ar,eagle]", "unknown"),
+    ("draft.tree=[[0],[1,0]]", "no parent"),
+    ("bench.max_new_tokens=100000", "exceeds the context"),
+])
+def test_bench_bad_input_is_one_clear_error(monkeypatch, capsys, tmp_path, tiny_llama_dir, drafters, override, msg):
+    with pytest.raises(SystemExit) as e:
+        _cli(monkeypatch, "draft", "bench", f"model.name_or_path={tiny_llama_dir}", f"draft.checkpoint={drafters['amphista']}",
+             "bench.num_questions=1", "bench.max_len=256", override, f"hydra.run.dir={tmp_path}")
+    assert e.value.code == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_drafter_for_another_base_model_is_refused(monkeypatch, capsys, tmp_path, tiny_llama_dir):
+    from conftest import build_tiny_llama
+
+    other = build_tiny_llama(300, hidden_size=32, intermediate_size=64)
+    path = save_drafter(build_drafter(DrafterConfig(kind="medusa", num_heads=2), target=other), tmp_path / "other", target_dims(other))
+    with pytest.raises(SystemExit):
+        _cli(monkeypatch, "draft", "bench", f"model.name_or_path={tiny_llama_dir}", f"draft.checkpoint={path}",
+             "bench.num_questions=1", "bench.max_new_tokens=4", "bench.methods=[ar,medusa]", f"hydra.run.dir={tmp_path / 'r'}")
+    err = capsys.readouterr().err
+    assert "does not fit this target" in err and "hidden size" in err
+
+
+def test_serve_dry_run(monkeypatch, tmp_path, tiny_llama_dir, drafters):
+    run = tmp_path / "serve"
+    _cli(monkeypatch, "draft", "serve", "experiment=smoke", f"model.name_or_path={tiny_llama_dir}",
+         f"draft.checkpoint={drafters['amphista']}", "draft.tree=chain", f"hydra.run.dir={run}")
+    report = json.loads((run / "report.json").read_text())
+    assert report["drafter"] == "amphista" and report["tree_nodes"] == 4 and report["host"] == "127.0.0.1"
