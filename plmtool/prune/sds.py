@@ -106,9 +106,15 @@ def _optimize(
     l2: float = 0.0,
     project: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     what: str = "re-dense",
+    check_every: int = 10,
 ) -> tuple[torch.Tensor, dict]:
     """Minimise rec + penalties from W0; `project` (hard re-masking) makes it iterative hard
-    thresholding. Returns the best weights by the full objective and a history."""
+    thresholding. Returns the best weights by the full objective and a history.
+
+    Losses stay on the device and are read every `check_every` iterations (a host sync per
+    iteration would dominate on a GPU): that is where divergence is detected and the best
+    weights so far are kept.
+    """
     if opts.optimizer not in OPTIMIZERS:
         raise PlmtoolError(f"sds optimizer '{opts.optimizer}': choose from {', '.join(OPTIMIZERS)}")
     dense = rec.dense
@@ -116,78 +122,81 @@ def _optimize(
     l2_norm = float((dense**2).sum()) or 1.0
     scale = float(dense.pow(2).mean().sqrt()) or 1.0
 
-    def objective(W: torch.Tensor, r: float) -> float:
-        total = r
+    def objective(W: torch.Tensor, DH: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+        total = torch.sum(DH * D) / rec.norm
         if l1:
-            total += l1 * float(W.abs().sum()) / l1_norm
+            total = total + W.abs().sum() * (l1 / l1_norm)
         if l2:
-            total += l2 * float((W**2).sum()) / l2_norm
+            total = total + (W * W).sum() * (l2 / l2_norm)
         return total
 
     if opts.optimizer == "sgd":
         base_lr = opts.lr / (rec.lipschitz() + 2 * l2 / l2_norm)
     else:
         base_lr = opts.lr * scale
-    W = W0.float().clone()
-    r0 = rec.loss(W)
-    start = objective(W, r0)
-    best_W, best, best_rec = W.clone(), start, r0
+
+    def make_optimizer(param: torch.nn.Parameter, lr: float) -> torch.optim.Optimizer:
+        if opts.optimizer == "adam":
+            return torch.optim.Adam([param], lr=lr, fused=param.is_cuda)
+        return torch.optim.SGD([param], lr=lr)
+
+    W = torch.nn.Parameter(W0.detach().float().clone())
+    D0, DH0 = rec.residual(W.data)
+    start = float(objective(W.data, DH0, D0))
+    del D0, DH0
+    best_W, best = W.data.clone(), start
     history = [start]
     guard = GuardLog()
-    state_m = torch.zeros_like(W) if opts.optimizer == "adam" else None
-    state_v = torch.zeros_like(W) if opts.optimizer == "adam" else None
-    beta1, beta2, eps = 0.9, 0.999, 1e-8
     lr_mult = 1.0
-    step = 0
+    opt = make_optimizer(W, base_lr)
+    pending: list[torch.Tensor] = []
     t = 0
     while t < opts.iterations:
-        r, grad = rec.loss_and_grad(W)
-        f = objective(W, r)
-        if t > 0:
-            history.append(f)
-        if not math.isfinite(f) or f > opts.divergence * max(start, 1e-12):
-            guard.retries += 1
-            guard.events.append({"iteration": t, "loss": f if math.isfinite(f) else str(f), "lr_mult": lr_mult / 2})
-            log.warning("sds %s: loss %s at iteration %d diverged; restoring best weights, halving the step", what, f, t)
-            if guard.retries > opts.max_retries:
-                log.warning("sds %s: giving up after %d step reductions; keeping the best weights", what, opts.max_retries)
-                break
-            W = best_W.clone()
-            lr_mult /= 2
-            if state_m is not None:
-                state_m.zero_()
-                state_v.zero_()
-                step = 0
-            continue
-        if f < best:
-            best, best_W, best_rec = f, W.clone(), r
+        D, DH = rec.residual(W.data)
+        pending.append(objective(W.data, DH, D).detach())
+        grad = DH.mul_(2.0 / rec.norm)
+        del D
         if l2:
-            grad.add_(W, alpha=2 * l2 / l2_norm)
-        lr = _lr_at(opts, base_lr, t) * lr_mult
-        if opts.optimizer == "adam":
-            if l1:
-                grad.add_(torch.sign(W), alpha=l1 / l1_norm)
-            step += 1
-            state_m.mul_(beta1).add_(grad, alpha=1 - beta1)
-            state_v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            mhat = state_m / (1 - beta1**step)
-            vhat = state_v / (1 - beta2**step)
-            W = W - lr * mhat / (vhat.sqrt() + eps)
-        else:
-            W = W - lr * grad
-            if l1:  # proximal step for the L1 term
-                thr = lr * l1 / l1_norm
-                W = torch.sign(W) * torch.clamp(W.abs() - thr, min=0)
-        if project is not None:
-            W = project(W)
+            grad.add_(W.data, alpha=2 * l2 / l2_norm)
+        if l1 and opts.optimizer == "adam":
+            grad.add_(torch.sign(W.data), alpha=l1 / l1_norm)
+        if len(pending) >= check_every or t == opts.iterations - 1:
+            values = torch.stack(pending).tolist()
+            pending = []
+            bad = next((v for v in values if not math.isfinite(v) or v > opts.divergence * max(start, 1e-12)), None)
+            if bad is not None:
+                guard.retries += 1
+                lr_mult /= 2
+                guard.events.append({"iteration": t, "loss": bad if math.isfinite(bad) else str(bad), "lr_mult": lr_mult})
+                log.warning("sds %s: loss %s diverged by iteration %d; restoring best weights, halving the step", what, bad, t)
+                if guard.retries > opts.max_retries:
+                    log.warning("sds %s: giving up after %d step reductions; keeping the best weights", what, opts.max_retries)
+                    break
+                W.data.copy_(best_W)
+                opt = make_optimizer(W, base_lr * lr_mult)
+                continue  # redo from the restored weights (t not advanced)
+            history.extend(values)
+            if values[-1] < best:
+                best, best_W = values[-1], W.data.clone()
+        W.grad = grad
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(opts, base_lr, t) * lr_mult
+        opt.step()
+        W.grad = None
+        with torch.no_grad():
+            if l1 and opts.optimizer == "sgd":  # proximal step for the L1 term
+                thr = opt.param_groups[0]["lr"] * l1 / l1_norm
+                W.data.copy_(torch.sign(W.data) * torch.clamp(W.data.abs() - thr, min=0))
+            if project is not None:
+                W.data.copy_(project(W.data))
         t += 1
-    r = rec.loss(W)
-    f = objective(W, r)
+    D, DH = rec.residual(W.data)
+    f = float(objective(W.data, DH, D))
     if math.isfinite(f):
         history.append(f)
         if f < best:
-            best, best_W, best_rec = f, W.clone(), r
-    return best_W, {"start": start, "best": best, "reconstruction": best_rec, "history": history, "retries": guard.retries, "guard_events": guard.events}
+            best, best_W = f, W.data.clone()
+    return best_W, {"start": start, "best": best, "reconstruction": rec.loss(best_W), "history": history, "retries": guard.retries, "guard_events": guard.events}
 
 
 def redense(W_sparse: torch.Tensor, rec: Reconstruction, opts: OptimOptions, l1: float, l2: float) -> tuple[torch.Tensor, dict]:
@@ -268,7 +277,10 @@ def redense_model(model, calib_ids, dense: dict, opts: SdsOptions, walk_opts) ->
     # The activations stay those of the pruned (or dense) model: the calibration pass runs the
     # block with its one-shot (or dense) weights and its outputs are propagated as they are.
     calib = (lambda i, n: dense[_key(i, n)]) if opts.inputs == "dense" else None
-    walk(model, calib_ids, process, stats="gram", opts=replace(walk_opts, propagate="dense"), calib_weights=calib, description="SDS re-dense")
+    # TF32 (when allowed) also speeds up accumulating the Gram matrices on the GPU: they only feed
+    # the reconstruction objective here.
+    with tf32_matmuls(opts.redense.tf32):
+        walk(model, calib_ids, process, stats="gram", opts=replace(walk_opts, propagate="dense"), calib_weights=calib, description="SDS re-dense")
     return info
 
 
@@ -307,7 +319,9 @@ def reprune_model(model, calib_ids, dense: dict, oneshot: dict, method: str, pat
 
     calib = (lambda i, n: dense[_key(i, n)]) if opts.inputs == "dense" else None
     propagate = "dense" if opts.inputs == "dense" else "pruned"
-    walk(model, calib_ids, process, stats="gram", opts=replace(walk_opts, propagate=propagate), calib_weights=calib, description="SDS re-prune + adjust")
+    # SparseGPT's Hessian must be exact fp32 (as in the reference); otherwise TF32 is allowed.
+    with tf32_matmuls(opts.adjust.tf32 and method != "sparsegpt"):
+        walk(model, calib_ids, process, stats="gram", opts=replace(walk_opts, propagate=propagate), calib_weights=calib, description="SDS re-prune + adjust")
     return info
 
 

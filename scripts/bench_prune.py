@@ -1,0 +1,384 @@
+#!/usr/bin/env python
+"""Benchmarks of plmtool prune on one GPU: quality on SmolLM2-135M, speed/memory at LLaMA-3-8B shapes.
+
+    # on a machine with the embedded data (CPU is fine): token ids for calibration / evaluation
+    python scripts/bench_prune.py prepare --out .device/prune_data.pt
+    # on the GPU machine (needs only torch + transformers + plmtool; no hydra / lm-eval / datasets)
+    python scripts/bench_prune.py run --data .device/prune_data.pt --model /tmp/smollm2.gguf --out $OUT
+    # a CPU dry run of every code path at toy sizes
+    python scripts/bench_prune.py run --data .device/prune_data.pt --tiny --out /tmp/bench
+
+Quality: 128 x 2048 calibration windows of wiki_sample (seed 0), perplexity at seqlen 2048 on the
+held-out articles, the offline zero-shot task wiki_next_sentence scored by a plain log-likelihood
+scorer (lm-eval's acc / acc_norm rule; lm-eval itself is not on the GPU box), for 2:4, 4:8 and
+50 % unstructured: magnitude, Wanda, SparseGPT, SDS(Wanda), SDS(SparseGPT).
+Speed: LLaMA-3-8B shapes with random bf16 weights built on the GPU, 128 x 2048 random-token
+calibration, 2:4: wall time and peak memory of SparseGPT, Wanda and the full SDS (Wanda one-shot +
+re-dense + re-prune/adjust), all 32 blocks; then 2:4 sparse tensor cores vs dense prefill/decode.
+Results are appended to $OUT/bench_prune.json after every measurement (a cut-off run keeps them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+log = logging.getLogger("plmtool")
+
+# ------------------------------------------------------------------------------------ prepare
+
+
+def prepare(args) -> None:
+    from plmtool.data.calibration import calibration_windows
+    from plmtool.data.corpora import eval_tokens, load_documents
+    from plmtool.eval.offline_task import generate_examples
+    from plmtool.models import load_tokenizer
+
+    tok = load_tokenizer(SimpleNamespace(name_or_path="smollm2-135m", gguf_file=None, cache_dir=None, revision=None, trust_remote_code=False))
+    data = SimpleNamespace(corpus="wiki_sample", calib_corpus=None, nsamples=args.nsamples, seqlen=args.seqlen, seed=0, text_field="text", cache_dir=None)
+    calib = calibration_windows(tok, data)
+    ev = eval_tokens(tok, "wiki_sample", data)
+    examples = []
+    for ex in generate_examples(load_documents("wiki_sample", "eval", data), args.zeroshot_size, 4, seed=0):
+        ctx = tok(ex["context"], add_special_tokens=False)["input_ids"]
+        conts = [tok(" " + c, add_special_tokens=False)["input_ids"] for c in ex["choices"]]
+        examples.append({"ctx": ctx, "conts": conts, "label": ex["label"], "bytes": [len((" " + c).encode()) for c in ex["choices"]]})
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"calib": calib, "eval": ev, "zeroshot": examples, "vocab": len(tok)}, out)
+    print(f"wrote {out}: calib {tuple(calib.shape)}, eval {ev.numel()} tokens, {len(examples)} zero-shot examples")
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+class Recorder:
+    def __init__(self, out: Path):
+        self.path = out / "bench_prune.json"
+        self.data = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+                     "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "quality": [], "speed": [], "semi_structured": []}
+        out.mkdir(parents=True, exist_ok=True)
+
+    def add(self, section: str, row: dict) -> None:
+        self.data[section].append(row)
+        self.path.write_text(json.dumps(self.data, indent=1))
+        print(json.dumps({section: row}), flush=True)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def mc_accuracy(model, examples: list, device, batch: int = 64) -> dict:
+    """acc / acc_norm of a multiple-choice task: sum of continuation log-probs (acc) and per byte
+    (acc_norm), as lm-eval scores multiple_choice tasks."""
+    seqs, owners = [], []
+    for ei, ex in enumerate(examples):
+        for ci, cont in enumerate(ex["conts"]):
+            seqs.append((ex["ctx"], cont))
+            owners.append((ei, ci))
+    scores = {}
+    for s in range(0, len(seqs), batch):
+        chunk = seqs[s : s + batch]
+        lens = [len(c) + len(t) for c, t in chunk]
+        L = max(lens)
+        ids = torch.zeros(len(chunk), L, dtype=torch.long)
+        for r, (c, t) in enumerate(chunk):
+            ids[r, : len(c) + len(t)] = torch.tensor(c + t)
+        logits = model(input_ids=ids.to(device), use_cache=False).logits.float()
+        logp = torch.log_softmax(logits, -1)
+        for r, (c, t) in enumerate(chunk):
+            pos = torch.arange(len(c) - 1, len(c) + len(t) - 1, device=logp.device)
+            tgt = torch.tensor(t, device=logp.device)
+            scores[owners[s + r]] = float(logp[r, pos, tgt].sum())
+    acc = acc_norm = 0
+    for ei, ex in enumerate(examples):
+        ll = [scores[(ei, ci)] for ci in range(len(ex["conts"]))]
+        acc += int(max(range(len(ll)), key=lambda i: ll[i]) == ex["label"])
+        acc_norm += int(max(range(len(ll)), key=lambda i: ll[i] / ex["bytes"][i]) == ex["label"])
+    return {"acc": acc / len(examples), "acc_norm": acc_norm / len(examples)}
+
+
+def restore(model, weights: dict) -> None:
+    from plmtool.prune.sequential import block_linears, decoder_layers
+
+    for i, block in enumerate(decoder_layers(model)):
+        for name, lin in block_linears(block).items():
+            lin.weight.data.copy_(weights[f"layers.{i}.{name}"])
+
+
+# ------------------------------------------------------------------------------------ quality
+
+
+def quality(args, rec: Recorder, data: dict, patterns: list[str]) -> None:
+    from plmtool.eval.perplexity import perplexity
+    from plmtool.prune.oneshot import OneShotOptions, SparseGptOptions, prune_model
+    from plmtool.prune.patterns import parse_pattern
+    from plmtool.prune.sds import OptimOptions, SdsOptions, linear_weights, redense_model, reprune_model
+    from plmtool.prune.sequential import WalkOptions
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.tiny:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=data["vocab"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2)).to(device).eval()
+        calib, ev, seqlen, zs = data["calib"][:4, :64], data["eval"][:2048], 256, data["zeroshot"][:16]
+    else:
+        from plmtool.models import load_model
+
+        model, _ = load_model(SimpleNamespace(name_or_path=args.model, dtype="float32", device=device, device_map=None, gguf_file=None,
+                                              cache_dir=None, revision=None, trust_remote_code=False, attn_implementation=None))
+        calib, ev, seqlen, zs = data["calib"], data["eval"], 2048, data["zeroshot"]
+    dense = linear_weights(model, device=device)
+    walk = WalkOptions(device=device, batch_size=args.batch_size)
+    sgpt = SparseGptOptions()
+
+    def evaluate(label: str, pattern: str, seconds: float | None, extra: dict | None = None) -> None:
+        sync()
+        p = perplexity(model, ev, seqlen)
+        z = mc_accuracy(model, zs, device)
+        rec.add("quality", {"method": label, "pattern": pattern, "ppl": round(p["ppl"], 3), "seqlen": seqlen, "tokens": p["tokens"],
+                            "wiki_next_sentence_acc": z["acc"], "wiki_next_sentence_acc_norm": z["acc_norm"], "seconds": seconds, **(extra or {})})
+
+    evaluate("dense", "-", None)
+    sds_main = SdsOptions(l1=args.l1, l2=args.l2, redense=OptimOptions(iterations=args.iterations, lr=args.lr), adjust=OptimOptions(iterations=args.iterations, lr=args.lr))
+    variants = {"": sds_main}
+    if args.ablations:
+        variants.update({
+            f" lr={args.lr * 3:g}": SdsOptions(l1=args.l1, l2=args.l2, redense=OptimOptions(iterations=args.iterations, lr=args.lr * 3), adjust=OptimOptions(iterations=args.iterations, lr=args.lr * 3)),
+            " sgd lr=1": SdsOptions(l1=args.l1, l2=args.l2, redense=OptimOptions(iterations=args.iterations, lr=1.0, optimizer="sgd"), adjust=OptimOptions(iterations=args.iterations, lr=1.0, optimizer="sgd")),
+            " no early exit": SdsOptions(l1=args.l1, l2=args.l2, redense=sds_main.redense, adjust=sds_main.adjust, early_exit=False),
+        })
+    for pat_text in patterns:
+        pattern = parse_pattern(pat_text, 0.5)
+        shown = pat_text if pattern.structured else "50%"
+        oneshot = {}
+        for method in ("magnitude", "wanda", "sparsegpt"):
+            restore(model, dense)
+            sync()
+            t = time.perf_counter()
+            prune_model(model, calib, pattern, OneShotOptions(method=method, walk=walk, sparsegpt=sgpt))
+            sync()
+            secs = round(time.perf_counter() - t, 2)
+            oneshot[method] = linear_weights(model, device=device)
+            evaluate(method, shown, secs)
+        for method in ("wanda", "sparsegpt"):
+            for suffix, opts in variants.items():
+                if suffix and (method != "wanda" or not pattern.structured or pattern.m != 4):
+                    continue  # ablations: SDS(Wanda) at 2:4 only
+                restore(model, oneshot[method])
+                sync()
+                t = time.perf_counter()
+                redense_model(model, calib, dense, opts, walk)
+                info = reprune_model(model, calib, dense, oneshot[method], method, pattern, opts, walk, sgpt)
+                sync()
+                secs = round(time.perf_counter() - t, 2)
+                choices: dict = {}
+                for v in info.values():
+                    choices[v["choice"]] = choices.get(v["choice"], 0) + 1
+                evaluate(f"SDS({method}){suffix}", shown, secs, {"iterations": opts.redense.iterations, "lr": opts.redense.lr,
+                                                               "optimizer": opts.redense.optimizer, "layer_choices": choices})
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------ speed
+
+
+def llama3_8b(tiny: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if tiny:
+        cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=448, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=1, max_position_embeddings=256)
+    else:
+        cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                          num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16 if device == "cuda" else torch.float32)
+    return model.eval(), cfg
+
+
+def speed(args, rec: Recorder) -> None:
+    from plmtool.prune.oneshot import OneShotOptions, SparseGptOptions, prune_model
+    from plmtool.prune.patterns import parse_pattern, verify
+    from plmtool.prune.sds import OptimOptions, SdsOptions, linear_weights, redense_model, reprune_model
+    from plmtool.prune.sequential import WalkOptions
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    t = time.perf_counter()
+    model, cfg = llama3_8b(args.tiny)
+    sync()
+    build = round(time.perf_counter() - t, 1)
+    n, L = (4, 64) if args.tiny else (args.speed_nsamples, 2048)
+    calib = torch.randint(0, cfg.vocab_size, (n, L), generator=torch.Generator().manual_seed(0))
+    pattern = parse_pattern("2:4")
+    walk = WalkOptions(device=device, batch_size=args.batch_size)
+    dense = linear_weights(model, device="cpu")  # targets of SDS, kept off the GPU
+    base = {"shape": "llama3-8b" if not args.tiny else "tiny", "layers": cfg.num_hidden_layers, "calibration": f"{n}x{L}",
+            "dtype": str(next(model.parameters()).dtype), "batch_size": args.batch_size, "build_seconds": build}
+
+    def measure(label: str, fn) -> float:
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        sync()
+        t0 = time.perf_counter()
+        extra = fn() or {}
+        sync()
+        secs = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+        rec.add("speed", {**base, "method": label, "seconds": round(secs, 1), "peak_gib": round(peak, 2) if peak else None, **extra})
+        return secs
+
+    def check() -> dict:
+        bad = 0
+        from plmtool.prune.sequential import block_linears, decoder_layers
+
+        for block in decoder_layers(model):
+            for lin in block_linears(block).values():
+                bad += verify(lin.weight, pattern) is not None
+        return {"layers_violating_2:4": bad}
+
+    if "sparsegpt" in args.speed:
+        measure("SparseGPT 2:4", lambda: (prune_model(model, calib, pattern, OneShotOptions(method="sparsegpt", walk=walk, sparsegpt=SparseGptOptions())), check())[1])
+        restore(model, dense)
+    if "sds" in args.speed or "wanda" in args.speed:
+        t_wanda = measure("Wanda 2:4", lambda: (prune_model(model, calib, pattern, OneShotOptions(method="wanda", walk=walk)), check())[1])
+        if "sds" in args.speed:
+            oneshot = linear_weights(model, device="cpu")
+            it = 5 if args.tiny else args.speed_iterations
+            opts = SdsOptions(redense=OptimOptions(iterations=it, lr=args.lr), adjust=OptimOptions(iterations=it, lr=args.lr))
+            t_rd = measure(f"SDS re-dense ({it} it)", lambda: redense_model(model, calib, dense, opts, walk) and None)
+            t_rp = measure(f"SDS re-prune + adjust ({it} it)", lambda: (reprune_model(model, calib, dense, oneshot, "wanda", pattern, opts, walk, SparseGptOptions()), check())[1])
+            rec.add("speed", {**base, "method": f"SDS(Wanda) total = Wanda + re-dense + re-prune/adjust ({it} it)", "seconds": round(t_wanda + t_rd + t_rp, 1), "peak_gib": None})
+    if cuda and args.semi:
+        semi_structured(model, rec, base)
+
+
+@torch.no_grad()
+def semi_structured(model, rec: Recorder, base: dict) -> None:
+    """Prefill (1 x 2048) and decode-step (batch 1 and 16, 1 token on a 512-token cache) latency:
+    dense weights vs the same 2:4 weights on sparse tensor cores."""
+    from plmtool.prune.semi_structured import to_semi_structured
+
+    def bench(fn, reps=5):
+        fn()
+        sync()
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t)
+        return sorted(times)[len(times) // 2] * 1000
+
+    def timings() -> dict:
+        out = {}
+        ids = torch.randint(0, 1000, (1, 2048), device="cuda")
+        out["prefill_1x2048_ms"] = bench(lambda: model(input_ids=ids, use_cache=False))
+        for b in (1, 16):
+            ctx = torch.randint(0, 1000, (b, 512), device="cuda")
+            o = model(input_ids=ctx, use_cache=True)
+            cache = o.past_key_values
+            nxt = torch.randint(0, 1000, (b, 1), device="cuda")
+
+            def step():
+                return model(input_ids=nxt, past_key_values=cache, use_cache=True)
+
+            # the cache grows by one token per call; 6 calls on a 512-token cache are negligible
+            out[f"decode_step_batch{b}_ms"] = bench(step)
+        return out
+
+    try:
+        dense_t = timings()
+        n = to_semi_structured(model)
+        sparse_t = timings()
+        for k in dense_t:
+            rec.add("semi_structured", {**base, "metric": k, "dense_ms": round(dense_t[k], 2), "sparse_2of4_ms": round(sparse_t[k], 2),
+                                         "speedup": round(dense_t[k] / sparse_t[k], 3), "layers_converted": n})
+    except Exception as e:  # report, do not hide: some torch builds lack the kernels for a dtype
+        rec.add("semi_structured", {**base, "error": f"{type(e).__name__}: {e}"})
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--out", default=".device/prune_data.pt")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--zeroshot-size", type=int, default=500)
+    r = sub.add_parser("run")
+    r.add_argument("--data", default=".device/prune_data.pt")
+    r.add_argument("--model", default="/tmp/smollm2.gguf")
+    r.add_argument("--out", default=os.environ.get("OUT", "outputs/bench_prune"))
+    r.add_argument("--tiny", action="store_true", help="toy sizes on any device (a dry run of every path)")
+    r.add_argument("--parts", default="quality24,speed,quality", help="comma list, run in order: quality24, speed, quality")
+    r.add_argument("--speed", default="sparsegpt,sds", help="which 8B measurements: sparsegpt, wanda, sds")
+    r.add_argument("--speed-nsamples", type=int, default=128)
+    r.add_argument("--speed-iterations", type=int, default=200)
+    r.add_argument("--iterations", type=int, default=100, help="SDS iterations in the quality runs")
+    r.add_argument("--lr", type=float, default=0.01)
+    r.add_argument("--l1", type=float, default=0.1)
+    r.add_argument("--l2", type=float, default=0.1)
+    r.add_argument("--batch-size", type=int, default=8, help="calibration samples per block call")
+    r.add_argument("--ablations", action="store_true")
+    r.add_argument("--semi", action="store_true", help="2:4 sparse tensor cores vs dense after the speed runs")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    if args.cmd == "prepare":
+        prepare(args)
+        return
+    data = torch.load(args.data)
+    rec = Recorder(Path(args.out))
+    start = time.perf_counter()
+    for part in args.parts.split(","):
+        if part == "quality24":
+            quality(args, rec, data, ["2:4"])
+        elif part == "quality":
+            quality(args, rec, data, ["4:8", "unstructured"])
+        elif part == "speed":
+            speed(args, rec)
+        print(f"[{part} done at {time.perf_counter() - start:.0f}s]", flush=True)
+    table(rec.data)
+
+
+def table(d: dict) -> None:
+    print(f"\n# bench_prune on {d['device']} ({d['date']}, torch {d['torch']})")
+    if d["quality"]:
+        print("\n| method | pattern | ppl | wiki_next_sentence acc | seconds |\n|---|---|---|---|---|")
+        for r in d["quality"]:
+            print(f"| {r['method']} | {r['pattern']} | {r['ppl']} | {r['wiki_next_sentence_acc']:.3f} | {r['seconds']} |")
+    if d["speed"]:
+        print("\n| method | seconds | peak GiB |\n|---|---|---|")
+        for r in d["speed"]:
+            print(f"| {r['method']} | {r['seconds']} | {r['peak_gib']} |")
+    for r in d["semi_structured"]:
+        print(r)
+
+
+if __name__ == "__main__":
+    main()
