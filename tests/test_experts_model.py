@@ -61,6 +61,20 @@ def test_sample_loss_matches_model_loss(tiny_llama, tiny_tokenizer):
     assert 0 < ifd[0] <= 1.5
 
 
+def test_training_loss_matches_hf_loss(tiny_llama, tiny_tokenizer):
+    import copy
+
+    from plmtool.experts.lora import assistant_loss
+    from plmtool.experts.tokenize import collate
+
+    model = add_adapters(copy.deepcopy(tiny_llama), ["a"], lora_config(r=4, alpha=8, dropout=0.0))
+    msgs = [[{"role": "user", "content": f"Compute {i} plus 1."}, {"role": "assistant", "content": "The sum is" + " one" * i}] for i in range(3)]
+    b = collate([encode(tiny_tokenizer, m, 64) for m in msgs], tiny_tokenizer.pad_token_id)
+    ref = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+    got = assistant_loss(model, b["input_ids"], b["attention_mask"], b["labels"])
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
 def test_model_embedder_is_mean_pooled_hidden_state(tiny_llama, tiny_tokenizer, tmp_path):
     texts = ["Compute 2 plus 3.", "Which state is number one?", "Write a function"]
     emb = ModelEmbedder(tiny_llama, tiny_tokenizer, "tiny", max_len=32, batch_size=2)

@@ -20,8 +20,14 @@ def normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
-def kmeans(x: np.ndarray, k: int, seed: int = 0, n_init: int = 3, max_iter: int = 100) -> tuple[np.ndarray, np.ndarray]:
-    """(labels [n], unit-norm centroids [k, d]) of spherical-ish k-means on the rows of `x`."""
+def kmeans(x: np.ndarray, k: int, seed: int = 0, n_init: int = 3, max_iter: int = 100,
+           fit_size: int | None = 50_000) -> tuple[np.ndarray, np.ndarray]:
+    """(labels [n], unit-norm centroids [k, d]) of spherical-ish k-means on the rows of `x`.
+
+    With more than `fit_size` rows the centroids are fitted on a seeded subsample of that size and
+    every row is then assigned: for K in the tens, 50k points pin the centroids down well and
+    220k samples cluster in seconds instead of minutes.
+    """
     from sklearn.cluster import KMeans
 
     n = len(x)
@@ -30,12 +36,16 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, n_init: int = 3, max_iter: int 
     if k > n:
         raise PlmtoolError(f"number of clusters K={k} is larger than the number of samples ({n})")
     xn = normalize(x)
-    km = KMeans(n_clusters=k, n_init=n_init, max_iter=max_iter, random_state=seed).fit(xn)
+    fit = xn
+    if fit_size and n > fit_size:
+        fit = xn[np.sort(np.random.default_rng([seed, 3]).choice(n, size=fit_size, replace=False))]
+    km = KMeans(n_clusters=k, n_init=n_init, max_iter=max_iter, random_state=seed).fit(fit)
     centroids = normalize(km.cluster_centers_)
     labels = np.argmax(xn @ centroids.T, axis=1)
     if len(np.unique(labels)) < k:
-        # cosine re-assignment emptied a cluster (rare, degenerate data): keep k-means' own labels
-        labels = km.labels_
+        # cosine re-assignment emptied a cluster (rare, degenerate data): fall back to k-means' own
+        # assignment (Euclidean to the unnormalised centres)
+        labels = km.predict(xn)
     return labels.astype(np.int64), centroids
 
 
@@ -51,7 +61,8 @@ def score(x: np.ndarray, labels: np.ndarray, criterion: str, seed: int = 0, samp
 
 
 def choose_k(
-    x: np.ndarray, k_min: int, k_max: int, criterion: str = "silhouette", seed: int = 0, n_init: int = 3
+    x: np.ndarray, k_min: int, k_max: int, criterion: str = "silhouette", seed: int = 0, n_init: int = 3,
+    fit_size: int | None = 50_000,
 ) -> tuple[int, np.ndarray, np.ndarray, dict[int, float]]:
     """Search K in [k_min, k_max]; returns (best K, its labels, its centroids, score per K)."""
     if criterion not in CRITERIA:
@@ -63,7 +74,7 @@ def choose_k(
     scores: dict[int, float] = {}
     best = None
     for k in range(k_min, k_max + 1):
-        labels, centroids = kmeans(x, k, seed=seed, n_init=n_init)
+        labels, centroids = kmeans(x, k, seed=seed, n_init=n_init, fit_size=fit_size)
         s = score(x, labels, criterion, seed=seed) if len(np.unique(labels)) > 1 else float("-inf")
         scores[k] = s
         if best is None or s > best[0]:

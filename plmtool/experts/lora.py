@@ -59,6 +59,26 @@ def _only_trainable(model, name: str) -> list[torch.nn.Parameter]:
     return params
 
 
+def assistant_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL over labelled tokens.
+
+    The vocabulary projection is applied only at the labelled positions (the prompt is often half
+    the tokens and the projection to 49k+ words dominates small models), and the full-size
+    [batch, seq, vocab] logits are never built, nor their gradient.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    target = labels[:, 1:]
+    keep = target != IGNORE
+    decoder, head = getattr(base, "model", None), base.get_output_embeddings()
+    if decoder is None or head is None or getattr(base.config, "final_logit_softcapping", None):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits[keep].float(), target[keep])
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+    if not keep.any():  # nothing to learn in this batch (prompts filled the window)
+        return hidden.sum() * 0.0
+    return torch.nn.functional.cross_entropy(head(hidden[keep]).float(), target[keep])
+
+
 def train_adapter(model, name: str, encoded: Sequence[dict[str, Any]], pad_id: int, lr: float = 2e-4, epochs: float = 1.0,
                   batch_size: int = 8, grad_accum: int = 1, max_steps: int | None = None, warmup_ratio: float = 0.03,
                   weight_decay: float = 0.0, grad_clip: float = 1.0, seed: int = 0, bf16: bool = False,
@@ -100,14 +120,8 @@ def train_adapter(model, name: str, encoded: Sequence[dict[str, Any]], pad_id: i
                 order += rng.permutation(len(encoded)).tolist()
             idx, order = order[:batch_size], order[batch_size:]
             b = collate([encoded[i] for i in idx], pad_id)
-            labels = b["labels"].to(device)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
-            target = labels[:, 1:]
-            n = (target != IGNORE).sum()
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
-            ) / n.clamp(min=1)
+                loss = assistant_loss(model, b["input_ids"].to(device), b["attention_mask"].to(device), b["labels"].to(device))
             (loss / grad_accum).backward()
             step_loss += loss.item() / grad_accum
             tokens += int(b["attention_mask"].sum())

@@ -74,7 +74,8 @@ def check_options(o: Any, trainer: Any) -> tuple[Path, dict[str, Any]]:
 
 
 def _fingerprint(unit: str, ids: list[str], o: Any, trainer: Any, model_id: str, seed: int, max_len: int, mpl: int) -> str:
-    lora = {k: (list(v) if not isinstance(v, (int, float, str)) else v) for k, v in dict(o.lora).items()}
+    items = dict(o.lora).items() if hasattr(o.lora, "keys") else vars(o.lora).items()
+    lora = {k: (list(v) if not isinstance(v, (int, float, str)) else v) for k, v in items}
     keys = ("lr", "epochs", "batch_size", "grad_accum", "max_steps", "warmup_steps", "weight_decay", "grad_clip", "precision")
     blob = json.dumps({"unit": unit, "ids": hashlib.sha1("\n".join(ids).encode()).hexdigest(), "lora": lora,
                        "trainer": {k: getattr(trainer, k, None) for k in keys}, "model": model_id, "seed": seed,

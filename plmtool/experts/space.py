@@ -55,10 +55,11 @@ def build_space(emb: np.ndarray, o: Any, need: np.ndarray | None = None, seed: i
     t = time.perf_counter()
     scores: dict[int, float] = {}
     if o.k is None:
-        k, labels, centroids, scores = choose_k(emb, o.k_min, o.k_max, o.k_criterion, seed=seed, n_init=o.kmeans_n_init)
+        k, labels, centroids, scores = choose_k(emb, o.k_min, o.k_max, o.k_criterion, seed=seed, n_init=o.kmeans_n_init,
+                                           fit_size=o.kmeans_fit_size)
     else:
         k = int(o.k)
-        labels, centroids = kmeans(emb, k, seed=seed, n_init=o.kmeans_n_init)
+        labels, centroids = kmeans(emb, k, seed=seed, n_init=o.kmeans_n_init, fit_size=o.kmeans_fit_size)
     seconds["cluster"] = time.perf_counter() - t
     t = time.perf_counter()
     d = o.density
