@@ -38,3 +38,12 @@ def save_tiny_checkpoint(path: Path, target, tokenizer) -> Path:
 def write_chat_jsonl(path: Path, conversations) -> Path:
     path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations))
     return path
+
+
+def one_thread():
+    """Generator body for an autouse fixture: tiny-model tests are all small ops, where a second
+    OpenMP thread only adds synchronisation (and stalls badly on a loaded machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -8,8 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import build_tiny_tokenizer
-from conftest_draft import tiny_target
+from conftest_draft import one_thread, tiny_target
 from plmtool.draft.amphista import AmphistaDrafter
 from plmtool.draft.config import DrafterConfig
 from plmtool.draft.drafter import build_drafter, check_compatible, load_drafter, read_drafter_config, save_drafter, target_dims, target_hidden
@@ -17,6 +16,9 @@ from plmtool.draft.medusa import MedusaDrafter, export_medusa, load_medusa_expor
 from plmtool.errors import PlmtoolError
 
 VOCAB = 96
+
+
+_single_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
 @pytest.fixture(scope="module")

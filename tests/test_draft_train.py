@@ -8,12 +8,15 @@ import pytest
 import torch
 
 from conftest import build_tiny_tokenizer
-from conftest_draft import save_tiny_checkpoint, tiny_conversations, tiny_target, write_chat_jsonl
+from conftest_draft import one_thread, save_tiny_checkpoint, tiny_conversations, tiny_target, write_chat_jsonl
 from plmtool.draft.config import DraftDataConfig, DrafterConfig, DraftTrainerConfig
 from plmtool.draft.data import build_examples, collate, tokenize_conversation
 from plmtool.draft.drafter import build_drafter, load_drafter, target_hidden
 from plmtool.draft.train import DraftLoss, head_targets, head_weights, next_tokens_of, train_drafter
 from plmtool.errors import PlmtoolError
+
+
+_single_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
 @pytest.fixture(scope="module")
@@ -206,3 +209,53 @@ def test_self_distillation_replaces_replies_with_the_targets_own(tmp_path, tok):
     # cached: a second call reads the parts instead of generating
     assert sorted(p.name for p in (tmp_path / "distill").iterdir()) == ["part-00000.jsonl", "part-00001.jsonl"]
     assert self_distill(None, tok, convs, tmp_path / "distill", max_new_tokens=6, batch_size=2) == out
+
+
+def test_ddp_under_torchrun_keeps_replicas_in_sync(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).resolve().parent / "draft_ddp_worker.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631", str(worker), str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    assert r0["world_size"] == r1["world_size"] == 2
+    assert r0["top1"] == r1["top1"]  # held-out accuracy is all-reduced
+    for k in r0["state"]:
+        assert torch.equal(r0["state"][k], r1["state"][k]), k
+    assert (tmp_path / "drafter" / "drafter.safetensors").is_file()  # rank 0 wrote the checkpoint
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(x)]
+    assert steps == [2, 4, 6]  # one writer: no duplicated records
+
+
+def test_bf16_autocast_training_with_frozen_projection(tmp_path, tok):
+    # the CPU smoke path: bf16 autocast, frozen shared projection cast once and reused
+    target = tiny_target(len(tok))
+    m = _train(tok, target, tmp_path, 6, precision="bf16")
+    assert m["precision"] == "bf16" and m["loss"]["last"] < m["loss"]["first"]
+    d = build_drafter(DrafterConfig(kind="amphista", num_heads=2, freeze_lm_head=True), target)
+    assert not d.lm_head.weight.requires_grad and d.num_parameters(trainable_only=True) < d.num_parameters()
+    x = torch.randn(3, 2, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = d.project(x)
+        with torch.no_grad():
+            d.lm_head.weight.mul_(2.0)  # the cached cast must follow the weight
+        b = d.project(x)
+    assert a.dtype == torch.bfloat16 and torch.allclose(b.float(), 2 * a.float(), rtol=2e-2, atol=1e-2)
+
+
+@pytest.mark.real_model
+def test_smollm2_chat_template_masks_exactly_the_replies():
+    from types import SimpleNamespace
+
+    from plmtool.models import load_tokenizer
+
+    tok = load_tokenizer(SimpleNamespace(name_or_path="smollm2-135m"))
+    conv = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
+            {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "Green, like grass."}]
+    ids, mask = tokenize_conversation(tok, conv, 4096)
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "Blue.<|im_end|>Green, like grass.<|im_end|>"
+    assert "system" in tok.decode(ids)  # the template's default system prompt is context, not a label

@@ -4,7 +4,7 @@
     plmtool draft train draft=medusa                        # the Medusa baseline
     plmtool draft train data.source=my_chats.jsonl data.self_distill=true
     plmtool draft train draft.use_auto_embedding=false      # an ablation
-    torchrun --nproc_per_node 4 -m plmtool.commands.draft_train experiment=paper
+    torchrun --nproc_per_node 4 -m plmtool.commands.draft_train experiment=paper hydra.run.dir=DIR
 
 Writes DIR/drafter/ (drafter.safetensors + drafter_config.json naming the base model),
 DIR/checkpoints/last.pt (resumable), DIR/metrics.jsonl and DIR/report.json (`heads.top1`, ...).
@@ -46,6 +46,19 @@ def load_training_conversations(data_cfg) -> list:
     return load_conversations(str(Path(data_cfg.source).expanduser()), limit=data_cfg.limit)
 
 
+def _rank_device(device: str) -> str | None:
+    """Under torchrun each rank holds its own GPU (cuda:LOCAL_RANK); otherwise the config decides."""
+    import os
+
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return f"cuda:{local}"
+    return None
+
+
 def run(cfg: DictConfig, run_dir: Path) -> Report:
     from plmtool.draft.data import self_distill
     from plmtool.draft.train import train_drafter
@@ -54,9 +67,13 @@ def run(cfg: DictConfig, run_dir: Path) -> Report:
     from plmtool.models.loader import model_info
 
     validate(cfg)
+    if cfg.trainer.cpu_threads > 0:  # also for the target's passes before training
+        import torch
+
+        torch.set_num_threads(cfg.trainer.cpu_threads)
     stages = Stages(run_dir)
     conversations = load_training_conversations(cfg.data)
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer = load_model(cfg.model, device=_rank_device(cfg.model.device))
     if cfg.data.self_distill:
         conversations = self_distill(
             model, tokenizer, conversations, run_dir / "distill",

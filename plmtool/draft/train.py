@@ -220,7 +220,7 @@ def _save_checkpoint(path: Path, drafter: Drafter, optimizer, scheduler, step: i
 def _config_key(drafter_cfg: DrafterConfig, trainer_cfg: DraftTrainerConfig) -> dict:
     # what must match for a resume to be the same run (max_steps may grow, logging may change)
     t = dataclasses.asdict(trainer_cfg)
-    for k in ("max_steps", "log_every", "eval_every", "save_every", "eval_batch_size", "cache_hidden"):
+    for k in ("max_steps", "log_every", "eval_every", "save_every", "eval_batch_size", "cache_hidden", "cpu_threads"):
         t.pop(k, None)
     return {"drafter": dataclasses.asdict(drafter_cfg), "trainer": t}
 
@@ -251,6 +251,8 @@ def validate_trainer_config(t: DraftTrainerConfig) -> None:
     for name in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_every", "save_every", "eval_batch_size"):
         if getattr(t, name) < 1:
             raise PlmtoolError(f"trainer.{name} must be >= 1, got {getattr(t, name)}")
+    if t.cpu_threads < 0:
+        raise PlmtoolError(f"trainer.cpu_threads must be >= 0 (0 = torch's default), got {t.cpu_threads}")
     if t.lr <= 0:
         raise PlmtoolError(f"trainer.lr must be > 0, got {t.lr}")
 
@@ -264,8 +266,11 @@ def split_heldout(examples: list, heldout: int, seed: int) -> tuple[list, list]:
 
 
 def train_drafter(target_model, tokenizer, drafter_cfg, trainer_cfg, conversations, out_dir, data_cfg=None,
-                  base_model_info: dict | None = None) -> dict[str, Any]:
+                  base_model_info: dict | None = None, drafter: Drafter | None = None) -> dict[str, Any]:
     """Train a drafter on `conversations` for the frozen `target_model`; returns the metrics dict.
+
+    `drafter` continues training a given drafter (e.g. a loaded checkpoint) instead of a fresh one
+    built from `drafter_cfg`; it is trained in place.
 
     Writes `out_dir/drafter/` (the drafter checkpoint), `out_dir/checkpoints/last.pt` (resumable
     state) and `out_dir/metrics.jsonl`. Rerunning with the same `out_dir` resumes.
@@ -278,6 +283,8 @@ def train_drafter(target_model, tokenizer, drafter_cfg, trainer_cfg, conversatio
     validate_trainer_config(trainer_cfg)
     out_dir = Path(out_dir)
     device = str(next(target_model.parameters()).device)
+    if device == "cpu" and trainer_cfg.cpu_threads > 0:
+        torch.set_num_threads(trainer_cfg.cpu_threads)
     world, rank = _init_distributed(device)
     is_main = rank == 0
     precision = trainer_cfg.precision
@@ -295,7 +302,11 @@ def train_drafter(target_model, tokenizer, drafter_cfg, trainer_cfg, conversatio
     train_set, heldout = split_heldout(examples, data_cfg.heldout, data_cfg.seed)
     log.info("drafter training: %d train / %d held-out conversations", len(train_set), len(heldout))
 
-    drafter = build_drafter(drafter_cfg, target_model).to(device)
+    if drafter is None:
+        drafter = build_drafter(drafter_cfg, target_model)
+    else:
+        drafter_cfg = drafter.cfg
+    drafter = drafter.to(device)
     drafter.train()
     weights = head_weights(drafter.num_heads, trainer_cfg.head_weight_decay)
     loss_module = DraftLoss(drafter, weights, pad_id)
