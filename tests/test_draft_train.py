@@ -186,6 +186,12 @@ def test_command_end_to_end(tmp_path, tok):
     conf = json.loads((tmp_path / "run" / "drafter" / "drafter_config.json").read_text())
     assert conf["base_model"]["name_or_path"] == str(model_dir) and conf["base_model"]["vocab_size"] == len(tok)
 
+    assert report["medusa_export"] is None
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        medusa = compose(config_name="draft_train", overrides=[*overrides, "draft=medusa"])
+    report = run(medusa, tmp_path / "medusa")
+    assert report["drafter"] == "medusa" and (tmp_path / "medusa" / "medusa_export" / "medusa_lm_head.safetensors").is_file()
+
     # bad input is one clear error, before any model loads
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         bad = compose(config_name="draft_train", overrides=[*overrides, "data.source=/nonexistent.jsonl"])

@@ -86,7 +86,16 @@ def run(cfg: DictConfig, run_dir: Path) -> Report:
         metrics = train_drafter(model, tokenizer, cfg.draft, cfg.trainer, conversations, run_dir, cfg.data,
                                 base_model_info={"name_or_path": cfg.model.name_or_path})
         stages.mark("train", metrics)
+    exported = None
+    if cfg.draft.kind == "medusa" and cfg.export_medusa and not (run_dir / "medusa_export" / "config.json").is_file():
+        from plmtool.draft.drafter import load_drafter
+        from plmtool.draft.medusa import export_medusa
+
+        exported = str(export_medusa(load_drafter(run_dir / "drafter"), run_dir / "medusa_export", cfg.model.name_or_path))
+    elif (run_dir / "medusa_export" / "config.json").is_file():
+        exported = str(run_dir / "medusa_export")
     return {
+        "medusa_export": exported,
         "model": cfg.model.name_or_path,
         "model_info": model_info(model),
         "drafter": metrics["kind"],

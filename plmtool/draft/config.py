@@ -118,6 +118,8 @@ if ModelConfig is not None:
         draft: DrafterConfig = field(default_factory=DrafterConfig)
         data: DraftDataConfig = field(default_factory=DraftDataConfig)
         trainer: DraftTrainerConfig = field(default_factory=DraftTrainerConfig)
+        # Medusa drafters are also written in Medusa's own layout (TGI / LoRAX) under DIR/medusa_export
+        export_medusa: bool = True
         seed: int = 0
 
     register("draft_train_schema", DraftTrainApp)

@@ -100,9 +100,12 @@ class VocabProjection(nn.Module):
         # A frozen projection under autocast would be re-cast to bf16 on every call (a [V,H]
         # copy per head per step); keep one cast copy until the weight changes.
         w = self.weight
-        if w.requires_grad or not torch.is_autocast_enabled(states.device.type):
+        try:
+            if w.requires_grad or not torch.is_autocast_enabled(states.device.type):
+                return w
+            dtype = torch.get_autocast_dtype(states.device.type)
+        except (TypeError, AttributeError):  # torch < 2.4: no per-device autocast queries
             return w
-        dtype = torch.get_autocast_dtype(states.device.type)
         key = (dtype, w.device, w.data_ptr(), w._version)
         cached = getattr(self, "_cast", None)
         if cached is None or cached[0] != key:

@@ -312,7 +312,10 @@ def train_drafter(target_model, tokenizer, drafter_cfg, trainer_cfg, conversatio
     loss_module = DraftLoss(drafter, weights, pad_id)
     model_for_step: nn.Module = loss_module
     if world > 1:
-        ids = [torch.device(device).index] if device.startswith("cuda") else None
+        ids = None
+        if device.startswith("cuda"):
+            index = torch.device(device).index
+            ids = [index if index is not None else torch.cuda.current_device()]
         model_for_step = nn.parallel.DistributedDataParallel(loss_module, device_ids=ids)
 
     params = drafter.trainable_parameters()
