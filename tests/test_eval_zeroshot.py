@@ -147,32 +147,55 @@ def test_unknown_task_is_a_clear_error(tmp_path):
 
 # --- lm-eval on a tiny random model, fully offline, in a clean process ---------------------------
 
-TINY_RUN = textwrap.dedent(
+BYTE_TOKENIZER = textwrap.dedent(
+    """
+    def byte_tokenizer():
+        # A byte-level tokenizer built in code: one token per byte, nothing downloaded. The vocabulary
+        # is the printable stand-ins ByteLevel uses for the 256 byte values (as in GPT-2) + <eos>.
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+        stand_in = {b: chr(b) for b in keep}
+        stand_in.update({b: chr(256 + i) for i, b in enumerate(b for b in range(256) if b not in stand_in)})
+        vocab = {stand_in[b]: b for b in range(256)}
+        vocab["<eos>"] = 256
+        tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.decoder = decoders.ByteLevel()
+        return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<eos>")
+    """
+)
+_ns: dict = {}
+exec(BYTE_TOKENIZER, _ns)
+byte_tokenizer = _ns["byte_tokenizer"]
+
+
+def tiny_llama(max_positions: int = 4096):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions)
+    return LlamaForCausalLM(cfg).eval()
+
+
+TINY_RUN = BYTE_TOKENIZER + textwrap.dedent(
     r"""
     import json, sys
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     import plmtool.eval.offline_task as offline_task
     from plmtool.eval.offline_task import build_task, generate_examples
     from plmtool.eval.zeroshot import zeroshot
 
     out_dir = sys.argv[1]
-    # A byte-level tokenizer built in code: one token per byte, nothing downloaded.
-    # (the printable stand-ins ByteLevel uses for the 256 byte values, as in GPT-2)
-    keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    stand_in = {b: chr(b) for b in keep}
-    stand_in.update({b: chr(256 + i) for i, b in enumerate(b for b in range(256) if b not in stand_in)})
-    vocab = {ch: i for i, ch in enumerate(stand_in[b] for b in range(256))}
-    vocab["<eos>"] = len(vocab)
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<eos>")
+    tok = byte_tokenizer()
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)).eval()
 
     docs = json.load(open(out_dir + "/docs.json"))
@@ -228,3 +251,107 @@ def test_lm_eval_runs_offline_task_on_tiny_model_offline(tmp_path):
     assert entry["acc,none"] == got["acc"]["wiki_next_sentence"] and entry["sample_len"] == 12
     # Nothing went to the default HF cache: the datasets cache in the temp dir holds the json build.
     assert (tmp_path / "hf" / "datasets").is_dir()
+
+
+# --- the suite ------------------------------------------------------------------------------------
+
+
+def _eval_cfg(**overrides):
+    from omegaconf import OmegaConf
+
+    from plmtool.config import DataConfig, EvalConfig
+
+    cfg = OmegaConf.structured(EvalConfig(corpus="unused", seqlen=16, zeroshot=[]))
+    for k, v in overrides.items():
+        cfg[k] = v
+    return cfg, OmegaConf.structured(DataConfig())
+
+
+def test_suite_perplexity_keys_and_resume(tmp_path, monkeypatch):
+    import torch
+
+    import plmtool.eval.perplexity as perplexity_mod
+    from plmtool.data.corpora import eval_tokens
+    from plmtool.eval.suite import evaluate
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Document {i} talks about topic {i * 3} at some length, twice over." for i in range(10)))
+    model, tok = tiny_llama(), byte_tokenizer()
+    eval_cfg, data_cfg = _eval_cfg(corpus=str(corpus), batch_size=2)
+    run_dir = tmp_path / "run"
+
+    result = evaluate(model, tok, eval_cfg, data_cfg, run_dir, label="dense")
+    direct = perplexity_mod.perplexity(model, eval_tokens(tok, str(corpus)), 16)
+    assert result["ppl"] == pytest.approx(direct["ppl"], rel=1e-6)
+    assert result["seqlen"] == 16 and isinstance(result["seqlen"], int)
+    assert result["corpus"] == str(corpus) and result["ppl_tokens"] == direct["tokens"]
+    assert result["zeroshot"] == {} and result["zeroshot_norm"] == {}
+    assert (run_dir / "stages" / "eval-dense.json").is_file()
+
+    # Same weights and settings: reused from the stage marker without recomputing.
+    def boom(*a, **k):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(perplexity_mod, "perplexity", boom)
+    assert evaluate(model, tok, eval_cfg, data_cfg, run_dir, label="dense") == result
+    # Changed weights: evaluated again.
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(0.5)
+    with pytest.raises(AssertionError, match="recomputed"):
+        evaluate(model, tok, eval_cfg, data_cfg, run_dir, label="dense")
+    monkeypatch.undo()
+
+    no_ppl = evaluate(model, tok, _eval_cfg(ppl=False)[0], data_cfg, None, label="x")
+    assert no_ppl["ppl"] is None and no_ppl["ppl_tokens"] is None and no_ppl["zeroshot"] == {}
+
+
+def test_suite_rejects_bad_settings():
+    from plmtool.eval.suite import check_config
+
+    for overrides, match in [
+        ({"seqlen": 1}, "eval.seqlen"),
+        ({"max_tokens": 8}, "max_tokens"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"zeroshot": ["wiki_next_sentence"], "offline_task_choices": 1}, "offline_task_choices"),
+        ({"zeroshot": ["wiki_next_sentence"], "zeroshot_limit": 0}, "zeroshot_limit"),
+    ]:
+        with pytest.raises(PlmtoolError, match=match):
+            check_config(_eval_cfg(**overrides)[0])
+
+
+# --- the real model --------------------------------------------------------------------------------
+
+
+def _magnitude_prune_decoder_linears(model, fraction: float) -> None:
+    """Heavy damage for the test: zero the smallest `fraction` of every decoder linear (per layer)."""
+    import torch
+
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}":
+                w = module.weight
+                k = int(w.numel() * fraction)
+                threshold = w.abs().flatten().float().kthvalue(k).values.to(w.dtype)
+                w.masked_fill_(w.abs() <= threshold, 0)
+
+
+@pytest.mark.real_model
+def test_offline_task_separates_smollm2_from_damaged_smollm2():
+    from omegaconf import OmegaConf
+
+    from plmtool.config import ModelConfig
+    from plmtool.eval.zeroshot import zeroshot
+    from plmtool.models import load_model
+
+    # bf16 on CPU is 2.5-3.5x faster; lm-eval's log-softmax stays fp32 (softmax_dtype).
+    model, tok = load_model(OmegaConf.structured(ModelConfig(dtype="bfloat16")))
+    kwargs = dict(batch_size=16, limit=REAL_LIMIT, offline_task_size=500, offline_task_choices=4)
+    dense, dense_norm = zeroshot(model, tok, ["wiki_next_sentence"], **kwargs)
+    _magnitude_prune_decoder_linears(model, 0.7)
+    damaged, damaged_norm = zeroshot(model, tok, ["wiki_next_sentence"], **kwargs)
+    task = "wiki_next_sentence"
+    print(f"dense acc {dense[task]:.3f} acc_norm {dense_norm[task]:.3f}; "
+          f"70% magnitude acc {damaged[task]:.3f} acc_norm {damaged_norm[task]:.3f}")
+    assert dense[task] >= DENSE_MIN, dense  # chance is 0.25
+    assert damaged[task] <= dense[task] - MARGIN, (dense, damaged)
+    assert damaged_norm[task] <= dense_norm[task] - MARGIN, (dense_norm, damaged_norm)

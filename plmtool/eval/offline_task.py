@@ -29,12 +29,12 @@ from plmtool.io import atomic_write, write_text
 from plmtool.paths import cache_dir
 
 TASK_NAME = "wiki_next_sentence"
-GENERATOR_VERSION = 1  # bump when the generation rules change so cached tasks are rebuilt
+GENERATOR_VERSION = 2  # bump when the generation rules change so cached tasks are rebuilt
 CORPUS = "wiki_sample"
 CONTEXT_SENTENCES = 3
 MIN_CHARS, MAX_CHARS = 30, 300  # sentences outside this range are not used as targets/distractors
 MIN_WORDS = 5
-LENGTH_RATIO = 1.6  # distractors preferably within [len/ratio, len*ratio] of the true sentence
+LENGTH_RATIO = 1.2  # distractors preferably within [len/ratio, len*ratio] of the true sentence
 NEIGHBOUR_GAP = 2  # distractors keep this many sentences away from the context and the true one
 
 # A sentence ends at . ! or ? (optionally followed by a closing quote/bracket) before whitespace and

@@ -151,7 +151,11 @@ def zeroshot(
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    import torch
+
+    # Log-probabilities in fp32 even for bf16/fp16 models (as for perplexity): choices differ by
+    # small margins that half-precision log-softmax would blur.
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, softmax_dtype=torch.float32)
     # lm-eval reseeds python/numpy/torch globally; restore them so callers' randomness is unaffected.
     state = _rng_state()
     was_training = model.training
