@@ -1,6 +1,6 @@
 """Amphista (Li et al., NAACL 2025): bi-directional multi-head drafting.
 
-    x_t   = fuse(h_t, E[next_token_t])                  sampled-token fusion (concat+Linear | add)
+    x_t   = h_t + fuse(h_t, E[next_token_t])            sampled-token fusion (concat+Linear | add)
     s^1   = Stage1(x)   s^2 = Stage2(s^1)                staged adaptation: causal decoder layers with
                                                          their own KV cache (accepted tokens only)
     u_t,k = ResBlocks_k(s^{stage(k)}_t) + P_k            K head states, learned head positions
@@ -121,17 +121,24 @@ class AmphistaDrafter(Drafter):
         heads = cfg.num_attention_heads or int(dims.get("num_attention_heads") or max(1, H // 64))
         inter = cfg.intermediate_size or int(dims.get("intermediate_size") or 4 * H)
 
-        # sampled-token fusion; the embedding table is a frozen copy of the target's
+        # sampled-token fusion; the embedding table is a frozen copy of the target's. Both inputs
+        # are RMS-normalised first: the target's embeddings are ~15x smaller than its final hidden
+        # states (SmolLM2: RMS 0.13 vs 2), so raw inputs would leave the token nearly unheard.
         self.embed = None
         self.fuse = None
+        self.fuse_gain = None
         if cfg.use_token_embedding:
             self.embed = nn.Embedding(V, H)
             self.embed.weight.requires_grad_(False)
+            self.embed_norm = RMSNorm(H, cfg.norm_eps)
             if cfg.fusion == "concat":
+                # x = h + W [norm(h); norm(e)], W zero: a residual branch that starts at h_t
+                self.hidden_norm = RMSNorm(H, cfg.norm_eps)
                 self.fuse = nn.Linear(2 * H, H, bias=False)
-                with torch.no_grad():  # [I | 0]: starts as h_t alone
-                    self.fuse.weight.zero_()
-                    self.fuse.weight[:, :H].copy_(torch.eye(H))
+                nn.init.zeros_(self.fuse.weight)
+            else:
+                # x = h + g * norm(e), gain g zero: starts at h_t
+                self.fuse_gain = nn.Parameter(torch.zeros(H))
 
         # staged adaptation layers
         n_stages = len(cfg.stage_layers) if cfg.use_staged_adaptation else 0
@@ -171,10 +178,10 @@ class AmphistaDrafter(Drafter):
     def _fused(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
         if self.embed is None:
             return hidden
-        e = self.embed(next_tokens).to(hidden.dtype)
+        e = self.embed_norm(self.embed(next_tokens).to(hidden.dtype))
         if self.fuse is not None:
-            return self.fuse(torch.cat([hidden, e], dim=-1))
-        return hidden + e
+            return hidden + self.fuse(torch.cat([self.hidden_norm(hidden), e], dim=-1))
+        return hidden + self.fuse_gain.to(e.dtype) * e
 
     def heads_from_features(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Stage outputs [.., H] (index 0 = fused input) -> head states [.., K, H]."""
