@@ -42,6 +42,7 @@ class PruneConfig:
     exclude: list[str] = field(default_factory=list)  # linear names (substrings) left dense
     blocksize: int = 128  # SparseGPT column block
     percdamp: float = 0.01  # SparseGPT damping (fraction of mean diag H)
+    cuda_graphs: bool = True  # SparseGPT: replay each column block's loop as a CUDA graph (GPU)
     sds: SdsConfig = field(default_factory=SdsConfig)
     save_model: bool = True  # final model as a Hugging Face checkpoint in <run_dir>/model
     histogram_bins: int = 200

@@ -28,6 +28,7 @@ STATS_NEEDED = {"magnitude": "none", "wanda": "norms", "sparsegpt": "gram"}
 class SparseGptOptions:
     blocksize: int = 128
     percdamp: float = 0.01
+    cuda_graphs: bool = True
 
 
 @dataclass
@@ -56,7 +57,7 @@ def prune_linear(
         w, _ = prune_wanda(weight, stats.sq_norm, pattern)
         return w.float(), {}
     if method == "sparsegpt":
-        res = prune_sparsegpt(weight, stats.gram, pattern, blocksize=sgpt.blocksize, percdamp=sgpt.percdamp)
+        res = prune_sparsegpt(weight, stats.gram, pattern, blocksize=sgpt.blocksize, percdamp=sgpt.percdamp, cuda_graphs=sgpt.cuda_graphs)
         return res.weight, {"sparsegpt_error": res.error, "damp": res.damp}
     raise PlmtoolError(f"prune.method={method}: unknown method (choose from {', '.join(METHODS)})")
 

@@ -70,6 +70,21 @@ def inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 8) -> tu
     raise RuntimeError(f"sparsegpt: Hessian not positive definite even with damping {damp / 10:.3g}")
 
 
+def _masked_errors_unrolled(w: torch.Tensor, U: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The same errors by forward substitution over the group's columns: elementwise kernels
+    only (used inside CUDA graphs, where kernel count costs nothing and batched solvers may not
+    be capturable)."""
+    w = w.clone()
+    e = torch.zeros_like(w)
+    m = mask.to(w.dtype)
+    k = w.shape[1]
+    for j in range(k):
+        e[:, j] = w[:, j] * m[:, j] / U[j, j]
+        if j + 1 < k:
+            w[:, j + 1 :] -= e[:, j : j + 1] * U[j : j + 1, j + 1 :]
+    return e
+
+
 def _masked_errors(w: torch.Tensor, U: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per row r, solve e_S U_SS = w_S on the pruned set S = mask[r] (e = 0 off S).
 
@@ -92,13 +107,103 @@ def prune_sparsegpt(
     blocksize: int = 128,
     percdamp: float = 0.01,
     subblock: int = 32,
+    cuda_graphs: bool = True,
 ) -> SparseGptResult:
-    """Prune `weight` [rows, cols] given the Hessian `H` [cols, cols]; inputs are not modified."""
+    """Prune `weight` [rows, cols] given the Hessian `H` [cols, cols]; inputs are not modified.
+
+    `cuda_graphs`: on a GPU, each 128-column block's loop over its column groups (hundreds of
+    small kernels whose launch cost dominates) is captured once per layer shape as a CUDA graph
+    and replayed. The first replay of every shape is checked against the eager computation; any
+    capture failure or mismatch switches back to eager (logged).
+    """
     with exact_fp32():
-        return _prune(weight, H, pattern, blocksize, percdamp, subblock)
+        return _prune(weight, H, pattern, blocksize, percdamp, subblock, cuda_graphs)
 
 
-def _prune(weight, H, pattern, blocksize, percdamp, subblock) -> SparseGptResult:
+def _block(W1_in: torch.Tensor, U1: torch.Tensor, d1: torch.Tensor, pattern: Pattern, subblock: int, unrolled: bool = False):
+    """One column block: returns (new block weights, errors E1, mask). No host syncs, so the
+    whole function can be captured in a CUDA graph."""
+    W1 = W1_in.clone()
+    E1 = torch.zeros_like(W1)
+    count = W1.shape[1]
+    if not pattern.structured:
+        score = W1**2 / (d1.reshape(1, -1)) ** 2
+        thresh = torch.sort(score.flatten())[0][int(score.numel() * pattern.sparsity)]
+        mask1 = score <= thresh
+    else:
+        mask1 = torch.zeros_like(W1, dtype=torch.bool)
+    # Column groups whose mask is decided together: M columns for N:M; for unstructured the mask
+    # is fixed per block, so any sub-block size gives the reference's result.
+    step = pattern.m if pattern.structured else subblock
+    for g1 in range(0, count, step):
+        g2 = min(g1 + step, count)
+        wg = W1[:, g1:g2]
+        if pattern.structured:
+            score = wg**2 / (d1[g1:g2].reshape(1, -1)) ** 2
+            idx = torch.topk(score, pattern.prune_per_group, dim=1, largest=False)[1]
+            mask1[:, g1:g2].scatter_(1, idx, True)
+        mg = mask1[:, g1:g2]
+        Ug = U1[g1:g2, g1:g2]
+        eg = (_masked_errors_unrolled if unrolled else _masked_errors)(wg, Ug, mg)
+        # new values of this group (exact zeros where pruned, as the reference sets q = 0)
+        W1[:, g1:g2] = (wg - eg @ Ug).masked_fill(mg, 0)
+        if g2 < count:
+            W1[:, g2:] -= eg @ U1[g1:g2, g2:]
+        E1[:, g1:g2] = eg
+    return W1, E1, mask1
+
+
+class _GraphedBlock:
+    """`_block` captured for one (rows, blocksize, pattern) shape; inputs are copied into static
+    buffers and the graph replayed."""
+
+    def __init__(self, W1: torch.Tensor, U1: torch.Tensor, d1: torch.Tensor, pattern: Pattern, subblock: int):
+        self.W1, self.U1, self.d1 = W1.clone(), U1.clone(), d1.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up (cuBLAS handles, workspaces) outside the capture
+                _block(self.W1, self.U1, self.d1, pattern, subblock, unrolled=True)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = _block(self.W1, self.U1, self.d1, pattern, subblock, unrolled=True)
+
+    def __call__(self, W1, U1, d1):
+        self.W1.copy_(W1)
+        self.U1.copy_(U1)
+        self.d1.copy_(d1)
+        self.graph.replay()
+        return self.out
+
+
+_GRAPHS: dict = {}
+_GRAPHS_BROKEN = False
+
+
+def _run_block(W1, U1, d1, pattern, subblock, cuda_graphs):
+    global _GRAPHS_BROKEN
+    if not (cuda_graphs and W1.is_cuda and not _GRAPHS_BROKEN):
+        return _block(W1, U1, d1, pattern, subblock)
+    key = (W1.shape, pattern, subblock, W1.device)
+    graphed = _GRAPHS.get(key)
+    if graphed is None:
+        try:
+            graphed = _GraphedBlock(W1, U1, d1, pattern, subblock)
+            got = graphed(W1, U1, d1)
+            ref = _block(W1, U1, d1, pattern, subblock)
+            same = torch.equal(got[2], ref[2]) and torch.allclose(got[0], ref[0], rtol=1e-4, atol=1e-6)
+            if not same:
+                raise RuntimeError("graph replay differs from eager")
+        except Exception as e:  # capture unsupported here: stay eager, say so once
+            log.warning("sparsegpt: CUDA graph capture disabled (%s: %s); running eagerly", type(e).__name__, e)
+            _GRAPHS_BROKEN = True
+            return _block(W1, U1, d1, pattern, subblock)
+        _GRAPHS[key] = graphed
+    return graphed(W1, U1, d1)
+
+
+def _prune(weight, H, pattern, blocksize, percdamp, subblock, cuda_graphs=True) -> SparseGptResult:
     W = weight.detach().float().clone()
     H = H.float().clone()
     rows, cols = W.shape
@@ -110,37 +215,9 @@ def _prune(weight, H, pattern, blocksize, percdamp, subblock) -> SparseGptResult
     dinv = torch.diag(Hinv)
     mask = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
     losses = torch.zeros(rows, device=W.device)
-
-    # Column groups whose mask is decided together: M columns for N:M; for unstructured the mask
-    # is fixed per block, so any sub-block size gives the reference's result.
-    step = pattern.m if pattern.structured else subblock
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()
-        U1 = Hinv[i1:i2, i1:i2]
-        d1 = dinv[i1:i2]
-        E1 = torch.zeros_like(W1)
-        if not pattern.structured:
-            score = W1**2 / (d1.reshape(1, -1)) ** 2
-            thresh = torch.sort(score.flatten())[0][int(score.numel() * pattern.sparsity)]
-            mask1 = score <= thresh
-        else:
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        for g1 in range(0, i2 - i1, step):
-            g2 = min(g1 + step, i2 - i1)
-            wg = W1[:, g1:g2]
-            if pattern.structured:
-                score = wg**2 / (d1[g1:g2].reshape(1, -1)) ** 2
-                idx = torch.topk(score, pattern.prune_per_group, dim=1, largest=False)[1]
-                mask1[:, g1:g2].scatter_(1, idx, True)
-            mg = mask1[:, g1:g2]
-            Ug = U1[g1:g2, g1:g2]
-            eg = _masked_errors(wg, Ug, mg)
-            # new values of this group (exact zeros where pruned, as the reference sets q = 0)
-            W1[:, g1:g2] = (wg - eg @ Ug).masked_fill(mg, 0)
-            if g2 < i2 - i1:
-                W1[:, g2:] -= eg @ U1[g1:g2, g2:]
-            E1[:, g1:g2] = eg
+        W1, E1, mask1 = _run_block(W[:, i1:i2], Hinv[i1:i2, i1:i2], dinv[i1:i2], pattern, subblock, cuda_graphs)
         W[:, i1:i2] = W1
         mask[:, i1:i2] = mask1
         losses += torch.sum(E1**2, 1) / 2
