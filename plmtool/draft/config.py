@@ -93,6 +93,7 @@ class DraftTrainerConfig:
     eval_batch_size: int = 8
     # keep the target's hidden states in memory after the first pass (multi-epoch speed)
     cache_hidden: bool = True
+    cache_hidden_max_gb: float = 8.0  # ...unless they would take more memory than this
     # CPU only: torch threads (0 = torch's default). On an oversubscribed CPU, 1 avoids OpenMP
     # threads waiting on each other at every small op (measured 20x faster on a loaded 2-core box).
     cpu_threads: int = 0

@@ -220,7 +220,8 @@ def _save_checkpoint(path: Path, drafter: Drafter, optimizer, scheduler, step: i
 def _config_key(drafter_cfg: DrafterConfig, trainer_cfg: DraftTrainerConfig) -> dict:
     # what must match for a resume to be the same run (max_steps may grow, logging may change)
     t = dataclasses.asdict(trainer_cfg)
-    for k in ("max_steps", "log_every", "eval_every", "save_every", "eval_batch_size", "cache_hidden", "cpu_threads"):
+    for k in ("max_steps", "log_every", "eval_every", "save_every", "eval_batch_size", "cache_hidden", "cache_hidden_max_gb",
+              "cpu_threads"):
         t.pop(k, None)
     return {"drafter": dataclasses.asdict(drafter_cfg), "trainer": t}
 
@@ -339,6 +340,13 @@ def train_drafter(target_model, tokenizer, drafter_cfg, trainer_cfg, conversatio
         log.info("resuming drafter training from step %d (%s)", step, ckpt_path)
 
     hidden_cache: dict | None = {} if trainer_cfg.cache_hidden else None
+    if hidden_cache is not None:
+        tokens = sum(len(e["input_ids"]) for e in examples)
+        itemsize = 2 if precision == "bf16" or next(target_model.parameters()).dtype in (torch.bfloat16, torch.float16) else 4
+        gb = tokens * dims["hidden_size"] * itemsize / 2**30
+        if gb > trainer_cfg.cache_hidden_max_gb:
+            log.info("not caching hidden states: %.1f GB > trainer.cache_hidden_max_gb=%.1f", gb, trainer_cfg.cache_hidden_max_gb)
+            hidden_cache = None
     metrics_file = out_dir / "metrics.jsonl"
 
     def log_metrics(record: dict) -> None:
