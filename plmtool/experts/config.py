@@ -45,6 +45,7 @@ class RedistributeConfig:
     alpha: float = 0.5  # cluster quota ~ size**alpha
     beta: float = 1.0  # weight ~ (k-NN radius / median)**beta: sparse neighbourhoods favoured
     mode_alpha: float = 0.5  # weight ~ (DBSCAN mode size)**-mode_alpha: dense modes thinned
+    tail_boost: float = 2.0  # extra weight of DBSCAN noise points (the long tail)
     need: str = "loss"  # none | loss | ifd: the model's need for a sample
     gamma: float = 1.0  # weight ~ (need / mean need)**gamma
     # tokenization for the need signal (and recorded for training)

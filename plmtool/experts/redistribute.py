@@ -10,7 +10,8 @@ Two levels, both deterministic for a seed:
 
 2. Within a cluster (`weights` + `weighted_sample`): sampling without replacement with weight
      w = (radius / median radius)**beta        # sparse neighbourhoods weigh more
-       * (1 / size of its DBSCAN mode)**mode_alpha   # big dense modes thinned, noise (tail) = mode of 1
+       * (1 / size of its DBSCAN mode)**mode_alpha   # big dense modes thinned (the noise = tail is one group)
+       * tail_boost if the point is DBSCAN noise      # the long tail kept preferentially
        * (need / mean need in cluster)**gamma  # the model's own need (loss or IFD), optional
    using Efraimidis-Spirakis keys log(u)/w (exact weighted sampling without replacement).
 """
@@ -85,18 +86,19 @@ def weighted_sample(weights: np.ndarray, m: int, rng: np.random.Generator) -> np
 
 
 def sample_weights(
-    radius: np.ndarray, mode: np.ndarray, need: np.ndarray | None, beta: float, mode_alpha: float, gamma: float
+    radius: np.ndarray, mode: np.ndarray, need: np.ndarray | None, beta: float, mode_alpha: float, gamma: float,
+    tail_boost: float = 2.0,
 ) -> np.ndarray:
     """Sampling weights of the points of ONE cluster, normalised to mean 1."""
     med = float(np.median(radius))
     w = (np.maximum(radius, 1e-12) / med) ** beta if med > 0 else np.ones(len(radius))
     if mode_alpha:
-        modes, counts = np.unique(mode[mode >= 0], return_counts=True)
-        size = np.ones(len(mode))
-        if len(modes):
-            lookup = dict(zip(modes.tolist(), counts.tolist()))
-            size = np.array([lookup.get(int(m), 1) if m >= 0 else 1 for m in mode], dtype=np.float64)
-        w = w * size ** (-mode_alpha)
+        # the DBSCAN noise of a cluster (its tail) counts as one group of its own size, like a
+        # dense mode, so that a mode of m points gets a total weight ~ m**(1 - mode_alpha); the
+        # tail then gets `tail_boost` times what a mode of its size would
+        _, inverse, counts = np.unique(mode, return_inverse=True, return_counts=True)
+        size = counts[inverse].astype(np.float64)
+        w = w * size ** (-mode_alpha) * np.where(mode < 0, tail_boost, 1.0)
     if need is not None and gamma:
         nd = np.maximum(np.asarray(need, dtype=np.float64), 1e-6)
         w = w * (nd / nd.mean()) ** gamma
@@ -126,6 +128,7 @@ def redistribute(
     beta: float = 1.0,
     mode_alpha: float = 0.5,
     gamma: float = 1.0,
+    tail_boost: float = 2.0,
     seed: int = 0,
 ) -> Redistribution:
     """Pick budget * n samples: quotas per cluster, then weighted sampling inside each cluster."""
@@ -142,7 +145,8 @@ def redistribute(
         members = np.flatnonzero(labels == c)
         if len(members) == 0:
             continue
-        w = sample_weights(radius[members], mode[members], None if need is None else need[members], beta, mode_alpha, gamma)
+        w = sample_weights(radius[members], mode[members], None if need is None else need[members], beta, mode_alpha, gamma,
+                           tail_boost)
         weight[members] = w
         # one generator per (seed, cluster): a cluster's draw does not depend on the others
         pick = weighted_sample(w, int(quotas[c]), np.random.default_rng([seed, 1, c]))

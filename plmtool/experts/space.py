@@ -68,7 +68,8 @@ def build_space(emb: np.ndarray, o: Any, need: np.ndarray | None = None, seed: i
     t = time.perf_counter()
     red = redistribute(
         labels, k, dens.radius, dens.mode, need=need, budget=o.budget, floor=o.floor, alpha=o.alpha, beta=o.beta,
-        mode_alpha=o.mode_alpha if d.method == "dbscan" else 0.0, gamma=o.gamma, seed=seed,
+        mode_alpha=o.mode_alpha if d.method == "dbscan" else 0.0, gamma=o.gamma,
+        tail_boost=o.tail_boost if d.method == "dbscan" else 1.0, seed=seed,
     )
     rand = random_subset(len(emb), int(red.selected.sum()), seed)
     seconds["select"] = time.perf_counter() - t
