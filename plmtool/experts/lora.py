@@ -80,7 +80,7 @@ def assistant_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 
 def train_adapter(model, name: str, encoded: Sequence[dict[str, Any]], pad_id: int, lr: float = 2e-4, epochs: float = 1.0,
-                  batch_size: int = 8, grad_accum: int = 1, max_steps: int | None = None, warmup_ratio: float = 0.03,
+                  batch_size: int = 8, grad_accum: int = 1, max_steps: int | None = None, warmup_ratio: float = 0.03, warmup_steps: int = 0,
                   weight_decay: float = 0.0, grad_clip: float = 1.0, seed: int = 0, bf16: bool = False,
                   log_every: int = 10) -> dict[str, Any]:
     """Train adapter `name` on `encoded` for `epochs` passes; returns timing and loss stats."""
@@ -96,7 +96,8 @@ def train_adapter(model, name: str, encoded: Sequence[dict[str, Any]], pad_id: i
     if capped:
         steps = int(max_steps)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    warmup = int(round(steps * warmup_ratio))
+    # warm-up scales with each adapter's own step count unless a fixed number is asked for
+    warmup = min(int(warmup_steps), steps) if warmup_steps else int(round(steps * warmup_ratio))
 
     def lr_at(step: int) -> float:  # linear warm-up, cosine decay to 0
         if step < warmup:

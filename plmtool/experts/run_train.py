@@ -126,6 +126,7 @@ def run(o: Any, trainer: Any, run_dir: Path, seed: int, load: Callable[[], tuple
             enc = [encode(tok, s["messages"], max_len, mpl) for s in data[u]]
             stats = train_adapter(model, u, enc, pad, lr=trainer.lr, epochs=trainer.epochs, batch_size=trainer.batch_size,
                                   grad_accum=trainer.grad_accum, max_steps=trainer.max_steps, weight_decay=trainer.weight_decay,
+                                  warmup_steps=getattr(trainer, "warmup_steps", 0) or 0,
                                   grad_clip=trainer.grad_clip, seed=seed, bf16=bf16, log_every=trainer.log_every)
             save_adapter(model, u, path, {"fingerprint": fps[u], "stats": stats})
             train_stats[u] = {**stats, "reused": False}
