@@ -92,13 +92,6 @@ def test_pruned_propagation_feeds_next_block(family, method):
     ids = torch.randint(0, 128, (2, 16))
     pattern = parse_pattern("2:4")
     seen: dict[str, torch.Tensor] = {}
-    from plmtool.prune import oneshot
-
-    original = oneshot.prune_linear
-
-    def spy(method_, weight, stats, pattern_, sgpt):
-        return original(method_, weight, stats, pattern_, sgpt)
-
     prune_model(model, ids, pattern, OneShotOptions(method=method, walk=WalkOptions(propagate="pruned")))
     for block in decoder_layers(model):
         for name, lin in block_linears(block).items():

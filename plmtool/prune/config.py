@@ -37,7 +37,7 @@ class PruneConfig:
     sparsity: float = 0.5  # used by "unstructured"; N:M implies 1 - N/M
     stages: list[str] = field(default_factory=lambda: ["dense", "oneshot", "redense", "sds"])
     propagate: str = "pruned"  # pruned | dense: what the next block sees during one-shot pruning
-    batch_size: int = 1  # calibration samples per block call
+    batch_size: int = 8  # calibration samples per block call (1 = the references' loop; same math)
     activations: str = "auto"  # auto | device | cpu: where calibration activations live
     exclude: list[str] = field(default_factory=list)  # linear names (substrings) left dense
     blocksize: int = 128  # SparseGPT column block
