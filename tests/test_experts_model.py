@@ -178,6 +178,12 @@ def test_commands_end_to_end(tmp_path, tiny_llama_dir, monkeypatch):
                    f"hydra.run.dir={g}") in (0, None)
     gen = json.loads((g / "report.json").read_text())["generation"]
     assert gen["expert"] in (0, 1, 2) and isinstance(gen["response"], str)
+    # the same from Python: same route, same greedy answer
+    from plmtool.experts.routed import load_routed
+
+    experts = load_routed(str(d), SimpleNamespace(name_or_path=str(tiny_llama_dir), dtype="float32", device="cpu"))
+    py = experts.generate("Compute 2 plus 3.", max_new_tokens=5, max_prompt_len=32)
+    assert py["expert"] == gen["expert"] and py["response"] == gen["response"]
 
 
 def test_bad_input_fails_cleanly_without_half_written_outputs(tmp_path, tiny_llama_dir, monkeypatch, capsys):

@@ -84,4 +84,30 @@ def routes_for_samples(experts: RoutedExperts, samples: Sequence[dict[str, Any]]
     return experts.route([prompt_text(s) for s in samples])
 
 
-__all__ = ["RoutedExperts", "expert_name", "routes_for_samples", "BASE"]
+
+
+def load_routed(redistribution: str, model_cfg: Any, adapters_dir: str | None = None) -> RoutedExperts:
+    """Python entry point: the model of `model_cfg` with every trained expert and the router.
+
+        experts = load_routed("outputs/experts/<run>", SimpleNamespace(name_or_path="smollm2-135m", dtype="float32"))
+        experts.generate("Write a haiku about rain")
+    """
+    from pathlib import Path
+
+    from plmtool.experts.embed import make_embedder
+    from plmtool.experts.lora import load_adapter
+    from plmtool.experts.run_train import load_meta
+    from plmtool.models import load_model
+
+    d, meta = load_meta(redistribution)
+    model, tok = load_model(model_cfg)
+    adapters = Path(adapters_dir).expanduser() if adapters_dir else d / "adapters"
+    names = [expert_name(k) for k in range(int(meta["k"]))]
+    for n in names:
+        model = load_adapter(model, n, adapters / n)
+    embedder = make_embedder(meta["embedder"], model, tok, model_id=str(model_cfg.name_or_path),
+                             layer=meta.get("embed_layer", -1), max_len=meta.get("embed_max_len", 256))
+    return RoutedExperts(model, tok, Router.load(d / "centroids.npy"), embedder, names)
+
+
+__all__ = ["RoutedExperts", "expert_name", "load_routed", "routes_for_samples", "BASE"]
