@@ -260,3 +260,25 @@ def test_speculative_sampling_reproduces_target_distribution():
             out = eng.generate(prompt, GenerationConfig(max_new_tokens=2, temperature=temp, seed=i))
             counts[out.tokens[0] * vocab + out.tokens[1]] += 1
         assert _chi2_pvalue(counts, joint) > 1e-3
+
+
+def test_speculative_step_reads_the_device_once(target):
+    """A steady-state greedy step (drafter step, tree forward, verification, compaction) reads
+    one device value on the host: the verdict's single transfer. Anything more would be a GPU sync."""
+    from host_sync_recorder import HostSyncRecorder, self_check
+
+    from plmtool.draft.config import DrafterConfig
+    from plmtool.draft.drafter import build_drafter
+
+    self_check()
+    drafter = build_drafter(DrafterConfig(kind="amphista", num_heads=3), target=target).eval()
+    engine = SpeculativeEngine(target, drafter, tree=TREES["wide"], max_len=64)
+    prompt = [7, 3, 19]
+    stream = engine.stream(prompt, max_new_tokens=20)
+    next(stream)  # prefill
+    next(stream)  # drafter prefill + first step
+    for _ in range(3):
+        with HostSyncRecorder() as rec:
+            _, result = next(stream)
+        assert dict(rec.counts) == {"tolist": 1}, dict(rec.counts)
+    assert list(stream)[-1][1].tokens == plain_greedy(target, prompt, 20)

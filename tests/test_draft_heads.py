@@ -203,3 +203,50 @@ def test_amphista_cache_overflow_is_an_error(target):
     with pytest.raises(ValueError, match="cache full"):
         d.step(hidden, ids, cache)
     assert isinstance(d, AmphistaDrafter) and not isinstance(d, MedusaDrafter)
+
+
+def test_amphista_step_reads_nothing_back_from_the_device(target):
+    """A steady-state step, the static step and cropping never read a device value on the host
+    (no .item()/int()/tolist()/nonzero/host->device tensor), so they run without syncs on a GPU."""
+    from host_sync_recorder import HostSyncRecorder, self_check
+
+    self_check()
+    d = perturbed(build_drafter(DrafterConfig(kind="amphista", num_heads=3), target))
+    hidden, ids = inputs(target, t=12)
+    with torch.no_grad():
+        cache = d.new_cache(2, 32)
+        d.step(hidden[:, :4], ids[:, :4], cache)
+        count = torch.tensor(2)
+        with HostSyncRecorder() as rec:
+            d.step(hidden[:, 4:7], ids[:, 4:7], cache)
+            d.crop_cache(cache, 6)
+            d.step(hidden[:, 6:7], ids[:, 6:7], cache)
+            d.step_static(hidden[:, 7:10], ids[:, 7:10], count, cache)
+    assert sum(rec.counts.values()) == 0, dict(rec.counts)
+
+
+@pytest.mark.parametrize("name", ["full", "three_stages", "no_stages", "per_head_lm"])
+def test_amphista_static_step_equals_forward(target, name):
+    """Fixed-shape step: N=4 rows holding `count` accepted positions then garbage padding; mixed
+    with the eager step (host length kept by the caller) it reproduces forward()."""
+    cfg = DrafterConfig(kind="amphista", **{"num_heads": 3, **ABLATIONS[name]})
+    d = perturbed(build_drafter(cfg, target))
+    hidden, ids = inputs(target, t=13)
+    g = torch.Generator().manual_seed(5)
+    N = 4
+    with torch.no_grad():
+        full = d(hidden, ids)
+        cache = d.new_cache(2, 32)
+        pos = 0
+        for n, static in ((3, True), (1, True), (2, False), (4, True), (3, True)):
+            if static:
+                h = torch.randn(2, N, hidden.shape[-1], generator=g) * 5
+                t = torch.randint(0, VOCAB, (2, N), generator=g)
+                h[:, :n], t[:, :n] = hidden[:, pos : pos + n], ids[:, pos : pos + n]
+                out = d.step_static(h, t, torch.tensor(n), cache)
+                if cache is not None:
+                    cache.length += n
+            else:
+                out = d.step(hidden[:, pos : pos + n], ids[:, pos : pos + n], cache)
+            pos += n
+            assert torch.allclose(out, full[:, pos - 1], atol=1e-4), (name, pos)

@@ -40,12 +40,17 @@ class RMSNorm(nn.Module):
         return (self.weight * x).to(dtype)
 
 
-def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary position embedding (half-split layout) of x [B, heads, T, d] at `positions` [T]."""
-    d = x.shape[-1]
-    inv = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [T, head_dim] (float32, half-split layout) of the rotary embedding at `positions` [T]."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     ang = positions.to(torch.float32)[:, None] * inv[None, :]
-    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+    ang = torch.cat([ang, ang], -1)
+    return ang.cos(), ang.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, heads, T, d] by tables [T, d] from `rope_tables`."""
+    d = x.shape[-1]
     x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
@@ -77,20 +82,27 @@ class TransformerLayer(nn.Module):
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return q, k, v  # each [B, heads, T, d]
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, kv: "LayerCache | None" = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                kv: "LayerCache | None" = None, slots: int | torch.Tensor = 0, span: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Full sequence (kv None): causal over x itself. Incremental (kv given): the new keys/values
+        go to `slots` (a host int = first slot of a contiguous run, or a device tensor of slots),
+        the queries attend to cache slots [0, span) under `mask` [T, span]. Nothing here reads a
+        device value on the host, so an incremental call can be replayed in a CUDA graph."""
         b, t, h = x.shape
         q, k, v = self._split(self.attn_norm(x))
         if self.causal:
-            q, k = rotary(q, positions, self.rope_theta), rotary(k, positions, self.rope_theta)
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if kv is None:
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
-            # incremental: write the new keys/values at their positions, attend over the prefix
-            start = int(positions[0])
-            kv.k[:, :, start : start + t] = k.to(kv.k.dtype)
-            kv.v[:, :, start : start + t] = v.to(kv.v.dtype)
-            keys, values = kv.k[:, :, : start + t].to(q.dtype), kv.v[:, :, : start + t].to(q.dtype)
-            mask = torch.arange(start + t, device=x.device)[None, :] <= positions[:, None].to(x.device)
+            if isinstance(slots, int):
+                kv.k[:, :, slots : slots + t].copy_(k)
+                kv.v[:, :, slots : slots + t].copy_(v)
+            else:
+                kv.k.index_copy_(2, slots, k.to(kv.k.dtype))
+                kv.v.index_copy_(2, slots, v.to(kv.v.dtype))
+            keys, values = kv.k[:, :, :span].to(q.dtype), kv.v[:, :, :span].to(q.dtype)
             attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         x = x + self.o_proj(attn.transpose(1, 2).reshape(b, t, h))
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
@@ -105,9 +117,19 @@ class LayerCache:
 
 @dataclass
 class AmphistaCache:
+    """KV cache of the adaptation layers plus the step's constant tables, all preallocated.
+
+    `length` (positions filled, shared by the batch) lives on the host: the caller knows how many
+    tokens it accepted, so no step ever reads it back from the device. `start` is its device-side
+    copy, read only by `step_static` (a CUDA-graph-ready step cannot take a host int)."""
+
     layers: list[LayerCache]  # one per adaptation layer, stage by stage
-    length: int  # positions filled (shared by the batch)
+    length: int
     max_len: int
+    slot_ids: torch.Tensor  # [max_len] 0..max_len-1
+    cos: torch.Tensor  # [max_len, head_dim] rotary tables (float32), sliced per step
+    sin: torch.Tensor
+    start: torch.Tensor  # 0-dim long, == length after every step / crop
 
 
 class AmphistaDrafter(Drafter):
@@ -201,11 +223,14 @@ class AmphistaDrafter(Drafter):
     def features(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> list[torch.Tensor]:
         """[fused input, stage-1 output, stage-2 output, ...], each [B,T,H]."""
         x = self._fused(hidden, next_tokens)
-        positions = torch.arange(x.shape[1], device=x.device)
+        rope = None
+        if len(self.stages):
+            positions = torch.arange(x.shape[1], device=x.device)
+            rope = rope_tables(positions, self.stages[0][0].head_dim, self.cfg.rope_theta)
         features = [x]
         for stage in self.stages:
             for layer in stage:
-                x = layer(x, positions)
+                x = layer(x, rope)
             features.append(x)
         return features
 
@@ -222,33 +247,77 @@ class AmphistaDrafter(Drafter):
             for layer in stage:
                 shape = (batch_size, layer.heads, max_len, layer.head_dim)
                 layers.append(LayerCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)))
-        return AmphistaCache(layers, 0, max_len)
+        slot_ids = torch.arange(max_len, device=device)
+        head_dim = self.stages[0][0].head_dim if len(self.stages) else 2
+        cos, sin = rope_tables(slot_ids, head_dim, self.cfg.rope_theta)
+        start = torch.zeros((), dtype=torch.long, device=device)
+        return AmphistaCache(layers, 0, max_len, slot_ids, cos, sin, start)
+
+    def _heads_of_last(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return self.project(self.heads_from_features(features))[:, -1]
 
     def step(self, hidden: torch.Tensor, next_tokens: torch.Tensor, cache: AmphistaCache | None) -> torch.Tensor:
         n = hidden.shape[1]
         if not len(self.stages):  # no causal layers: stateless like Medusa
             x = self._fused(hidden[:, -1:], next_tokens[:, -1:])
-            return self.project(self.heads_from_features([x]))[:, -1]
+            return self._heads_of_last([x])
         if cache is None:
             raise ValueError("Amphista.step needs a cache from new_cache()")
-        if cache.length + n > cache.max_len:
-            raise ValueError(f"drafter cache full: {cache.length} + {n} > {cache.max_len}")
+        start = cache.length  # host int: no device read
+        if start + n > cache.max_len:
+            raise ValueError(f"drafter cache full: {start} + {n} > {cache.max_len}")
         x = self._fused(hidden, next_tokens)
-        positions = torch.arange(cache.length, cache.length + n, device=x.device)
+        span = start + n
+        rope = cache.cos[start:span], cache.sin[start:span]
+        # query i (position start+i) sees slots <= start+i; built once per step for all layers
+        mask = cache.slot_ids[:span].view(1, -1) <= cache.slot_ids[start:span].view(-1, 1)
         features = [x[:, -1:]]
         i = 0
         for stage in self.stages:
             for layer in stage:
-                x = layer(x, positions, cache.layers[i])
+                x = layer(x, rope, cache.layers[i], start, span, mask)
                 i += 1
             features.append(x[:, -1:])
-        cache.length += n
-        return self.project(self.heads_from_features(features))[:, -1]
+        cache.length = span
+        cache.start.fill_(span)
+        return self._heads_of_last(features)
+
+    def step_static(self, hidden: torch.Tensor, next_tokens: torch.Tensor, count: torch.Tensor,
+                    cache: AmphistaCache) -> torch.Tensor:
+        """`step` with fixed shapes and no host-side values: for capture in a CUDA graph.
+
+        hidden [B,N,H] / next_tokens [B,N] hold `count` (a 0-dim device long, 1..N) accepted
+        positions followed by padding of any value. Positions come from `cache.start` on the
+        device; the padding rows are written to the cache past the new length, where the causal
+        mask hides them from every valid query and the next step overwrites them. Attention spans
+        all `max_len` slots, so the caller must keep `cache.length + N <= max_len`. Advances
+        `cache.start` on the device; the host-side `cache.length += count` is the caller's
+        bookkeeping (it knows what it accepted). Returns the heads of the last valid position."""
+        if not len(self.stages):
+            last = (count - 1).view(1)
+            x = self._fused(hidden.index_select(1, last), next_tokens.index_select(1, last))
+            return self._heads_of_last([x])
+        n = hidden.shape[1]
+        slots = (cache.start + cache.slot_ids[:n]).clamp_(max=cache.max_len - 1)
+        rope = cache.cos.index_select(0, slots), cache.sin.index_select(0, slots)
+        mask = cache.slot_ids.view(1, -1) <= slots.view(-1, 1)
+        last = (count - 1).view(1)
+        x = self._fused(hidden, next_tokens)
+        features = [x.index_select(1, last)]
+        i = 0
+        for stage in self.stages:
+            for layer in stage:
+                x = layer(x, rope, cache.layers[i], slots, cache.max_len, mask)
+                i += 1
+            features.append(x.index_select(1, last))
+        cache.start.add_(count)
+        return self._heads_of_last(features)
 
     def crop_cache(self, cache: AmphistaCache | None, length: int) -> None:
         # entries beyond `length` are simply overwritten by the next step
         if cache is not None:
             cache.length = min(cache.length, max(0, int(length)))
+            cache.start.fill_(cache.length)
 
 
 def _even_split(k: int, parts: int) -> list[int]:

@@ -190,15 +190,19 @@ class SpeculativeEngine:
         tree, step = self.tree, self.tree_step
         assert tree is not None and step is not None
         drafter = self.drafter
+        max_depth = tree.max_depth  # host int, read once (the property reads a device tensor)
         with torch.inference_mode():
             dcache = drafter.new_cache(1, self.max_len, self.device, runner.dtype)
             nxt = torch.tensor([prompt[1:] + [token]], device=self.device)
             heads = drafter.step(hidden.unsqueeze(0), nxt, dcache)  # [1, K, V]
             tokens = torch.empty(tree.n, dtype=torch.long, device=self.device)
+            nxt = torch.empty(1, max_depth + 1, dtype=torch.long, device=self.device)
+        # Host reads per step: only the verdict (greedy: one transfer holding the accepted node,
+        # its tokens and the bonus token); everything else stays on the device.
         while True:
             with torch.inference_mode():
-                cands = torch.topk(heads[0, : tree.max_depth], tree.topk, dim=-1).indices.reshape(-1)
-                tokens[0] = token
+                cands = torch.topk(heads[0, :max_depth], tree.topk, dim=-1).indices.reshape(-1)
+                tokens[:1].fill_(token)
                 tokens[1:] = cands[tree.candidate_index]
                 start = runner.length
                 logits, hidden = step(tokens, start)
@@ -207,7 +211,10 @@ class SpeculativeEngine:
                 runner.cache.compact(start, path)
                 runner.cache.length = start + verdict.length
                 accepted_path = path[: verdict.length]
-                drafted = tokens[accepted_path[1:]].tolist()
+                if verdict.path_tokens is not None:
+                    drafted = verdict.path_tokens[1:]
+                else:
+                    drafted = tokens[accepted_path[1:]].tolist()
                 token = verdict.bonus
             kept, done = self._emit(drafted + [token], gen, result, stops)
             result.accept_lengths.append(len(kept))
@@ -215,8 +222,12 @@ class SpeculativeEngine:
             if done:
                 return
             with torch.inference_mode():
-                nxt = torch.cat([tokens[accepted_path[1:]], torch.tensor([token], device=self.device)]).view(1, -1)
-                heads = drafter.step(hidden[accepted_path].unsqueeze(0), nxt, dcache)
+                # the drafter reads the accepted positions and the token after each one: the
+                # drafted tokens (still on the device) then the bonus token
+                n = verdict.length
+                nxt[0, : n - 1] = tokens.index_select(0, accepted_path[1:])
+                nxt[0, n - 1 : n].fill_(token)
+                heads = drafter.step(hidden.index_select(0, accepted_path).unsqueeze(0), nxt[:, :n], dcache)
 
     def _verify(self, tree: Tree, tokens: torch.Tensor, logits: torch.Tensor, gen: GenerationConfig, cpu_gen) -> Verdict:
         if gen.temperature == 0:

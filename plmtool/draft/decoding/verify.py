@@ -32,6 +32,7 @@ class Verdict:
     node: int  # deepest accepted node
     length: int  # accepted nodes including the root (= depth(node) + 1)
     bonus: int  # the target's token after the accepted path
+    path_tokens: list[int] | None = None  # tokens of the accepted nodes, root first (None: not read back)
 
 
 def _deepest(tree: Tree, ok_node: torch.Tensor) -> torch.Tensor:
@@ -46,11 +47,14 @@ def greedy_verify(tree: Tree, tokens: torch.Tensor, logits: torch.Tensor) -> Ver
     """tokens [n] (node tokens, root first), logits [n, V] from the tree forward."""
     pred = logits.argmax(dim=-1)
     match = tokens == pred[tree.parent]
-    match[0] = True
-    best = _deepest(tree, match)
-    # one device->host transfer per step
-    node, bonus = torch.stack([best, pred[best]]).tolist()
-    return Verdict(node, tree_depth(tree, node) + 1, bonus)
+    match[:1].fill_(True)
+    best = _deepest(tree, match).view(1)
+    # one device->host transfer per step: the node, the bonus token and the path's tokens (indexing
+    # with a 0-dim tensor would read it on the host: index_select keeps it on the device)
+    path_nodes = tree.paths.index_select(0, best)[0]
+    node, bonus, *path = torch.cat([best, pred.index_select(0, best), tokens.index_select(0, path_nodes)]).tolist()
+    length = tree_depth(tree, node) + 1
+    return Verdict(node, length, bonus, path[:length])
 
 
 def tree_depth(tree: Tree, node: int) -> int:
@@ -81,6 +85,7 @@ def sample_verify(tree: Tree, tokens: torch.Tensor, logits: torch.Tensor, temper
     """Lossless speculative sampling over the tree (see module doc). `generator` lives on CPU."""
     toks = tokens.tolist()
     node = 0
+    chain = [0]
     while True:
         p = filter_probs(logits[node], temperature, top_p, top_k).double().cpu()
         accepted = None
@@ -96,8 +101,9 @@ def sample_verify(tree: Tree, tokens: torch.Tensor, logits: torch.Tensor, temper
                 break
             p[x] = 0.0  # residual: p without the rejected candidate
         if accepted is None:
-            return Verdict(node, tree_depth(tree, node) + 1, _sample(p / p.sum(), generator))
+            return Verdict(node, tree_depth(tree, node) + 1, _sample(p / p.sum(), generator), [toks[i] for i in chain])
         node = accepted
+        chain.append(node)
 
 
 def typical_verify(tree: Tree, tokens: torch.Tensor, logits: torch.Tensor, temperature: float,
