@@ -105,3 +105,16 @@ def test_bad_input_is_one_clear_error_before_loading(monkeypatch, tmp_path, tiny
     assert rc == 2
     lines = [ln for ln in err.splitlines() if ln.startswith("plmtool: error")]
     assert len(lines) == 1 and message in lines[0], err
+
+
+def test_every_method_has_its_yaml_and_back():
+    from pathlib import Path
+
+    import yaml
+
+    from plmtool.paths import CONF_DIR
+    from plmtool.prune.oneshot import METHODS
+
+    files = {p.stem: yaml.safe_load(p.read_text()) for p in (Path(CONF_DIR) / "prune").glob("*.yaml")}
+    assert set(files) == set(METHODS)
+    assert all(cfg["method"] == name for name, cfg in files.items())
