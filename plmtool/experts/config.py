@@ -37,7 +37,7 @@ class RedistributeConfig:
     k_max: int = 12
     k_criterion: str = "silhouette"  # silhouette | calinski_harabasz
     kmeans_n_init: int = 3
-    kmeans_fit_size: Optional[int] = 50000  # fit centroids on a seeded subsample of this size (null = all)
+    kmeans_fit_size: Optional[int] = 20000  # fit centroids on a seeded subsample of this size (null = all)
     density: DensityConfig = field(default_factory=DensityConfig)
     # redistribution
     budget: float = 0.1  # fraction of the (non-held-out) samples selected
