@@ -204,3 +204,17 @@ def test_bad_input_fails_cleanly_without_half_written_outputs(tmp_path, tiny_lla
         assert not list(out.rglob("*.tmp"))
     assert plmtool("experts", "train", f"experts.redistribution={tmp_path / 'nope'}", f"hydra.run.dir={tmp_path / 'E'}") == 2
     assert "not a finished redistribution run" in capsys.readouterr().err
+
+
+@pytest.mark.real_model
+def test_packaged_minilm_clusters_recover_task_labels():
+    from sklearn.metrics import adjusted_rand_score
+
+    from plmtool.experts.cluster import kmeans
+    from plmtool.experts.embed import make_embedder
+
+    samples = [(t, q.format(a=i, b=i + 3, c=2 * i + 3)) for t, (q, _) in TASKS.items() for i in range(12)]
+    emb = make_embedder("minilm").embed([q for _, q in samples])
+    assert emb.shape == (36, 384)
+    labels, _ = kmeans(emb, 3, seed=0)
+    assert adjusted_rand_score([t for t, _ in samples], labels) > 0.9
