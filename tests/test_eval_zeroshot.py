@@ -335,6 +335,14 @@ def _magnitude_prune_decoder_linears(model, fraction: float) -> None:
                 w.masked_fill_(w.abs() <= threshold, 0)
 
 
+# Measured with these settings (bf16, first 100 examples): dense acc 0.37 / acc_norm 0.42, 70%
+# magnitude-pruned 0.25 / 0.27 (chance 0.25). The bounds leave room for a few flipped examples
+# across CPUs' bf16 kernels.
+REAL_LIMIT = 100
+DENSE_MIN = 0.32
+MARGIN = 0.08
+
+
 @pytest.mark.real_model
 def test_offline_task_separates_smollm2_from_damaged_smollm2():
     from omegaconf import OmegaConf
