@@ -185,14 +185,15 @@ def quality(args, rec: Recorder, data: dict, patterns: list[str]) -> None:
                 sync()
                 t = time.perf_counter()
                 redense_model(model, calib, dense, opts, walk)
-                info = reprune_model(model, calib, dense, oneshot[method], method, pattern, opts, walk, sgpt)
+                res = reprune_model(model, calib, dense, oneshot[method], method, pattern, opts, walk, sgpt)
+                info = res["layers"]
                 sync()
                 secs = round(time.perf_counter() - t, 2)
                 choices: dict = {}
                 for v in info.values():
                     choices[v["choice"]] = choices.get(v["choice"], 0) + 1
                 evaluate(f"SDS({method}){suffix}", shown, secs, {"iterations": opts.redense.iterations, "lr": opts.redense.lr,
-                                                               "optimizer": opts.redense.optimizer, "layer_choices": choices})
+                                                               "optimizer": opts.redense.optimizer, "layer_choices": choices, "early_exit": res["early_exit"]})
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

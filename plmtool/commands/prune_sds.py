@@ -304,16 +304,20 @@ def run(cfg: DictConfig, run_dir: Path) -> Report:
             if "redense" not in stages_wanted:
                 # re-dense is part of SDS even when its own evaluation is not requested
                 redense_model(model, calib(), dense, sds_opts, walk_opts)
-            info = reprune_model(model, calib(), dense, oneshot_w, p.method, pattern, sds_opts, walk_opts, sgpt)
+            res = reprune_model(model, calib(), dense, oneshot_w, p.method, pattern, sds_opts, walk_opts, sgpt)
             weights = linear_weights(model, exclude)
             _verify_all(weights, pattern, stage)
+            info = res["layers"]
+            extra["early_exit"] = res["early_exit"]
+            extra["calibration_nll"] = res["nll"]
             choices: dict[str, int] = {}
             for v in info.values():
                 choices[v["choice"]] = choices.get(v["choice"], 0) + 1
-            extra["layer_choices"] = choices
-            extra["calibration_loss"] = {
-                k: sum(v[k] for v in info.values()) / len(info) for k in ("oneshot", "reprune", "final")
-            }
+            extra["layer_choices"] = choices or {"reprune": len(weights)}
+            if info:
+                extra["calibration_loss"] = {
+                    k: sum(v[k] for v in info.values()) / len(info) for k in ("oneshot", "reprune", "final")
+                }
             extra["optimizer_retries"] = sum(v["retries"] for v in info.values())
             report["layers_sds"] = info
         seconds = round(time.perf_counter() - start, 2)
@@ -361,6 +365,8 @@ def render(report: Report) -> str:
         rows.append([name, e.get("ppl"), e.get("sparsity"), zs, e.get("seconds")])
     lines.append(md_table(["stage", f"ppl ({next(iter(report['stages'].values()), {}).get('corpus', '')}, seqlen {next(iter(report['stages'].values()), {}).get('seqlen', '')})", "sparsity (pruned layers)", "zero-shot acc", "seconds"], rows))
     sds = report["stages"].get("sds")
+    if sds and sds.get("early_exit"):
+        lines += ["", f"Early exit: the re-pruned model already beat the one-shot model on calibration NLL {sds.get('calibration_nll')}; no adjustment."]
     if sds and sds.get("calibration_loss"):
         cl = sds["calibration_loss"]
         lines += ["", f"Mean per-layer calibration loss (relative output error): one-shot {cl['oneshot']:.4g}, "

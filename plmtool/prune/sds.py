@@ -240,7 +240,7 @@ class SdsOptions:
     l2: float = 0.1
     redense: OptimOptions = field(default_factory=OptimOptions)
     adjust: OptimOptions = field(default_factory=OptimOptions)
-    early_exit: bool = True  # skip the adjustment when the re-pruned layer already beats one-shot
+    early_exit: bool = True  # skip the adjustment when the re-pruned model already beats one-shot (calibration NLL)
     keep_oneshot_if_better: bool = True  # never end a layer worse than its one-shot weights
 
 
@@ -284,45 +284,94 @@ def redense_model(model, calib_ids, dense: dict, opts: SdsOptions, walk_opts) ->
     return info
 
 
-def reprune_model(model, calib_ids, dense: dict, oneshot: dict, method: str, pattern: Pattern, opts: SdsOptions, walk_opts, sgpt) -> dict:
-    """Re-prune the re-dense model with the one-shot method, then adjust each layer (unless the
-    early exit applies); pruned outputs propagate to the next block."""
+@torch.no_grad()
+def calibration_nll(model, calib_ids, batch_size: int = 8) -> float:
+    """Mean next-token NLL of the model on the calibration windows (the model-level loss that
+    decides the early exit)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for s in range(0, calib_ids.shape[0], batch_size):
+        ids = calib_ids[s : s + batch_size].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits
+        for r in range(ids.shape[0]):
+            total += float(torch.nn.functional.cross_entropy(logits[r, :-1].float(), ids[r, 1:], reduction="sum"))
+            count += ids.shape[1] - 1
+    return total / count
+
+
+def adjust_model(model, calib_ids, dense: dict, oneshot: dict, pattern: Pattern, opts: SdsOptions, walk_opts) -> dict:
+    """Weight adjustment of every layer (mask re-selected by magnitude each step), block by
+    block on the current model's activations, pruned outputs propagated."""
     from dataclasses import replace
 
-    from plmtool.prune.oneshot import prune_linear
     from plmtool.prune.sequential import walk
 
     info: dict[str, dict] = {}
 
     def process(i, block, linears, stats) -> None:
-        for name, lin in linears.items():
-            dev = lin.weight.device
-            st = stats[name]
-            W_rp, _ = prune_linear(method, lin.weight.data, st, pattern, sgpt)
-            with tf32_matmuls(opts.adjust.tf32):
-                rec = Reconstruction(dense[_key(i, name)].to(dev), st.gram)
+        with tf32_matmuls(opts.adjust.tf32):
+            for name, lin in linears.items():
+                dev = lin.weight.device
+                rec = Reconstruction(dense[_key(i, name)].to(dev), stats[name].gram)
+                W_rp = lin.weight.data.float()
                 W_os = oneshot[_key(i, name)].to(dev).float()
                 loss_os, loss_rp = rec.loss(W_os), rec.loss(W_rp)
-                entry = {"oneshot": loss_os, "reprune": loss_rp, "adjusted": None, "choice": "reprune", "retries": 0}
-                W = W_rp
-                if not (opts.early_exit and loss_rp <= loss_os) and opts.adjust.iterations > 0:
-                    W, hist = adjust(W_rp, rec, pattern, opts.adjust)
-                    entry.update(adjusted=hist["reconstruction"], choice="adjusted", retries=hist["retries"])
-                final = rec.loss(W)
+                W, hist = adjust(W_rp, rec, pattern, opts.adjust)
+                entry = {"oneshot": loss_os, "reprune": loss_rp, "adjusted": hist["reconstruction"], "choice": "adjusted", "retries": hist["retries"]}
+                final = hist["reconstruction"]
                 if opts.keep_oneshot_if_better and loss_os < final:
                     W, final, entry["choice"] = W_os, loss_os, "oneshot"
                 entry["final"] = final
-            lin.weight.data = W.to(lin.weight.dtype)
-            entry["sparsity"] = float((lin.weight.data == 0).float().mean())
-            info[_key(i, name)] = entry
-            del rec
+                lin.weight.data = W.to(lin.weight.dtype)
+                entry["sparsity"] = float((lin.weight.data == 0).float().mean())
+                info[_key(i, name)] = entry
+                del rec
 
     calib = (lambda i, n: dense[_key(i, n)]) if opts.inputs == "dense" else None
     propagate = "dense" if opts.inputs == "dense" else "pruned"
-    # SparseGPT's Hessian must be exact fp32 (as in the reference); otherwise TF32 is allowed.
-    with tf32_matmuls(opts.adjust.tf32 and method != "sparsegpt"):
-        walk(model, calib_ids, process, stats="gram", opts=replace(walk_opts, propagate=propagate), calib_weights=calib, description="SDS re-prune + adjust")
+    with tf32_matmuls(opts.adjust.tf32):
+        walk(model, calib_ids, process, stats="gram", opts=replace(walk_opts, propagate=propagate), calib_weights=calib, description="SDS adjust")
     return info
+
+
+def reprune_model(model, calib_ids, dense: dict, oneshot: dict, method: str, pattern: Pattern, opts: SdsOptions, walk_opts, sgpt) -> dict:
+    """SDS step 3 on a re-dense model: re-prune with the one-shot method (a full one-shot pass),
+    then - unless the early exit applies - adjust every layer.
+
+    Early exit: when the re-pruned model's calibration loss (mean NLL on the calibration windows)
+    is already below the one-shot model's, the adjustment is skipped.
+    Returns {"early_exit", "nll": {...}, "layers": per-layer info}.
+    """
+    from plmtool.prune.oneshot import OneShotOptions, prune_model
+
+    prune_model(model, calib_ids, pattern, OneShotOptions(method=method, walk=walk_opts, sparsegpt=sgpt))
+    result: dict = {"early_exit": False, "nll": {}, "layers": {}}
+    if opts.early_exit:
+        current = {k: v for k, v in _current(model, walk_opts.exclude).items()}
+        nll_rp = calibration_nll(model, calib_ids, walk_opts.batch_size)
+        _load(model, oneshot, walk_opts.exclude)
+        nll_os = calibration_nll(model, calib_ids, walk_opts.batch_size)
+        _load(model, current, walk_opts.exclude)
+        result["nll"] = {"oneshot": nll_os, "reprune": nll_rp}
+        log.info("SDS early-exit check: calibration NLL one-shot %.4f, re-pruned %.4f", nll_os, nll_rp)
+        if nll_rp < nll_os:
+            result["early_exit"] = True
+            return result
+    if opts.adjust.iterations > 0:
+        result["layers"] = adjust_model(model, calib_ids, dense, oneshot, pattern, opts, walk_opts)
+    return result
+
+
+def _current(model, exclude) -> dict:
+    return linear_weights(model, exclude, device="cpu")
+
+
+def _load(model, weights: dict, exclude) -> None:
+    from plmtool.prune.sequential import block_linears, decoder_layers
+
+    for i, block in enumerate(decoder_layers(model)):
+        for name, lin in block_linears(block, exclude).items():
+            lin.weight.data.copy_(weights[_key(i, name)].to(lin.weight.device, lin.weight.dtype))
 
 
 def linear_weights(model, exclude: tuple = (), device: str = "cpu") -> dict:
