@@ -286,7 +286,7 @@ def test_suite_perplexity_keys_and_resume(tmp_path, monkeypatch):
     assert result["seqlen"] == 16 and isinstance(result["seqlen"], int)
     assert result["corpus"] == str(corpus) and result["ppl_tokens"] == direct["tokens"]
     assert result["zeroshot"] == {} and result["zeroshot_norm"] == {}
-    assert (run_dir / "stages" / "eval-dense.json").is_file()
+    assert (run_dir / "stages" / "eval-dense-ppl.json").is_file()
 
     # Same weights and settings: reused from the stage marker without recomputing.
     def boom(*a, **k):

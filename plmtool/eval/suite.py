@@ -6,9 +6,9 @@
 `ppl` / `ppl_tokens` / `ppl_windows` are None when `eval.ppl` is false; `zeroshot` / `zeroshot_norm`
 are {} when `eval.zeroshot` is empty. lm-eval's results go to `run_dir/lm_eval_<label>.json`.
 
-The finished result is kept as a stage marker (`run_dir/stages/eval-<label>.json`) together with a
-fingerprint of the model weights and of the settings, so a requeued run skips an evaluation that
-already completed on the same weights and re-runs it if anything differs.
+Each finished part is kept as a stage marker (`run_dir/stages/eval-<label>-ppl.json`,
+`eval-<label>-zeroshot.json`) together with a fingerprint of the model weights and of the settings,
+so a requeued run skips what already completed on the same weights and redoes it if anything differs.
 """
 
 from __future__ import annotations
@@ -61,6 +61,9 @@ def weights_fingerprint(model) -> str:
     h = hashlib.sha1()
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if p.device.type == "meta":  # offloaded by accelerate: its values are not here to read
+                h.update(f"{name}:{tuple(p.shape)}:offloaded;".encode())
+                continue
             norm = torch.linalg.vector_norm(p.detach(), ord=1, dtype=torch.float32)
             h.update(f"{name}:{tuple(p.shape)}:{float(norm):.6e};".encode())
     return h.hexdigest()[:16]
@@ -88,13 +91,23 @@ def evaluate(model, tokenizer, eval_cfg: Any, data_cfg: Any, run_dir: str | Path
 
     check_config(eval_cfg)
     stages = Stages(run_dir) if run_dir is not None else None
-    stage = f"eval-{label}"
-    key = {"weights": weights_fingerprint(model), "settings": _settings(eval_cfg, data_cfg)}
-    if stages is not None and stages.done(stage):
-        saved = stages.result(stage)
-        if saved.get("key") == key:
-            log.info("evaluation '%s' already done in %s; reusing it", label, run_dir)
-            return saved["result"]
+    weights = weights_fingerprint(model)
+    settings = _settings(eval_cfg, data_cfg)
+    # Two stages, so a run interrupted during zero-shot keeps its (possibly long) perplexity pass.
+    ppl_key = {"weights": weights, "settings": {k: settings[k] for k in ("corpus", "seqlen", "max_tokens", "data_cache_dir")}}
+    zs_key = {"weights": weights, "settings": {k: v for k, v in settings.items() if k not in ("ppl", "batch_size")}}
+
+    def reuse(name: str, key: dict) -> Any:
+        if stages is not None and stages.done(name):
+            saved = stages.result(name)
+            if saved.get("key") == key:
+                log.info("evaluation stage '%s' already done in %s; reusing it", name, run_dir)
+                return saved["result"]
+        return None
+
+    def keep(name: str, key: dict, value: Any) -> None:
+        if stages is not None:
+            stages.mark(name, {"key": key, "result": value})
 
     result: dict[str, Any] = {
         "ppl": None,
@@ -106,35 +119,41 @@ def evaluate(model, tokenizer, eval_cfg: Any, data_cfg: Any, run_dir: str | Path
         "zeroshot_norm": {},
     }
     if eval_cfg.ppl:
-        from plmtool.data.corpora import eval_tokens
-        from plmtool.eval.perplexity import perplexity
+        p = reuse(f"eval-{label}-ppl", ppl_key)
+        if p is None:
+            from plmtool.data.corpora import eval_tokens
+            from plmtool.eval import perplexity as perplexity_mod
 
-        ids = eval_tokens(tokenizer, eval_cfg.corpus, data_cfg)
-        p = perplexity(model, ids, eval_cfg.seqlen, batch_size=eval_cfg.batch_size, max_tokens=eval_cfg.max_tokens)
+            ids = eval_tokens(tokenizer, eval_cfg.corpus, data_cfg)
+            p = perplexity_mod.perplexity(
+                model, ids, eval_cfg.seqlen, batch_size=eval_cfg.batch_size, max_tokens=eval_cfg.max_tokens
+            )
+            keep(f"eval-{label}-ppl", ppl_key, p)
         log.info("perplexity %s (%s, seqlen %d, %d tokens)", f"{p['ppl']:.4f}", eval_cfg.corpus, p["seqlen"], p["tokens"])
         result.update(ppl=p["ppl"], ppl_tokens=p["tokens"], ppl_windows=p["windows"])
 
     tasks = expand_tasks(list(eval_cfg.zeroshot or []))
     if tasks:
-        from plmtool.eval.zeroshot import zeroshot
+        zs = reuse(f"eval-{label}-zeroshot", zs_key)
+        if zs is None:
+            from plmtool.eval.zeroshot import zeroshot
 
-        acc, acc_norm = zeroshot(
-            model,
-            tokenizer,
-            tasks,
-            run_dir,
-            label,
-            batch_size=eval_cfg.zeroshot_batch_size,
-            limit=eval_cfg.zeroshot_limit,
-            num_fewshot=eval_cfg.num_fewshot,
-            include_path=eval_cfg.include_path,
-            offline_task_size=eval_cfg.offline_task_size,
-            offline_task_choices=eval_cfg.offline_task_choices,
-            offline_task_seed=OFFLINE_TASK_SEED,
-            data_cfg=data_cfg,
-        )
-        result.update(zeroshot=acc, zeroshot_norm=acc_norm)
-
-    if stages is not None:
-        stages.mark(stage, {"key": key, "result": result})
+            acc, acc_norm = zeroshot(
+                model,
+                tokenizer,
+                tasks,
+                run_dir,
+                label,
+                batch_size=eval_cfg.zeroshot_batch_size,
+                limit=eval_cfg.zeroshot_limit,
+                num_fewshot=eval_cfg.num_fewshot,
+                include_path=eval_cfg.include_path,
+                offline_task_size=eval_cfg.offline_task_size,
+                offline_task_choices=eval_cfg.offline_task_choices,
+                offline_task_seed=OFFLINE_TASK_SEED,
+                data_cfg=data_cfg,
+            )
+            zs = {"zeroshot": acc, "zeroshot_norm": acc_norm}
+            keep(f"eval-{label}-zeroshot", zs_key, zs)
+        result.update(zs)
     return result
