@@ -98,8 +98,8 @@ def generate_examples(
                 para_of.append(p)
         articles.append((sents, para_of))
 
-    # Slots: (article, i) where sentence i follows `context_sentences` sentences of its own paragraph,
-    # and the article has enough usable, distinct sentences far from i to serve as distractors.
+    # Slots: (article, i) where the usable sentence i follows `context_sentences` sentences of its own
+    # paragraph. (A slot whose article lacks enough distractors is skipped below.)
     slots: list[tuple[int, int]] = []
     for a, (sents, para_of) in enumerate(articles):
         for i in range(context_sentences, len(sents)):
