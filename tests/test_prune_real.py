@@ -52,7 +52,7 @@ def test_wanda_beats_magnitude_and_sds_beats_oneshot(setup):
     assert ppl_wanda < 0.5 * ppl_mag, (ppl_wanda, ppl_mag)
 
     oneshot = linear_weights(model)
-    opts = SdsOptions(redense=OptimOptions(iterations=10, lr=0.01), adjust=OptimOptions(iterations=10, lr=0.01))
+    opts = SdsOptions(redense=OptimOptions(iterations=10, lr=0.01), adjust=OptimOptions(iterations=10, lr=0.05), early_exit=False)
     redense_model(model, calib, dense, opts, walk)
     res = reprune_model(model, calib, dense, oneshot, "wanda", pattern, opts, walk, SparseGptOptions())
     ppl_sds = _ppl(model, ev)

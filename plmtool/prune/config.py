@@ -25,8 +25,10 @@ class SdsConfig:
     l1: float = 0.1  # lambda_1 of the L1 penalty (relative to ||W_dense||_1)
     l2: float = 0.1  # lambda_2 of the L2 penalty (relative to ||W_dense||^2)
     redense: OptimConfig = field(default_factory=OptimConfig)
-    adjust: OptimConfig = field(default_factory=OptimConfig)
-    early_exit: bool = True  # skip a layer's adjustment when re-pruning already beats one-shot
+    adjust: OptimConfig = field(default_factory=lambda: OptimConfig(lr=0.05))
+    # skip the adjustment when the re-pruned model already beats one-shot on calibration NLL
+    # (the paper's shortcut for >3B models; misfires on small calibration sets, see docs/prune.md)
+    early_exit: bool = False
     keep_oneshot_if_better: bool = True
 
 

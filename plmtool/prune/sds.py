@@ -239,8 +239,8 @@ class SdsOptions:
     l1: float = 0.1
     l2: float = 0.1
     redense: OptimOptions = field(default_factory=OptimOptions)
-    adjust: OptimOptions = field(default_factory=OptimOptions)
-    early_exit: bool = True  # skip the adjustment when the re-pruned model already beats one-shot (calibration NLL)
+    adjust: OptimOptions = field(default_factory=lambda: OptimOptions(lr=0.05))
+    early_exit: bool = False  # skip the adjustment when the re-pruned model already beats one-shot (calibration NLL)
     keep_oneshot_if_better: bool = True  # never end a layer worse than its one-shot weights
 
 
