@@ -282,3 +282,72 @@ def test_speculative_step_reads_the_device_once(target):
             _, result = next(stream)
         assert dict(rec.counts) == {"tolist": 1}, dict(rec.counts)
     assert list(stream)[-1][1].tokens == plain_greedy(target, prompt, 20)
+
+
+# ----------------------------------------------------------------------------- fixed-shape drafter step
+
+
+def _real_drafter(target, kind: str, seed: int, **overrides):
+    from plmtool.draft.config import DrafterConfig
+    from plmtool.draft.drafter import build_drafter
+
+    drafter = build_drafter(DrafterConfig(kind=kind, num_heads=3, **overrides), target=target)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # random values in the zero-initialised branches: every path does work
+        for p in drafter.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return drafter.eval()
+
+
+@pytest.mark.parametrize("kind,overrides", [("amphista", {}), ("amphista", {"use_staged_adaptation": False}),
+                                            ("amphista", {"stage_layers": [1, 2, 1], "stage_heads": [1, 1, 1]}),
+                                            ("medusa", {})])
+def test_static_drafter_step_equals_eager_step_and_plain_greedy(target, kind, overrides):
+    """The fixed-shape drafter step (the one captured as a CUDA graph on GPUs) drafts exactly what
+    the eager step drafts (same accepted lengths), and the output stays plain greedy, over many
+    prompts and trees, with one engine (and one drafter cache) serving request after request."""
+    drafter = _real_drafter(target, kind, seed=len(overrides))
+    for tree_name in ("chain", "wide", "auto"):
+        tree = resolve_tree(TREES[tree_name], 3)
+        static = SpeculativeEngine(target, drafter, tree=tree, max_len=96)
+        eager = SpeculativeEngine(target, drafter, tree=tree, max_len=96, static_drafter=False)
+        assert static.drafter_step is not None and eager.drafter_step is None
+        for prompt in prompts(4, seed=11):
+            ref = plain_greedy(target, prompt, 30)
+            a, b = static.generate(prompt, max_new_tokens=30), eager.generate(prompt, max_new_tokens=30)
+            assert a.tokens == ref and b.tokens == ref, (kind, tree_name, prompt)
+            assert a.accept_lengths == b.accept_lengths, (kind, tree_name, prompt)
+
+
+class _FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph on CPU: replay recomputes (optionally wrongly)."""
+
+    def __init__(self, program, corrupt: bool):
+        self.program, self.corrupt = program, corrupt
+
+    def replay(self):
+        out = self.program._run()
+        self.program.out.copy_(out + 1.0 if self.corrupt else out)
+
+
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_drafter_graph_self_check_keeps_good_and_rejects_wrong_replays(target, monkeypatch, caplog, corrupt):
+    from plmtool.draft.decoding.drafter_step import DrafterProgram
+
+    def fake_capture(self):
+        self.out = self._run().clone()
+        self.graph = _FakeGraph(self, corrupt)
+
+    monkeypatch.setattr(DrafterProgram, "_capture", fake_capture)
+    drafter = _real_drafter(target, "amphista", seed=3)
+    engine = SpeculativeEngine(target, drafter, tree=TREES["wide"], max_len=96)
+    cache = drafter.new_cache(1, 96)
+    with caplog.at_level("WARNING", logger="plmtool"):
+        program = DrafterProgram(drafter, cache, engine.drafter_step.n, 32, torch.device("cpu"), torch.float32, cuda_graph=True)
+    assert (program.graph is None) == corrupt
+    assert ("drafter CUDA graph disabled" in caplog.text) == corrupt
+    assert cache.length == 0 and int(cache.start) == 0  # the check leaves a clean cache
+    engine.drafter_step = program  # decoding through the (fake) replay or the eager fallback stays lossless
+    for prompt in prompts(3, seed=4):
+        assert engine.generate(prompt, max_new_tokens=20).tokens == plain_greedy(target, prompt, 20)

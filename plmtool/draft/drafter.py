@@ -70,6 +70,13 @@ class Drafter(nn.Module):
         # Stateless default: only the last accepted position matters.
         return self.forward(hidden[:, -1:], next_tokens[:, -1:])[:, -1]
 
+    def step_static(self, hidden: torch.Tensor, next_tokens: torch.Tensor, count: torch.Tensor, cache: Any) -> torch.Tensor:
+        """`step` with fixed shapes for capture in a CUDA graph: hidden [B,N,H] / next_tokens [B,N]
+        hold `count` (0-dim device long, 1..N) accepted positions then padding. Stateless default:
+        the heads of the last valid position."""
+        last = (count - 1).view(1)
+        return self.forward(hidden.index_select(1, last), next_tokens.index_select(1, last))[:, -1]
+
     def crop_cache(self, cache: Any, length: int) -> None:
         return None
 

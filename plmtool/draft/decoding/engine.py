@@ -22,6 +22,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from plmtool.draft.decoding.drafter_step import DrafterProgram
 from plmtool.draft.decoding.target import StepProgram, TargetRunner
 from plmtool.draft.decoding.tree import Tree, make_tree
 from plmtool.draft.decoding.verify import Verdict, filter_probs, greedy_verify, sample_verify, typical_verify
@@ -78,7 +79,7 @@ class SpeculativeEngine:
     """
 
     def __init__(self, model, drafter=None, tree: Sequence[Sequence[int]] | None = None, max_len: int = 2048,
-                 cuda_graphs: bool | str = "auto"):
+                 cuda_graphs: bool | str = "auto", static_drafter: bool = True):
         self.runner = TargetRunner(model, max_len)
         self.model = model
         self.drafter = drafter
@@ -99,8 +100,18 @@ class SpeculativeEngine:
             if self.tree.n + 1 > self.max_len:
                 raise PlmtoolError(f"tree of {self.tree.n} nodes does not fit the context of {self.max_len}")
             self.tree_step = StepProgram(self.runner, self.tree.depth, self.tree.ancestors, use_graphs, pool)
+        # Drafters with a fixed-shape step (every plmtool drafter) run it through a DrafterProgram
+        # over one engine-lifetime cache (captured as a CUDA graph on CUDA); others step eagerly
+        # with a fresh cache per request.
+        self.drafter_step: DrafterProgram | None = None
+        if drafter is not None and static_drafter and hasattr(drafter, "step_static"):
+            with torch.no_grad():
+                dcache = drafter.new_cache(1, self.max_len, self.device, self.runner.dtype)
+            self.drafter_step = DrafterProgram(drafter, dcache, int(self.tree.paths.shape[1]), self.runner.hidden_size,
+                                               self.device, self.runner.dtype, use_graphs)
         # graphs in use only where every program captured
         self.cuda_graphs = self.plain_step.graph is not None and (self.tree_step is None or self.tree_step.graph is not None)
+        self.drafter_graph = self.drafter_step is not None and self.drafter_step.graph is not None
 
     @property
     def speculative(self) -> bool:
@@ -191,10 +202,15 @@ class SpeculativeEngine:
         assert tree is not None and step is not None
         drafter = self.drafter
         max_depth = tree.max_depth  # host int, read once (the property reads a device tensor)
+        program = self.drafter_step
         with torch.inference_mode():
-            dcache = drafter.new_cache(1, self.max_len, self.device, runner.dtype)
+            if program is not None:
+                dcache = program.cache
+                drafter.crop_cache(dcache, 0)
+            else:
+                dcache = drafter.new_cache(1, self.max_len, self.device, runner.dtype)
             nxt = torch.tensor([prompt[1:] + [token]], device=self.device)
-            heads = drafter.step(hidden.unsqueeze(0), nxt, dcache)  # [1, K, V]
+            heads = drafter.step(hidden.unsqueeze(0), nxt, dcache)  # [1, K, V] (prefill: eager)
             tokens = torch.empty(tree.n, dtype=torch.long, device=self.device)
             nxt = torch.empty(1, max_depth + 1, dtype=torch.long, device=self.device)
         # Host reads per step: only the verdict (greedy: one transfer holding the accepted node,
@@ -225,6 +241,13 @@ class SpeculativeEngine:
                 # the drafter reads the accepted positions and the token after each one: the
                 # drafted tokens (still on the device) then the bonus token
                 n = verdict.length
+                if program is not None:
+                    # fixed shapes: the whole padded path (rows past n are ignored by the step)
+                    torch.index_select(hidden, 0, path, out=program.hidden[0])
+                    torch.index_select(tokens, 0, path[1:], out=program.next_tokens[0, : max_depth])
+                    program.next_tokens[0, n - 1 : n].fill_(token)
+                    heads = program(n)
+                    continue
                 nxt[0, : n - 1] = tokens.index_select(0, accepted_path[1:])
                 nxt[0, n - 1 : n].fill_(token)
                 heads = drafter.step(hidden.index_select(0, accepted_path).unsqueeze(0), nxt[:, :n], dcache)

@@ -1,0 +1,125 @@
+"""The drafter's per-step work with fixed shapes, replayed as a CUDA graph where possible.
+
+After each verification the drafter reads the hidden states of the accepted path (1..N positions,
+N = tree depth + 1) and the token after each. Padded to N rows, with the count as a device tensor,
+every step has the same shapes and no host-side decisions (`Drafter.step_static`), so the whole
+drafter step (Amphista: fusion, two adaptation layers with their cache, K residual heads, the
+auto-embedding layer, the vocabulary projection: tens of kernels) is one graph launch.
+
+A captured graph is checked once against the eager computation on random inputs (outputs and the
+cache it writes); if capture raises or the replay differs, the program warns and stays eager.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+log = logging.getLogger("plmtool")
+
+
+class DrafterProgram:
+    """Static buffers + the drafter's `step_static` (optionally captured) for one drafter cache.
+
+    Usage per step: fill `hidden[0, :N]` / `next_tokens[0, :N]` (rows past `count` are ignored),
+    then `heads = program(count)`; the program advances the cache's host-side length.
+    """
+
+    def __init__(self, drafter, cache: Any, n: int, hidden_size: int, device: torch.device, dtype: torch.dtype,
+                 cuda_graph: bool = False):
+        self.drafter, self.cache, self.n = drafter, cache, n
+        self.hidden = torch.zeros(1, n, hidden_size, device=device, dtype=dtype)
+        self.next_tokens = torch.zeros(1, n, dtype=torch.long, device=device)
+        self.count = torch.ones((), dtype=torch.long, device=device)
+        self.graph = None
+        self.out: torch.Tensor | None = None
+        if cuda_graph:
+            try:
+                with torch.no_grad():
+                    self._capture()
+                    problem = self._self_check()
+                if problem:
+                    raise RuntimeError(problem)
+            except Exception as e:  # capture unsupported or replay wrong: decode eagerly, say so
+                log.warning("drafter CUDA graph disabled (%s: %s); running the drafter step eagerly", type(e).__name__, e)
+                self.graph, self.out = None, None
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+            finally:
+                self._reset_cache()
+
+    # ------------------------------------------------------------------ internals
+    def _run(self) -> torch.Tensor:
+        return self.drafter.step_static(self.hidden, self.next_tokens, self.count, self.cache)
+
+    def _reset_cache(self) -> None:
+        self.drafter.crop_cache(self.cache, 0)
+
+    def _set_start(self, start: int) -> None:
+        if self.cache is not None:
+            self.cache.length = start
+            self.cache.start.fill_(start)
+
+    def _capture(self) -> None:
+        self.count.fill_(self.n)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up outside the graph (allocator, cuBLAS handles)
+                self._set_start(0)
+                self._run()
+        torch.cuda.current_stream().wait_stream(stream)
+        self._set_start(0)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self._run()
+        self.graph, self.out = graph, out
+
+    def _cache_tensors(self) -> list[torch.Tensor]:
+        if self.cache is None:
+            return []
+        return [t for layer in self.cache.layers for t in (layer.k, layer.v)] + [self.cache.start]
+
+    def _self_check(self) -> str | None:
+        """Replay vs eager on random inputs from a non-zero cache offset; None when they agree."""
+        g = torch.Generator(device=self.hidden.device).manual_seed(0)
+        self.hidden.normal_(generator=g)
+        vocab = int(getattr(self.drafter, "vocab_size", 2) or 2)
+        self.next_tokens.random_(0, vocab, generator=g)
+        tensors = self._cache_tensors()
+        for t in tensors[:-1]:
+            t.normal_(generator=g)
+        tol = 1e-4 if self.hidden.dtype == torch.float32 else 2e-2
+        for count, start in ((self.n, 3), (1, 5)):
+            self.count.fill_(count)
+            self._set_start(start)
+            before = [t.clone() for t in tensors]
+            ref = self._run().clone()
+            ref_cache = [t.clone() for t in tensors]
+            for t, b in zip(tensors, before):
+                t.copy_(b)
+            self.graph.replay()
+            got = self.out
+            if not torch.allclose(got.float(), ref.float(), rtol=tol, atol=tol):
+                return f"replay differs from eager (max |diff| {float((got.float() - ref.float()).abs().max()):.3g})"
+            for t, r in zip(tensors, ref_cache):
+                if not torch.allclose(t.float(), r.float(), rtol=tol, atol=tol):
+                    return "replay writes a different drafter cache than eager"
+        return None
+
+    # ------------------------------------------------------------------ use
+    def __call__(self, count: int) -> torch.Tensor:
+        cache = self.cache
+        if cache is not None and cache.length + self.n > cache.max_len:
+            raise ValueError(f"drafter cache full: {cache.length} + {self.n} > {cache.max_len}")
+        self.count.fill_(count)
+        if self.graph is not None:
+            self.graph.replay()
+            out = self.out
+        else:
+            out = self._run()
+        if cache is not None:
+            cache.length += count  # host bookkeeping; step_static advanced cache.start on the device
+        return out
