@@ -351,3 +351,52 @@ def test_drafter_graph_self_check_keeps_good_and_rejects_wrong_replays(target, m
     engine.drafter_step = program  # decoding through the (fake) replay or the eager fallback stays lossless
     for prompt in prompts(3, seed=4):
         assert engine.generate(prompt, max_new_tokens=20).tokens == plain_greedy(target, prompt, 20)
+
+
+class _FakeStepGraph:
+    """CPU stand-in for a captured target step: replay recomputes the captured computation."""
+
+    def __init__(self, program, compiled: bool):
+        self.program, self.compiled = program, compiled
+
+    def replay(self):
+        for dst, src in zip(self.program.out, self.program._run(self.program.runner.max_len, self.compiled)):
+            dst.copy_(src)
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_compiled_target_step_is_checked_against_eager(target, monkeypatch, caplog, broken):
+    """A compiled step whose results differ from the eager forward is replaced by the eager
+    capture (with a warning); a faithful one is kept. Decoding stays plain greedy either way."""
+    from plmtool.draft.decoding.target import StepProgram
+
+    def fake_capture(self, pool, compiled=False):
+        self.out = tuple(t.clone() for t in self._run(self.runner.max_len, compiled))
+        self.graph = _FakeStepGraph(self, compiled)
+
+    monkeypatch.setattr(StepProgram, "_capture", fake_capture)
+    runner = TargetRunner(target, 96)
+    if broken:  # e.g. a miscompiled kernel: logits off by one
+        runner.compiled_forward = lambda *a: (lambda out: (out[0] + 1.0, out[1]))(runner.forward(*a))
+    else:
+        runner.compiled_forward = runner.forward
+    drafter = _real_drafter(target, "amphista", seed=5)
+    engine = SpeculativeEngine(target, drafter, tree=TREES["wide"], runner=runner, cuda_graphs=False)
+    with caplog.at_level("WARNING", logger="plmtool"):
+        engine.plain_step = StepProgram(runner, engine.plain_step.depth, engine.plain_step.ancestors, cuda_graph=True)
+        engine.tree_step = StepProgram(runner, engine.tree.depth, engine.tree.ancestors, cuda_graph=True)
+    for step in (engine.plain_step, engine.tree_step):
+        assert step.graph is not None and step.compiled == (not broken)
+    assert ("compiled 1-node step disabled" in caplog.text) == broken
+    plain = SpeculativeEngine(target, runner=runner, cuda_graphs=False)
+    plain.plain_step = engine.plain_step
+    for prompt in prompts(3, seed=6):
+        ref = plain_greedy(target, prompt, 20)
+        assert engine.generate(prompt, max_new_tokens=20).tokens == ref
+        assert plain.generate(prompt, max_new_tokens=20).tokens == ref
+
+
+def test_a_shared_runner_must_belong_to_the_model(target):
+    other = tiny_llama(seed=9)
+    with pytest.raises(ValueError, match="another model"):
+        SpeculativeEngine(other, runner=TargetRunner(target, 64))

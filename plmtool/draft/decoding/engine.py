@@ -79,8 +79,15 @@ class SpeculativeEngine:
     """
 
     def __init__(self, model, drafter=None, tree: Sequence[Sequence[int]] | None = None, max_len: int = 2048,
-                 cuda_graphs: bool | str = "auto", static_drafter: bool = True):
-        self.runner = TargetRunner(model, max_len)
+                 cuda_graphs: bool | str = "auto", static_drafter: bool = True, compile: bool = False,
+                 runner: TargetRunner | None = None):
+        """`compile`: capture a torch.compile'd target step (checked against eager, else eager
+        capture); only with CUDA graphs. `runner`: share one target runner (its KV cache and its
+        compiled forward) between engines of the same model that never decode concurrently, so
+        the compiler runs once per step shape instead of once per engine."""
+        if runner is not None and runner.model is not model:
+            raise ValueError("the shared runner belongs to another model")
+        self.runner = runner if runner is not None else TargetRunner(model, max_len, compile=compile)
         self.model = model
         self.drafter = drafter
         self.device = self.runner.device
@@ -111,6 +118,7 @@ class SpeculativeEngine:
                                                self.device, self.runner.dtype, use_graphs)
         # graphs in use only where every program captured
         self.cuda_graphs = self.plain_step.graph is not None and (self.tree_step is None or self.tree_step.graph is not None)
+        self.compiled = self.plain_step.compiled and (self.tree_step is None or self.tree_step.compiled)
         self.drafter_graph = self.drafter_step is not None and self.drafter_step.graph is not None
 
     @property

@@ -18,11 +18,20 @@ Qwen2, Qwen3 with q/k norms, SmolLM2). Anything else raises a clear error.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
 from plmtool.draft.decoding.kv_cache import StaticKVCache
 from plmtool.errors import PlmtoolError
+
+log = logging.getLogger("plmtool")
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
 
@@ -45,9 +54,14 @@ def check_supported(model, max_len: int | None = None) -> None:
 
 
 class TargetRunner:
-    """Static-cache forward of a causal LM (batch 1)."""
+    """Static-cache forward of a causal LM (batch 1).
 
-    def __init__(self, model, max_len: int):
+    `compile=True` also builds a `torch.compile`d forward (static shapes) that step programs use
+    when they capture a CUDA graph: the compiler fuses the ~25 small kernels of each layer (norms,
+    rotary, residual adds, activation) into a few, which is what bounds a small target's step.
+    The compiled step is checked against the eager one when captured (see StepProgram)."""
+
+    def __init__(self, model, max_len: int, compile: bool = False):
         check_supported(model, max_len)
         cfg = model.config
         limit = getattr(cfg, "max_position_embeddings", None)
@@ -74,6 +88,8 @@ class TargetRunner:
         self.max_len = max_len
         self.cache = StaticKVCache(len(self.layers), self.kv_heads, self.head_dim, max_len, 1, self.device, self.dtype)
         self.slot_ids = torch.arange(max_len, device=self.device)
+        # dynamic=False: one specialised program per step shape (1 node, the tree's n nodes)
+        self.compiled_forward = torch.compile(self._forward, dynamic=False) if compile else None
 
     @property
     def length(self) -> int:
@@ -89,6 +105,9 @@ class TargetRunner:
         Returns (logits [n, V], hidden [n, H]); `hidden` is the final-norm output fed to lm_head,
         which is what drafters read.
         """
+        return self._forward(ids, positions, slots, mask, span)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor, span: int):
         n = ids.shape[1]
         g, hkv, d = self.groups, self.kv_heads, self.head_dim
         x = self.embed(ids)
@@ -151,17 +170,27 @@ class StepProgram:
         self.start = torch.zeros((), dtype=torch.long, device=dev)
         self.graph = None
         self.out: tuple[torch.Tensor, torch.Tensor] | None = None
-        if cuda_graph:
+        self.compiled = False  # the captured graph runs the compiled forward
+        if cuda_graph and runner.compiled_forward is not None:
+            try:
+                self._capture(pool, compiled=True)
+                problem = self._self_check()
+                if problem:
+                    raise RuntimeError(problem)
+                self.compiled = True
+            except Exception as e:  # compiler or capture unsupported here: capture the eager step
+                log.warning("compiled %d-node step disabled (%s: %s); capturing the eager step", self.n, type(e).__name__, e)
+                self.graph, self.out = None, None
+                _sync()
+        if cuda_graph and self.graph is None:
             try:
                 self._capture(pool)
             except Exception as e:  # a model whose modules cannot be captured still decodes eagerly
-                import logging
-
-                logging.getLogger("plmtool").warning("CUDA graph capture failed (%s); decoding eagerly", e)
+                log.warning("CUDA graph capture failed (%s); decoding eagerly", e)
                 self.graph, self.out = None, None
-                torch.cuda.synchronize()
+                _sync()
 
-    def _run(self, span: int):
+    def _run(self, span: int, compiled: bool = False):
         r, n, start = self.runner, self.n, self.start
         slots = start + self.node_ids
         positions = (start + self.depth).view(1, n)
@@ -170,22 +199,53 @@ class StepProgram:
         in_tree = (rel >= 0) & (rel < n)
         tree_part = self.ancestors[:, rel.clamp(0, n - 1)] & in_tree
         mask = (cols < start).view(1, -1) | tree_part
-        return r.forward(self.tokens, positions, slots, mask.view(1, 1, n, span), span)
+        forward = r.compiled_forward if compiled else r.forward
+        return forward(self.tokens, positions, slots, mask.view(1, 1, n, span), span)
 
     @torch.no_grad()
-    def _capture(self, pool) -> None:
+    def _capture(self, pool, compiled: bool = False) -> None:
         r = self.runner
         saved = r.cache.length
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up outside the graph (allocator, cuBLAS handles)
-                self._run(r.max_len)
+            for _ in range(2):  # warm-up outside the graph (allocator, cuBLAS handles, compilation)
+                self._run(r.max_len, compiled)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.out = self._run(r.max_len)
+            self.out = self._run(r.max_len, compiled)
         r.cache.length = saved
+
+    @torch.no_grad()
+    def _self_check(self) -> str | None:
+        """Replay of the captured (compiled) step vs the eager forward, on random tokens over a
+        random cache from a non-zero offset: logits, hidden states and the cache writes must agree
+        to within rounding (fused kernels round differently, so not bit for bit in low precision).
+        None when they agree; the cache is left as garbage past length 0 (callers reset)."""
+        r = self.runner
+        g = torch.Generator(device=r.device).manual_seed(0)
+        start = 5
+        if start + self.n > r.max_len:
+            start = 0
+        self.tokens.random_(0, r.vocab_size, generator=g)
+        r.cache.k.normal_(generator=g)
+        r.cache.v.normal_(generator=g)
+        before = r.cache.k.clone(), r.cache.v.clone()
+        self.start.fill_(start)
+        ref = [t.clone() for t in self._run(start + self.n)]
+        ref_kv = r.cache.k.clone(), r.cache.v.clone()
+        r.cache.k.copy_(before[0])
+        r.cache.v.copy_(before[1])
+        self.graph.replay()
+        tol = 1e-4 if r.dtype == torch.float32 else 5e-2
+        for name, got, want in (("logits", self.out[0], ref[0]), ("hidden", self.out[1], ref[1]),
+                                ("keys", r.cache.k, ref_kv[0]), ("values", r.cache.v, ref_kv[1])):
+            err = float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12))
+            if not err <= tol:  # also catches NaN
+                return f"{name} differ from the eager step (relative error {err:.3g} > {tol})"
+        r.cache.length = 0
+        return None
 
     def __call__(self, tokens: torch.Tensor, start: int):
         r = self.runner
