@@ -156,14 +156,19 @@ def quality(args, rec: Recorder, data: dict, patterns: list[str]) -> None:
                             "wiki_next_sentence_acc": z["acc"], "wiki_next_sentence_acc_norm": z["acc_norm"], "seconds": seconds, **(extra or {})})
 
     evaluate("dense", "-", None)
-    sds_main = SdsOptions(l1=args.l1, l2=args.l2, redense=OptimOptions(iterations=args.iterations, lr=args.lr), adjust=OptimOptions(iterations=args.iterations, lr=args.lr))
-    variants = {"": sds_main}
-    if args.ablations:
-        variants.update({
-            f" lr={args.lr * 3:g}": SdsOptions(l1=args.l1, l2=args.l2, redense=OptimOptions(iterations=args.iterations, lr=args.lr * 3), adjust=OptimOptions(iterations=args.iterations, lr=args.lr * 3)),
-            " sgd lr=1": SdsOptions(l1=args.l1, l2=args.l2, redense=OptimOptions(iterations=args.iterations, lr=1.0, optimizer="sgd"), adjust=OptimOptions(iterations=args.iterations, lr=1.0, optimizer="sgd")),
-            " no early exit": SdsOptions(l1=args.l1, l2=args.l2, redense=sds_main.redense, adjust=sds_main.adjust, early_exit=False),
-        })
+    def sds_options(spec: str = "") -> SdsOptions:
+        """SDS settings from the command line, overridden by "key=value,..." (keys: l1, l2, lr,
+        alr (adjustment lr), it, opt, inputs)."""
+        kv = dict(part.split("=", 1) for part in spec.split(",") if part)
+        it = int(kv.get("it", args.iterations))
+        opt = kv.get("opt", "adam")
+        return SdsOptions(l1=float(kv.get("l1", args.l1)), l2=float(kv.get("l2", args.l2)), inputs=kv.get("inputs", "pruned"),
+                          redense=OptimOptions(iterations=it, lr=float(kv.get("lr", args.lr)), optimizer=opt),
+                          adjust=OptimOptions(iterations=it, lr=float(kv.get("alr", args.adjust_lr)), optimizer=opt))
+
+    variants = {"": sds_options()}
+    for spec in filter(None, args.sds_variants.split(";")):
+        variants[f" [{spec}]"] = sds_options(spec)
     for pat_text in patterns:
         pattern = parse_pattern(pat_text, 0.5)
         shown = pat_text if pattern.structured else "50%"
@@ -179,8 +184,8 @@ def quality(args, rec: Recorder, data: dict, patterns: list[str]) -> None:
             evaluate(method, shown, secs)
         for method in ("wanda", "sparsegpt"):
             for suffix, opts in variants.items():
-                if suffix and (method != "wanda" or not pattern.structured or pattern.m != 4):
-                    continue  # ablations: SDS(Wanda) at 2:4 only
+                if suffix and (method not in args.variant_methods.split(",") or not pattern.structured or pattern.m != 4):
+                    continue  # variants: at 2:4 only
                 restore(model, oneshot[method])
                 sync()
                 t = time.perf_counter()
@@ -193,6 +198,7 @@ def quality(args, rec: Recorder, data: dict, patterns: list[str]) -> None:
                 for v in info.values():
                     choices[v["choice"]] = choices.get(v["choice"], 0) + 1
                 evaluate(f"SDS({method}){suffix}", shown, secs, {"iterations": opts.redense.iterations, "lr": opts.redense.lr,
+                                                               "adjust_lr": opts.adjust.lr, "l1": opts.l1, "l2": opts.l2,
                                                                "optimizer": opts.redense.optimizer, "layer_choices": choices, "early_exit": res["early_exit"]})
     del model
     if torch.cuda.is_available():
@@ -260,19 +266,51 @@ def speed(args, rec: Recorder) -> None:
                 bad += verify(lin.weight, pattern) is not None
         return {"layers_violating_2:4": bad}
 
-    if "sparsegpt" in args.speed:
-        measure("SparseGPT 2:4", lambda: (prune_model(model, calib, pattern, OneShotOptions(method="sparsegpt", walk=walk, sparsegpt=SparseGptOptions())), check())[1])
-        restore(model, dense)
-    if "sds" in args.speed or "wanda" in args.speed:
-        t_wanda = measure("Wanda 2:4", lambda: (prune_model(model, calib, pattern, OneShotOptions(method="wanda", walk=walk)), check())[1])
-        if "sds" in args.speed:
+    def timed_sparsegpt() -> dict:
+        """SparseGPT one-shot, with the time spent inside the pruning kernels (the rest is the
+        calibration passes and the Gram accumulation) measured by wrapping the solver."""
+        import plmtool.prune.oneshot as oneshot_mod
+
+        inner = {"seconds": 0.0}
+        solver = oneshot_mod.prune_sparsegpt
+
+        def wrapped(*a, **k):
+            sync()
+            t0 = time.perf_counter()
+            out = solver(*a, **k)
+            sync()
+            inner["seconds"] += time.perf_counter() - t0
+            return out
+
+        oneshot_mod.prune_sparsegpt = wrapped
+        try:
+            prune_model(model, calib, pattern, OneShotOptions(method="sparsegpt", walk=walk, sparsegpt=SparseGptOptions(cuda_graphs=not args.no_graphs)))
+        finally:
+            oneshot_mod.prune_sparsegpt = solver
+        return {**check(), "solver_seconds": round(inner["seconds"], 1), "cuda_graphs": not args.no_graphs}
+
+    wanted = args.speed.split(",")
+    for method in ("sparsegpt", "wanda"):
+        sds_key = "sds" if method == "wanda" else "sds-sparsegpt"
+        if method not in wanted and sds_key not in wanted:
+            continue
+        if method == "sparsegpt":
+            t_os = measure("SparseGPT 2:4", timed_sparsegpt)
+        else:
+            t_os = measure("Wanda 2:4", lambda: (prune_model(model, calib, pattern, OneShotOptions(method="wanda", walk=walk)), check())[1])
+        if sds_key in wanted:
             oneshot = linear_weights(model, device="cpu")
             it = 5 if args.tiny else args.speed_iterations
-            opts = SdsOptions(redense=OptimOptions(iterations=it, lr=args.lr), adjust=OptimOptions(iterations=it, lr=args.lr))
-            t_rd = measure(f"SDS re-dense ({it} it)", lambda: redense_model(model, calib, dense, opts, walk) and None)
-            t_rp = measure(f"SDS re-prune + adjust ({it} it)", lambda: (reprune_model(model, calib, dense, oneshot, "wanda", pattern, opts, walk, SparseGptOptions()), check())[1])
-            rec.add("speed", {**base, "method": f"SDS(Wanda) total = Wanda + re-dense + re-prune/adjust ({it} it)", "seconds": round(t_wanda + t_rd + t_rp, 1), "peak_gib": None})
+            opts = SdsOptions(redense=OptimOptions(iterations=it, lr=args.lr), adjust=OptimOptions(iterations=it, lr=args.adjust_lr))
+            t_rd = measure(f"SDS({method}) re-dense ({it} it)", lambda: redense_model(model, calib, dense, opts, walk) and None)
+            t_rp = measure(f"SDS({method}) re-prune + adjust ({it} it)",
+                           lambda: (reprune_model(model, calib, dense, oneshot, method, pattern, opts, walk, SparseGptOptions()), check())[1])
+            rec.add("speed", {**base, "method": f"SDS({method}) total = one-shot + re-dense + re-prune/adjust ({it} it)",
+                              "seconds": round(t_os + t_rd + t_rp, 1), "peak_gib": None})
+        restore(model, dense)
     if cuda and args.semi:
+        # speed does not depend on which weights survive: a 2:4 magnitude mask is enough
+        prune_model(model, None, pattern, OneShotOptions(method="magnitude", walk=walk))
         semi_structured(model, rec, base)
 
 
@@ -338,15 +376,18 @@ def main() -> None:
     r.add_argument("--out", default=os.environ.get("OUT", "outputs/bench_prune"))
     r.add_argument("--tiny", action="store_true", help="toy sizes on any device (a dry run of every path)")
     r.add_argument("--parts", default="quality24,speed,quality", help="comma list, run in order: quality24, speed, quality")
-    r.add_argument("--speed", default="sparsegpt,sds", help="which 8B measurements: sparsegpt, wanda, sds")
+    r.add_argument("--speed", default="sparsegpt,sds", help="which 8B measurements: sparsegpt, wanda, sds (SDS(Wanda)), sds-sparsegpt")
     r.add_argument("--speed-nsamples", type=int, default=128)
     r.add_argument("--speed-iterations", type=int, default=200)
     r.add_argument("--iterations", type=int, default=100, help="SDS iterations in the quality runs")
-    r.add_argument("--lr", type=float, default=0.01)
+    r.add_argument("--lr", type=float, default=0.01, help="SDS re-dense learning rate")
+    r.add_argument("--adjust-lr", type=float, default=0.05, help="SDS adjustment learning rate")
+    r.add_argument("--no-graphs", action="store_true", help="SparseGPT without CUDA graphs (speed runs)")
     r.add_argument("--l1", type=float, default=0.1)
     r.add_argument("--l2", type=float, default=0.1)
     r.add_argument("--batch-size", type=int, default=8, help="calibration samples per block call")
-    r.add_argument("--ablations", action="store_true")
+    r.add_argument("--sds-variants", default="", help='extra SDS settings at 2:4, ";"-separated, e.g. "l1=0,l2=0;lr=0.03,alr=0.1"')
+    r.add_argument("--variant-methods", default="wanda,sparsegpt", help="one-shot methods the variants start from")
     r.add_argument("--semi", action="store_true", help="2:4 sparse tensor cores vs dense after the speed runs")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
@@ -374,9 +415,9 @@ def table(d: dict) -> None:
         for r in d["quality"]:
             print(f"| {r['method']} | {r['pattern']} | {r['ppl']} | {r['wiki_next_sentence_acc']:.3f} | {r['seconds']} |")
     if d["speed"]:
-        print("\n| method | seconds | peak GiB |\n|---|---|---|")
+        print("\n| method | seconds | peak GiB | solver s |\n|---|---|---|---|")
         for r in d["speed"]:
-            print(f"| {r['method']} | {r['seconds']} | {r['peak_gib']} |")
+            print(f"| {r['method']} | {r['seconds']} | {r['peak_gib']} | {r.get('solver_seconds', '')} |")
     for r in d["semi_structured"]:
         print(r)
 

@@ -173,3 +173,42 @@ def test_sparsegpt_damping_retry_on_indefinite_hessian(caplog):
     assert out.damp > 1.0
     assert "Cholesky failed" in caplog.text
     assert verify(out.weight, parse_pattern("2:4")) is None
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+def test_sparsegpt_fused_rows_equal_separate_layers(pattern):
+    """q/k/v (or gate/up) share one Hessian: pruning them stacked equals pruning each alone,
+    including the unstructured threshold, which stays per layer."""
+    W, X = _layer(rows=40, cols=64, tokens=512, seed=3)
+    W[24:] *= 3.0  # layers of different scale: a shared unstructured threshold would differ
+    H = _stats(X).gram
+    parts = (16, 8, 16)
+    fused = prune_sparsegpt(W, H, pattern, blocksize=32, subblock=8, row_groups=parts)
+    for w, got, err in zip(W.split(parts), fused.weight.split(parts), fused.row_errors.split(parts)):
+        alone = prune_sparsegpt(w, H, pattern, blocksize=32, subblock=8)
+        assert torch.equal(got == 0, alone.mask)
+        assert torch.allclose(got, alone.weight, atol=1e-5, rtol=1e-4)
+        assert float(err.sum()) == pytest.approx(alone.error, rel=1e-4)
+
+
+def test_oneshot_sparsegpt_fusion_matches_unfused():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from plmtool.prune.oneshot import OneShotOptions, SparseGptOptions, prune_model
+    from plmtool.prune.sds import linear_weights
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    a = LlamaForCausalLM(cfg).eval()
+    b = LlamaForCausalLM(cfg).eval()
+    b.load_state_dict(a.state_dict())
+    ids = torch.randint(0, 96, (4, 24), generator=torch.Generator().manual_seed(1))
+    for pattern in (parse_pattern("2:4"), parse_pattern("unstructured", 0.6)):
+        info_a = prune_model(a, ids, pattern, OneShotOptions(method="sparsegpt", sparsegpt=SparseGptOptions(fuse=True)))
+        info_b = prune_model(b, ids, pattern, OneShotOptions(method="sparsegpt", sparsegpt=SparseGptOptions(fuse=False)))
+        wa, wb = linear_weights(a), linear_weights(b)
+        assert wa.keys() == wb.keys() == info_a.keys() == info_b.keys()
+        for k in wa:
+            assert torch.equal(wa[k] == 0, wb[k] == 0), k
+            assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+            assert info_a[k]["sparsegpt_error"] == pytest.approx(info_b[k]["sparsegpt_error"], rel=1e-3, abs=1e-7)

@@ -232,7 +232,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Report:
         check_width(pattern, w.shape[1], name)
 
     walk_opts = WalkOptions(device=device, batch_size=p.batch_size, propagate=p.propagate, activations=p.activations, exclude=exclude)
-    sgpt = SparseGptOptions(blocksize=p.blocksize, percdamp=p.percdamp, cuda_graphs=p.cuda_graphs)
+    sgpt = SparseGptOptions(blocksize=p.blocksize, percdamp=p.percdamp, cuda_graphs=p.cuda_graphs, fuse=p.fuse)
 
     def optim(o) -> OptimOptions:
         return OptimOptions(iterations=o.iterations, lr=o.lr, optimizer=o.optimizer, schedule=o.schedule,

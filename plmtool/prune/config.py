@@ -45,6 +45,7 @@ class PruneConfig:
     blocksize: int = 128  # SparseGPT column block
     percdamp: float = 0.01  # SparseGPT damping (fraction of mean diag H)
     cuda_graphs: bool = True  # SparseGPT: replay each column block's loop as a CUDA graph (GPU)
+    fuse: bool = True  # SparseGPT: prune layers sharing an input (q/k/v, gate/up) in one run (same result)
     sds: SdsConfig = field(default_factory=SdsConfig)
     save_model: bool = True  # final model as a Hugging Face checkpoint in <run_dir>/model
     histogram_bins: int = 200

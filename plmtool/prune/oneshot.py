@@ -29,6 +29,7 @@ class SparseGptOptions:
     blocksize: int = 128
     percdamp: float = 0.01
     cuda_graphs: bool = True
+    fuse: bool = True  # prune layers fed the same input (q/k/v, gate/up) in one run; same result
 
 
 @dataclass
@@ -84,6 +85,16 @@ def prune_model(model: nn.Module, calib_ids: Optional[torch.Tensor], pattern: Pa
         raise PlmtoolError(f"prune.method={opts.method} needs calibration data")
 
     def process(i: int, block: nn.Module, linears: dict, stats: dict) -> None:
+        if opts.method == "sparsegpt" and opts.sparsegpt.fuse:
+            for names in shared_input_groups(linears, stats):
+                if len(names) > 1:
+                    prune_sparsegpt_fused(i, [(n, linears[n]) for n in names], stats[names[0]], pattern, opts.sparsegpt, info)
+                    continue
+                name = names[0]
+                w, extra = prune_linear(opts.method, linears[name].weight.data, stats.get(name), pattern, opts.sparsegpt)
+                linears[name].weight.data = w.to(linears[name].weight.dtype)
+                info[f"layers.{i}.{name}"] = {"sparsity": sparsity_of(linears[name].weight.data), **extra}
+            return
         for name, lin in linears.items():
             w, extra = prune_linear(opts.method, lin.weight.data, stats.get(name), pattern, opts.sparsegpt)
             lin.weight.data = w.to(lin.weight.dtype)
@@ -91,3 +102,27 @@ def prune_model(model: nn.Module, calib_ids: Optional[torch.Tensor], pattern: Pa
 
     walk(model, calib_ids, process, stats=STATS_NEEDED[opts.method], opts=opts.walk, description=f"{opts.method} pruning")
     return info
+
+
+def shared_input_groups(linears: dict, stats: dict) -> list[list[str]]:
+    """Linear names grouped by the statistics object they share (the walker gives layers fed the
+    same tensor one accumulator), in block order."""
+    groups: dict = {}
+    for name in linears:
+        st = stats.get(name)
+        groups.setdefault(id(st) if st is not None else ("alone", name), []).append(name)
+    return list(groups.values())
+
+
+@torch.no_grad()
+def prune_sparsegpt_fused(i: int, named: list, stats: InputStats, pattern: Pattern, sgpt: SparseGptOptions, info: dict) -> None:
+    """SparseGPT on layers sharing one Hessian, stacked along rows (rows are independent given
+    H, so this equals pruning each alone; see `prune_sparsegpt`'s row_groups)."""
+    rows = tuple(lin.weight.shape[0] for _, lin in named)
+    stacked = torch.cat([lin.weight.data for _, lin in named], dim=0)
+    res = prune_sparsegpt(stacked, stats.gram, pattern, blocksize=sgpt.blocksize, percdamp=sgpt.percdamp,
+                          cuda_graphs=sgpt.cuda_graphs, row_groups=rows)
+    del stacked
+    for (name, lin), w, err in zip(named, res.weight.split(rows), res.row_errors.split(rows)):
+        lin.weight.data = w.to(lin.weight.dtype).contiguous()
+        info[f"layers.{i}.{name}"] = {"sparsity": sparsity_of(lin.weight.data), "sparsegpt_error": float(err.sum()), "damp": res.damp}

@@ -46,6 +46,7 @@ class SparseGptResult:
     mask: torch.Tensor  # True = pruned
     error: float  # the reference's "error": sum over rows of sum_i e_i^2 / 2
     damp: float  # damping actually used (raised above percdamp when Cholesky failed)
+    row_errors: torch.Tensor | None = None  # the same error per row (splits a fused run per layer)
 
 
 def inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 8) -> tuple[torch.Tensor, float]:
@@ -108,19 +109,29 @@ def prune_sparsegpt(
     percdamp: float = 0.01,
     subblock: int = 32,
     cuda_graphs: bool = True,
+    row_groups: tuple[int, ...] | None = None,
 ) -> SparseGptResult:
     """Prune `weight` [rows, cols] given the Hessian `H` [cols, cols]; inputs are not modified.
+
+    `row_groups`: `weight` is several layers that share `H` (q/k/v, gate/up) stacked along rows,
+    with these row counts. SparseGPT treats rows independently given H, so one fused run equals
+    separate runs, except the unstructured mask threshold, which is taken per group as it would
+    be per layer. Fusing shares the inverse Cholesky factor and the column loop.
 
     `cuda_graphs`: on a GPU, each 128-column block's loop over its column groups (hundreds of
     small kernels whose launch cost dominates) is captured once per layer shape as a CUDA graph
     and replayed. The first replay of every shape is checked against the eager computation; any
     capture failure or mismatch switches back to eager (logged).
     """
+    groups = tuple(row_groups) if row_groups else (weight.shape[0],)
+    if sum(groups) != weight.shape[0]:
+        raise ValueError(f"row_groups {groups} do not add up to the {weight.shape[0]} rows")
     with exact_fp32():
-        return _prune(weight, H, pattern, blocksize, percdamp, subblock, cuda_graphs)
+        return _prune(weight, H, pattern, blocksize, percdamp, subblock, cuda_graphs, groups)
 
 
-def _block(W1_in: torch.Tensor, U1: torch.Tensor, d1: torch.Tensor, pattern: Pattern, subblock: int, unrolled: bool = False):
+def _block(W1_in: torch.Tensor, U1: torch.Tensor, d1: torch.Tensor, pattern: Pattern, subblock: int, unrolled: bool = False,
+           groups: tuple[int, ...] = ()):
     """One column block: returns (new block weights, errors E1, mask). No host syncs, so the
     whole function can be captured in a CUDA graph."""
     W1 = W1_in.clone()
@@ -128,8 +139,11 @@ def _block(W1_in: torch.Tensor, U1: torch.Tensor, d1: torch.Tensor, pattern: Pat
     count = W1.shape[1]
     if not pattern.structured:
         score = W1**2 / (d1.reshape(1, -1)) ** 2
-        thresh = torch.sort(score.flatten())[0][int(score.numel() * pattern.sparsity)]
-        mask1 = score <= thresh
+        parts = []
+        for part in score.split(list(groups) or [score.shape[0]], dim=0):  # one threshold per layer
+            thresh = torch.sort(part.flatten())[0][int(part.numel() * pattern.sparsity)]
+            parts.append(part <= thresh)
+        mask1 = torch.cat(parts) if len(parts) > 1 else parts[0]
     else:
         mask1 = torch.zeros_like(W1, dtype=torch.bool)
     # Column groups whose mask is decided together: M columns for N:M; for unstructured the mask
@@ -157,17 +171,17 @@ class _GraphedBlock:
     """`_block` captured for one (rows, blocksize, pattern) shape; inputs are copied into static
     buffers and the graph replayed."""
 
-    def __init__(self, W1: torch.Tensor, U1: torch.Tensor, d1: torch.Tensor, pattern: Pattern, subblock: int):
+    def __init__(self, W1: torch.Tensor, U1: torch.Tensor, d1: torch.Tensor, pattern: Pattern, subblock: int, groups: tuple[int, ...]):
         self.W1, self.U1, self.d1 = W1.clone(), U1.clone(), d1.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm-up (cuBLAS handles, workspaces) outside the capture
-                _block(self.W1, self.U1, self.d1, pattern, subblock, unrolled=True)
+                _block(self.W1, self.U1, self.d1, pattern, subblock, unrolled=True, groups=groups)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.out = _block(self.W1, self.U1, self.d1, pattern, subblock, unrolled=True)
+            self.out = _block(self.W1, self.U1, self.d1, pattern, subblock, unrolled=True, groups=groups)
 
     def __call__(self, W1, U1, d1):
         self.W1.copy_(W1)
@@ -181,29 +195,29 @@ _GRAPHS: dict = {}
 _GRAPHS_BROKEN = False
 
 
-def _run_block(W1, U1, d1, pattern, subblock, cuda_graphs):
+def _run_block(W1, U1, d1, pattern, subblock, cuda_graphs, groups):
     global _GRAPHS_BROKEN
     if not (cuda_graphs and W1.is_cuda and not _GRAPHS_BROKEN):
-        return _block(W1, U1, d1, pattern, subblock)
-    key = (W1.shape, pattern, subblock, W1.device)
+        return _block(W1, U1, d1, pattern, subblock, groups=groups)
+    key = (W1.shape, pattern, subblock, W1.device, groups)
     graphed = _GRAPHS.get(key)
     if graphed is None:
         try:
-            graphed = _GraphedBlock(W1, U1, d1, pattern, subblock)
+            graphed = _GraphedBlock(W1, U1, d1, pattern, subblock, groups)
             got = graphed(W1, U1, d1)
-            ref = _block(W1, U1, d1, pattern, subblock)
+            ref = _block(W1, U1, d1, pattern, subblock, groups=groups)
             same = torch.equal(got[2], ref[2]) and torch.allclose(got[0], ref[0], rtol=1e-4, atol=1e-6)
             if not same:
                 raise RuntimeError("graph replay differs from eager")
         except Exception as e:  # capture unsupported here: stay eager, say so once
             log.warning("sparsegpt: CUDA graph capture disabled (%s: %s); running eagerly", type(e).__name__, e)
             _GRAPHS_BROKEN = True
-            return _block(W1, U1, d1, pattern, subblock)
+            return _block(W1, U1, d1, pattern, subblock, groups=groups)
         _GRAPHS[key] = graphed
     return graphed(W1, U1, d1)
 
 
-def _prune(weight, H, pattern, blocksize, percdamp, subblock, cuda_graphs=True) -> SparseGptResult:
+def _prune(weight, H, pattern, blocksize, percdamp, subblock, cuda_graphs=True, groups=()) -> SparseGptResult:
     W = weight.detach().float().clone()
     H = H.float().clone()
     rows, cols = W.shape
@@ -217,10 +231,10 @@ def _prune(weight, H, pattern, blocksize, percdamp, subblock, cuda_graphs=True) 
     losses = torch.zeros(rows, device=W.device)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1, E1, mask1 = _run_block(W[:, i1:i2], Hinv[i1:i2, i1:i2], dinv[i1:i2], pattern, subblock, cuda_graphs)
+        W1, E1, mask1 = _run_block(W[:, i1:i2], Hinv[i1:i2, i1:i2], dinv[i1:i2], pattern, subblock, cuda_graphs, groups)
         W[:, i1:i2] = W1
         mask[:, i1:i2] = mask1
         losses += torch.sum(E1**2, 1) / 2
         if i2 < cols:
             W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
-    return SparseGptResult(weight=W, mask=mask, error=float(losses.sum()), damp=damp)
+    return SparseGptResult(weight=W, mask=mask, error=float(losses.sum()), damp=damp, row_errors=losses)
