@@ -4,14 +4,22 @@
 Runs without Hydra: plain imports of plmtool modules. Two sub-commands:
 
   prepare  (CPU, where the embedded data packages are installed) writes one JSON file holding the
-           MT-Bench questions and ShareGPT conversations, to be carried to the GPU machine:
-             python scripts/bench_draft.py prepare --out .device/draft/data.json --sharegpt 1200
+           MT-Bench questions and the first exchange of ShareGPT conversations (~9 MB for 4000), to
+           be carried to the GPU machine:
+             python scripts/bench_draft.py prepare --out .device/draft/data.json --sharegpt 4000
   run      self-distils ShareGPT prompts with the target, trains Medusa and Amphista with the same
            data and budget (plmtool.draft.train.train_drafter), then benchmarks MT-Bench (greedy,
-           batch 1): ar, hf_generate, hf_generate_static, medusa, amphista in bf16, and an fp32
-           pass checking outputs are identical to plain greedy. Writes report.json / report.md /
-           answers.jsonl under --out after every phase (a timeout still leaves results).
+           batch 1, question by question with every method in turn, so a deadline cuts all methods
+           after the same questions): ar, hf_generate (first few questions: it is slow),
+           hf_generate_static, medusa, amphista in bf16; then a short fp32 pass (ar, hf_generate,
+           medusa, amphista) that checks exact identity with plain greedy. Our engines share one
+           target runner whose step is torch.compile'd and captured as a CUDA graph (checked
+           against eager at capture; eager capture if it differs). report.json is rewritten after
+           every phase and every 5 questions (a timeout still leaves results); report.md and
+           answers_<pass>.jsonl (Spec-Bench layout) at the end of each pass. Sized for ~9 minutes
+           on one H100/H200 (see docs/benchmarks/draft.md for the estimate):
              python scripts/bench_draft.py run --data .device/draft/data.json --model /tmp/smollm2.gguf --out $OUT
+           CPU end-to-end check at tiny size: add --tiny (real SmolLM2 in fp32, a few steps/tokens).
 """
 
 from __future__ import annotations
@@ -32,11 +40,25 @@ log = logging.getLogger("plmtool")
 def prepare(args) -> None:
     from plmtool.data.chat import load_mtbench, load_sharegpt
 
-    data = {"mtbench": load_mtbench(), "sharegpt": load_sharegpt(limit=args.sharegpt)}
+    convs = load_sharegpt(limit=args.sharegpt)
+    if args.first_exchange:
+        # the benchmark distils first turns only: keep (system,) user, assistant and drop the rest
+        convs = [c[: next(i for i, m in enumerate(c) if m["role"] == "assistant") + 1] for c in convs]
+    data = {"mtbench": load_mtbench(), "sharegpt": convs}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data))
-    print(f"wrote {out}: {len(data['mtbench'])} questions, {len(data['sharegpt'])} conversations")
+    print(f"wrote {out}: {len(data['mtbench'])} questions, {len(data['sharegpt'])} conversations, "
+          f"{out.stat().st_size / 1e6:.1f} MB")
+
+
+TINY = dict(conversations=24, distill_tokens=24, distill_batch=12, steps=6, batch=2, seq_len=256, heldout=4,
+            questions=3, max_new=24, tree_nodes=8, calibration=2, calibration_tokens=24, hf_dynamic_questions=1,
+            fp32_questions=2, fp32_max_new=16, fp32_hf_questions=1, max_len=512)
+
+
+def _first_user_len(conv: list[dict]) -> int:
+    return next((len(m["content"]) for m in conv if m["role"] == "user"), 0)
 
 
 def run(args) -> None:
@@ -49,10 +71,14 @@ def run(args) -> None:
         setup_drafter, spec_bench_lines, stop_token_ids, summarize, tree_report,
     )
     from plmtool.draft.decoding.engine import SpeculativeEngine
+    from plmtool.draft.decoding.target import TargetRunner
     from plmtool.draft.train import train_drafter
     from plmtool.io import write_json, write_text
     from plmtool.models import load_model
 
+    if args.tiny:
+        for k, v in TINY.items():
+            setattr(args, k, v)
     t_start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -61,7 +87,7 @@ def run(args) -> None:
     data = json.loads(Path(args.data).read_text())
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    report: dict = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    report: dict = {"command": " ".join(sys.argv), "args": vars(args), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "gpu": torch.cuda.get_device_name(0) if cuda else None, "torch": torch.__version__,
                     "phases": {}, "notes": []}
     try:
@@ -84,22 +110,25 @@ def run(args) -> None:
 
     # ------------------------------------------------------------------ model
     t0 = time.perf_counter()
-    bench_dtype = "bfloat16" if cuda else "float32"
-    model, tok = load_model(SimpleNamespace(name_or_path=args.model, dtype=bench_dtype, device=device))
+    main_dtype = "bfloat16" if cuda else "float32"
+    model, tok = load_model(SimpleNamespace(name_or_path=args.model, dtype=main_dtype, device=device))
     phase("load", t0)
 
     # ------------------------------------------------------------------ data: self-distillation
     t0 = time.perf_counter()
     convs = data["sharegpt"][: args.conversations]
     if args.distill:
+        # similar prompt lengths per batch: less left padding in the batched generate()
+        convs = sorted(convs, key=_first_user_len)
         convs = self_distill(model, tok, convs, work / "distill", max_new_tokens=args.distill_tokens, max_turns=1,
                              batch_size=args.distill_batch, max_prompt_tokens=512)
+        convs = [convs[i] for i in torch.randperm(len(convs), generator=torch.Generator().manual_seed(0)).tolist()]
     report["train_data"] = {"conversations": len(convs), "self_distilled": bool(args.distill),
                             "distill_max_new_tokens": args.distill_tokens}
     phase("distill", t0)
 
     # ------------------------------------------------------------------ train both drafters, same budget
-    trainer = DraftTrainerConfig(lr=args.lr, warmup_steps=min(50, args.steps // 10), max_steps=args.steps,
+    trainer = DraftTrainerConfig(lr=args.lr, warmup_steps=min(50, max(args.steps // 10, 1)), max_steps=args.steps,
                                  batch_size=args.batch, eval_every=args.steps, save_every=args.steps, log_every=50,
                                  cache_hidden=True, seed=0)
     dcfg = DraftDataConfig(max_seq_len=args.seq_len, heldout=args.heldout, min_assistant_tokens=8)
@@ -123,68 +152,129 @@ def run(args) -> None:
     questions = data["mtbench"][: args.questions]
     prepared = prepare_questions(tok, questions)
     stops = stop_token_ids(model, tok)
-    tree_spec = f"auto:{args.tree_nodes}"
 
-    def bench(label: str, dtype_model, methods_wanted: list[str], qs: list[dict], runs: int, caps: dict | None,
-              deadline: float) -> dict:
-        ar_engine = SpeculativeEngine(dtype_model, max_len=args.max_len)
-        cal_prompts = [q["calibration_ids"] or q["prompt_ids"] for q in prepared][: args.calibration]
-        cal = calibration_sequences(ar_engine, cal_prompts, 128, stops)
-        setups = {k: setup_drafter(dtype_model, p, tree_spec, cal, args.max_len) for k, p in ckpts.items() if k in methods_wanted}
+    def bench(label: str, dtype_model, methods_wanted: list[str], qs: list[dict], max_new: int, caps: dict,
+              deadline: float, compile: bool, trees: dict | None) -> dict:
+        """One pass: engines of our methods share one target runner (one compile per step shape);
+        questions interleaved so every method decodes the same ones before the deadline."""
+        t_setup = time.perf_counter()
+        runner = TargetRunner(dtype_model, args.max_len, compile=compile)
+        ar_engine = SpeculativeEngine(dtype_model, max_len=args.max_len, runner=runner)
+        engines = {"ar": ar_engine}
+        setups = {}
+        if trees is None:  # auto trees from rank accuracies on the target's answers to second turns
+            cal_prompts = [q["calibration_ids"] or q["prompt_ids"] for q in prepared][: args.calibration]
+            cal = calibration_sequences(ar_engine, cal_prompts, args.calibration_tokens, stops)
+            tree_spec = {k: f"auto:{args.tree_nodes}" for k in ckpts}
+        else:
+            cal, tree_spec = [], trees
+        for k, p in ckpts.items():
+            if k in methods_wanted:
+                setups[k] = setup_drafter(dtype_model, p, tree_spec[k], cal, args.max_len)
+                engines[k] = SpeculativeEngine(dtype_model, setups[k].drafter, setups[k].tree, max_len=args.max_len,
+                                               runner=runner)
         methods = {}
         for name in methods_wanted:
-            if name == "ar":
-                methods[name] = engine_method(ar_engine, args.max_new, stops)
+            if name in engines:
+                methods[name] = engine_method(engines[name], max_new, stops)
             elif name.startswith("hf_generate"):
-                methods[name] = hf_generate_method(dtype_model, args.max_new, stops, tok.pad_token_id, static=name.endswith("static"))
-            else:
-                eng = SpeculativeEngine(dtype_model, setups[name].drafter, setups[name].tree, max_len=args.max_len)
-                methods[name] = engine_method(eng, args.max_new, stops)
+                methods[name] = hf_generate_method(dtype_model, max_new, stops, tok.pad_token_id, static=name.endswith("static"))
         errors: dict[str, str] = {}
-        records = run_benchmark(methods, qs, torch.device(device), runs=runs, warmup=1, question_caps=caps,
-                                deadline=deadline, errors=errors)
-        summary = summarize(records)
-        res = {"num_questions": len(qs), "setup": {"device": device, "dtype": str(dtype_model.dtype).replace("torch.", ""),
-                                                    "max_new_tokens": args.max_new, "runs": runs, "warmup": 1,
-                                                    "cuda_graphs": ar_engine.cuda_graphs, "question_caps": caps},
-               **summary, "trees": {k: tree_report(s) for k, s in setups.items()}, "model": args.model,
-               "skipped": errors}
-        for m in res["methods"].values():
-            m.pop("divergences", None) if len(m.get("divergences", [])) > 20 else None
+        res: dict = {"num_questions": len(qs),
+                     "setup": {"device": device, "dtype": str(dtype_model.dtype).replace("torch.", ""),
+                               "max_new_tokens": max_new, "runs": 1, "warmup": 1, "question_caps": caps,
+                               "interleaved": True, "setup_s": round(time.perf_counter() - t_setup, 1),
+                               "engines": {k: {"cuda_graphs": e.cuda_graphs, "compiled_target_step": e.compiled,
+                                               "drafter_graph": e.drafter_graph} for k, e in engines.items()}},
+                     "trees": {k: tree_report(s) for k, s in setups.items()}, "model": args.model, "skipped": errors}
+        log.info("%s setup %.1fs: %s", label, res["setup"]["setup_s"], res["setup"]["engines"])
+
+        def partial(records: dict) -> None:
+            n = len(records.get("ar", []))
+            if n and (n % 5 == 0 or n == len(qs)):
+                report[label] = {**res, **_summary(summarize, records), "partial": True}
+                save()
+
+        records = run_benchmark(methods, qs, torch.device(device), runs=1, warmup=1, question_caps=caps,
+                                deadline=deadline, errors=errors, interleave=True, on_question=partial)
+        res.update(_summary(summarize, records))
+        res["num_questions"] = len(records["ar"])
         lines = []
         for name, recs in records.items():
             lines += spec_bench_lines(name, recs, tok, f"smollm2-135m-{label}")
         write_text(out / f"answers_{label}.jsonl", "".join(json.dumps(x) + "\n" for x in lines))
+        report[label] = res
+        save()
         return res
 
+    fp32_reserve = args.fp32_reserve_s if args.fp32_questions else 0.0
+    main_label = "bf16" if cuda else "fp32_main"
+    methods = ["ar", "hf_generate", "hf_generate_static", "medusa", "amphista"]
+    caps = {"hf_generate": args.hf_dynamic_questions}
     t0 = time.perf_counter()
-    methods = ["ar", "hf_generate", "hf_generate_static", "medusa", "amphista"] if cuda else ["ar", "hf_generate", "medusa", "amphista"]
-    caps = {"hf_generate": args.hf_dynamic_questions, "hf_generate_static": args.hf_static_questions}
-    report["bf16" if cuda else "fp32_main"] = bench("bf16" if cuda else "fp32", model, methods, prepared, args.runs, caps,
-                                                    t_start + args.budget_s)
+    main = bench(main_label, model, methods, prepared, args.max_new, caps, t_start + args.budget_s - fp32_reserve,
+                 compile=args.compile and cuda, trees=None)
     phase("bench_main", t0)
 
-    if cuda and args.fp32_questions and elapsed() < args.budget_s:
+    if args.fp32_questions:
         t0 = time.perf_counter()
-        del model
-        torch.cuda.empty_cache()
-        model32, _ = load_model(SimpleNamespace(name_or_path=args.model, dtype="float32", device=device))
-        model32.requires_grad_(False)
-        report["fp32"] = bench("fp32", model32, ["ar", "medusa", "amphista"], prepared[: args.fp32_questions], 1, None,
-                               t_start + args.budget_s + args.fp32_budget_s)
+        trees = {k: t["choices"] for k, t in main["trees"].items()}
+        if cuda:
+            del model
+            torch.cuda.empty_cache()
+            model32, _ = load_model(SimpleNamespace(name_or_path=args.model, dtype="float32", device=device))
+            model32.requires_grad_(False)
+        else:
+            model32 = model
+        bench("fp32", model32, ["ar", "hf_generate", "medusa", "amphista"], prepared[: args.fp32_questions],
+              args.fp32_max_new, {"hf_generate": args.fp32_hf_questions}, t_start + args.budget_s, compile=False,
+              trees=trees)
         phase("bench_fp32", t0)
-    elif cuda and args.fp32_questions:
-        report["notes"].append(f"fp32 identity pass skipped: time budget {args.budget_s}s reached")
     report["total_s"] = round(elapsed(), 1)
     save()
     md = []
-    for key in ("bf16", "fp32", "fp32_main"):
+    for key in ("bf16", "fp32_main", "fp32"):
         if key in report:
             md.append(f"## {key}\n\n" + render_markdown({**report[key], "model": "SmolLM2-135M-Instruct"}))
-    train_rows = [f"- {k}: " + json.dumps({kk: report['training'][k].get(kk) for kk in ('heads', 'seconds', 'steps') if kk in report['training'][k]})
-                  for k in kinds if k in report["training"]]
-    write_text(out / "report.md", f"# speculative decoding benchmark ({report['gpu'] or 'cpu'})\n\n" + "\n".join(train_rows) + "\n\n" + "\n".join(md))
-    print((out / "report.md").read_text())
+    table = summary_table(report)
+    write_text(out / "report.md", f"# speculative decoding benchmark ({report['gpu'] or 'cpu'})\n\n{table}\n\n" + "\n".join(md))
+    print("\n" + table)
+
+
+def _summary(summarize, records: dict) -> dict:
+    s = summarize(records)
+    for m in s["methods"].values():  # keep report.json small: first divergences only
+        m["divergences"] = m.get("divergences", [])[:20]
+    return s
+
+
+def summary_table(report: dict) -> str:
+    """A short plain-text table of what matters: speed, acceptance, identity, training, phases."""
+    lines = []
+    for key in ("bf16", "fp32_main", "fp32"):
+        res = report.get(key)
+        if not res:
+            continue
+        lines.append(f"[{key}] {res.get('num_questions')} questions, max_new {res['setup']['max_new_tokens']}, "
+                     f"engines {json.dumps(res['setup']['engines'])}")
+        lines.append(f"{'method':<20}{'q':>4}{'tok/s':>9}{'acc/step':>10}{'x ar':>8}{'x hf_st':>9}{'diverged':>10}")
+        for name, m in res["methods"].items():
+            sp = res.get("speedups", {}).get(name, {})
+            fmt = lambda b: f"{sp[b]:.2f}" if b in sp else ("1" if b == name else "-")  # noqa: E731
+            lines.append(f"{name:<20}{m['questions']:>4}{m['tokens_per_s']:>9.1f}{m['mean_accepted']:>10.2f}"
+                         f"{fmt('ar'):>8}{fmt('hf_generate_static'):>9}{m['divergent_questions']:>6} of {m['questions']}")
+        for name, t in res.get("trees", {}).items():
+            if "head_top1" in t:
+                lines.append(f"  {name} tree {t['nodes']} nodes: rank-0 accuracy per head {t['head_top1']}, "
+                             f"expected accepted/step {t['expected_accept_length']}")
+        for name, why in res.get("skipped", {}).items():
+            lines.append(f"  skipped {name}: {why}")
+    for kind in ("medusa", "amphista"):
+        t = report.get("training", {}).get(kind)
+        if t:
+            lines.append(f"train {kind}: {t.get('seconds')}s, held-out top-1 per head {t.get('heads', {}).get('top1') if isinstance(t.get('heads'), dict) else t.get('heads')}")
+    lines.append(f"phases (s): {json.dumps(report['phases'])}, total {report.get('total_s')}")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -194,18 +284,20 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     pp = sub.add_parser("prepare")
     pp.add_argument("--out", required=True)
-    pp.add_argument("--sharegpt", type=int, default=1200)
+    pp.add_argument("--sharegpt", type=int, default=4000)
+    pp.add_argument("--first-exchange", type=int, default=1, help="keep only the first user/assistant exchange")
     pr = sub.add_parser("run")
     pr.add_argument("--data", required=True)
     pr.add_argument("--model", default="smollm2-135m")
     pr.add_argument("--out", required=True)
     pr.add_argument("--work", default="/tmp/draft_bench_work")
-    pr.add_argument("--conversations", type=int, default=512)
+    pr.add_argument("--tiny", action="store_true", help="CPU end-to-end check at tiny size (overrides sizes)")
+    pr.add_argument("--conversations", type=int, default=768)
     pr.add_argument("--distill", type=int, default=1)
     pr.add_argument("--distill-tokens", type=int, default=256)
-    pr.add_argument("--distill-batch", type=int, default=128)
+    pr.add_argument("--distill-batch", type=int, default=384)
     pr.add_argument("--heads", type=int, default=4)
-    pr.add_argument("--steps", type=int, default=600)
+    pr.add_argument("--steps", type=int, default=300)
     pr.add_argument("--batch", type=int, default=8)
     pr.add_argument("--seq-len", type=int, default=1024)
     pr.add_argument("--lr", type=float, default=1e-3)
@@ -213,14 +305,16 @@ def main() -> None:
     pr.add_argument("--questions", type=int, default=80)
     pr.add_argument("--max-new", type=int, default=256)
     pr.add_argument("--max-len", type=int, default=2048)
-    pr.add_argument("--runs", type=int, default=1)
     pr.add_argument("--tree-nodes", type=int, default=64)
     pr.add_argument("--calibration", type=int, default=8)
-    pr.add_argument("--hf-dynamic-questions", type=int, default=10)
-    pr.add_argument("--hf-static-questions", type=int, default=40)
-    pr.add_argument("--fp32-questions", type=int, default=20)
-    pr.add_argument("--budget-s", type=float, default=430, help="main benchmark ends by this time since start")
-    pr.add_argument("--fp32-budget-s", type=float, default=100)
+    pr.add_argument("--calibration-tokens", type=int, default=128)
+    pr.add_argument("--compile", type=int, default=1, help="torch.compile the target step before capture (GPU)")
+    pr.add_argument("--hf-dynamic-questions", type=int, default=2)
+    pr.add_argument("--fp32-questions", type=int, default=3)
+    pr.add_argument("--fp32-max-new", type=int, default=128)
+    pr.add_argument("--fp32-hf-questions", type=int, default=1)
+    pr.add_argument("--budget-s", type=float, default=540, help="everything ends by this time since the start")
+    pr.add_argument("--fp32-reserve-s", type=float, default=40, help="kept for the fp32 pass at the end")
     args = p.parse_args()
     prepare(args) if args.cmd == "prepare" else run(args)
 

@@ -91,3 +91,38 @@ def test_serve_dry_run(monkeypatch, tmp_path, tiny_llama_dir, drafters):
          f"draft.checkpoint={drafters['amphista']}", "draft.tree=chain", f"hydra.run.dir={run}")
     report = json.loads((run / "report.json").read_text())
     assert report["drafter"] == "amphista" and report["tree_nodes"] == 4 and report["host"] == "127.0.0.1"
+
+
+def test_interleaved_benchmark_cuts_every_method_after_the_same_questions():
+    """With a deadline, question-major order stops all methods after the same questions (no method
+    starved by the ones before it); caps limit a slow baseline; a failing method is reported."""
+    import time
+
+    import torch
+
+    from plmtool.draft.decoding.benchmark import Decoded, run_benchmark
+
+    calls = []
+
+    def method(name, seconds, fail=False):
+        def run(prompt, max_new_tokens=None):
+            calls.append(name)
+            if fail:
+                raise RuntimeError("boom")
+            time.sleep(seconds)
+            return Decoded(list(prompt) * 2, [2] * len(prompt))
+        return run
+
+    questions = [{"question_id": i, "category": "c", "prompt_ids": [i + 1]} for i in range(50)]
+    methods = {"ar": method("ar", 0.01), "slow": method("slow", 0.03), "capped": method("capped", 0.01),
+               "broken": method("broken", 0, fail=True)}
+    errors = {}
+    seen = []
+    recs = run_benchmark(methods, questions, torch.device("cpu"), runs=1, warmup=1, question_caps={"capped": 2},
+                         deadline=time.perf_counter() + 0.6, errors=errors, interleave=True,
+                         on_question=lambda r: seen.append(len(r["ar"])))
+    ids = {name: [r["question_id"] for r in rs] for name, rs in recs.items()}
+    assert 3 <= len(ids["ar"]) < 50  # the deadline cut the run
+    assert ids["slow"] == ids["ar"] and ids["capped"] == [0, 1]
+    assert "broken" in errors and "broken" not in recs
+    assert seen == list(range(1, len(ids["ar"]) + 1))

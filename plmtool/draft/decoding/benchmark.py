@@ -176,6 +176,8 @@ def run_benchmark(
     progress: Callable[[Any, str, int], Any] | None = None,
     deadline: float | None = None,
     errors: dict[str, str] | None = None,
+    interleave: bool = False,
+    on_question: Callable[[dict[str, list[dict]]], Any] | None = None,
 ) -> dict[str, list[dict]]:
     """Decode every question with every method; returns per-method per-question records.
 
@@ -183,9 +185,16 @@ def run_benchmark(
     not yet run: a method out of time stops after the questions it finished (speedups are always
     computed over common questions). With `errors` given, a method that raises is recorded there
     and skipped instead of failing the whole benchmark.
+
+    `interleave=True` decodes question by question, every method in turn, so that a `deadline`
+    stops all methods after the same questions (no method is starved of time by the ones before
+    it); `on_question(records)` is then called after each question (e.g. to save partial results).
     """
     if "ar" not in methods:
         raise PlmtoolError("the benchmark needs the 'ar' method: every output is checked against it")
+    if interleave:
+        return _interleaved(methods, questions, device, runs, warmup, warmup_tokens, question_caps, deadline, errors,
+                            on_question)
     records: dict[str, list[dict]] = {}
     names = list(methods)
     for idx, name in enumerate(names):
@@ -214,6 +223,57 @@ def run_benchmark(
                 continue
             raise PlmtoolError(f"method {name} decoded no question within the time budget")
         records[name] = recs
+        log.info("%s: %.1f tokens/s over %d questions", name, statistics.mean(r["tokens_per_s"] for r in recs), len(recs))
+    return records
+
+
+def _interleaved(methods, questions, device, runs, warmup, warmup_tokens, caps, deadline, errors, on_question):
+    live = dict(methods)
+
+    def failed(name: str, e: Exception) -> None:
+        if errors is None or name == "ar":
+            raise e
+        errors[name] = f"{type(e).__name__}: {e}"
+        log.warning("method %s failed: %s", name, errors[name])
+        live.pop(name, None)
+
+    for name, fn in list(live.items()):
+        try:
+            for q in list(questions)[: max(warmup, 0)]:
+                fn(q["prompt_ids"], warmup_tokens)
+            _sync(device)
+        except PlmtoolError:
+            raise
+        except Exception as e:
+            failed(name, e)
+    records: dict[str, list[dict]] = {name: [] for name in live}
+    last = 0.0
+    for i, q in enumerate(questions):
+        t0 = time.perf_counter()
+        if deadline is not None and i > 0 and t0 + last > deadline:
+            log.warning("time budget reached: every method decoded the first %d questions", i)
+            break
+        for name, fn in list(live.items()):
+            cap = (caps or {}).get(name)
+            if cap is not None and i >= cap:
+                continue
+            try:
+                records[name] += _timed(fn, [q], device, runs, None, name, None)
+            except PlmtoolError:
+                raise
+            except Exception as e:
+                failed(name, e)
+        last = time.perf_counter() - t0
+        if on_question is not None:
+            on_question({k: v for k, v in records.items() if v})
+    for name in list(records):
+        if not records[name]:
+            if name == "ar":
+                raise PlmtoolError("method ar decoded no question within the time budget")
+            records.pop(name)
+            if errors is not None:
+                errors.setdefault(name, "out of time before the first question")
+    for name, recs in records.items():
         log.info("%s: %.1f tokens/s over %d questions", name, statistics.mean(r["tokens_per_s"] for r in recs), len(recs))
     return records
 
