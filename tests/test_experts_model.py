@@ -64,7 +64,7 @@ def test_sample_loss_matches_model_loss(tiny_llama, tiny_tokenizer):
 def test_training_loss_matches_hf_loss(tiny_llama, tiny_tokenizer):
     import copy
 
-    from plmtool.experts.lora import assistant_loss
+    from plmtool.experts.lora import assistant_loss, labelled_positions
     from plmtool.experts.tokenize import collate
 
     model = add_adapters(copy.deepcopy(tiny_llama), ["a"], lora_config(r=4, alpha=8, dropout=0.0))
@@ -73,6 +73,11 @@ def test_training_loss_matches_hf_loss(tiny_llama, tiny_tokenizer):
     ref = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
     got = assistant_loss(model, b["input_ids"], b["attention_mask"], b["labels"])
     assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    # the training loop's path: labelled positions found on the host, passed with the batch
+    pos, target = labelled_positions(b["labels"])
+    assert pos.numel() == int((b["labels"][:, 1:] != -100).sum())
+    via_positions = assistant_loss(model, b["input_ids"], b["attention_mask"], positions=(pos, target))
+    assert via_positions.item() == pytest.approx(ref.item(), rel=1e-5)
 
 
 def test_model_embedder_is_mean_pooled_hidden_state(tiny_llama, tiny_tokenizer, tmp_path):

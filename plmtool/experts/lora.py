@@ -59,24 +59,38 @@ def _only_trainable(model, name: str) -> list[torch.nn.Parameter]:
     return params
 
 
-def assistant_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token NLL over labelled tokens.
+def labelled_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat indices into the [batch * (seq - 1)] next-token positions that carry a label, their targets).
+
+    Computed where `labels` lives: training batches do it on the host, so a GPU step never has to
+    wait for the device to learn how many tokens are labelled (boolean indexing would).
+    """
+    target = labels[:, 1:].reshape(-1)
+    pos = (target != IGNORE).nonzero().squeeze(1)
+    return pos, target[pos]
+
+
+def assistant_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
+                   positions: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Mean next-token NLL over labelled tokens (`labels`, or `positions` from labelled_positions).
 
     The vocabulary projection is applied only at the labelled positions (the prompt is often half
     the tokens and the projection to 49k+ words dominates small models), and the full-size
     [batch, seq, vocab] logits are never built, nor their gradient.
     """
+    pos, target = positions if positions is not None else labelled_positions(labels)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    target = labels[:, 1:]
-    keep = target != IGNORE
     decoder, head = getattr(base, "model", None), base.get_output_embeddings()
     if decoder is None or head is None or getattr(base.config, "final_logit_softcapping", None):
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-        return torch.nn.functional.cross_entropy(logits[keep].float(), target[keep])
+        if pos.numel() == 0:
+            return logits.sum() * 0.0
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).index_select(0, pos).float(), target)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
-    if not keep.any():  # nothing to learn in this batch (prompts filled the window)
+    if pos.numel() == 0:  # nothing to learn in this batch (prompts filled the window)
         return hidden.sum() * 0.0
-    return torch.nn.functional.cross_entropy(head(hidden[keep]).float(), target[keep])
+    picked = hidden.reshape(-1, hidden.size(-1)).index_select(0, pos)
+    return torch.nn.functional.cross_entropy(head(picked).float(), target)
 
 
 def train_adapter(model, name: str, encoded: Sequence[dict[str, Any]], pad_id: int, lr: float = 2e-4, epochs: float = 1.0,
@@ -95,7 +109,6 @@ def train_adapter(model, name: str, encoded: Sequence[dict[str, Any]], pad_id: i
     capped = bool(max_steps and steps > max_steps)
     if capped:
         steps = int(max_steps)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     # warm-up scales with each adapter's own step count unless a fixed number is asked for
     warmup = min(int(warmup_steps), steps) if warmup_steps else int(round(steps * warmup_ratio))
 
@@ -104,10 +117,13 @@ def train_adapter(model, name: str, encoded: Sequence[dict[str, Any]], pad_id: i
             return (step + 1) / max(1, warmup)
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     rng = np.random.default_rng(seed)
     device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    # fused: one kernel for the whole adapter's update instead of a few per parameter tensor
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=cuda)
     order: list[int] = []
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     model.train()
     losses, tokens = [], 0
     if device.type == "cuda":
@@ -115,30 +131,35 @@ def train_adapter(model, name: str, encoded: Sequence[dict[str, Any]], pad_id: i
     start = time.perf_counter()
     for step in track(range(steps), f"training {name}", total=steps):
         opt.zero_grad(set_to_none=True)
-        step_loss = 0.0
+        step_loss = torch.zeros((), device=device)
         for _ in range(grad_accum):
             if len(order) < batch_size:
                 order += rng.permutation(len(encoded)).tolist()
             idx, order = order[:batch_size], order[batch_size:]
             b = collate([encoded[i] for i in idx], pad_id)
+            b["pos"], b["target"] = labelled_positions(b["labels"])
+            tokens += sum(len(encoded[i]["input_ids"]) for i in idx)
+            # pinned host memory + non_blocking: the copies queue behind the running step instead of
+            # waiting for it, so the host prepares step t+1 while the device computes step t
+            b = {k: (v.pin_memory() if cuda else v).to(device, non_blocking=cuda) for k, v in b.items() if k != "labels"}
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = assistant_loss(model, b["input_ids"].to(device), b["attention_mask"].to(device), b["labels"].to(device))
+                loss = assistant_loss(model, b["input_ids"], b["attention_mask"], positions=(b["pos"], b["target"]))
             (loss / grad_accum).backward()
-            step_loss += loss.item() / grad_accum
-            tokens += int(b["attention_mask"].sum())
+            step_loss += loss.detach() / grad_accum
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
         sched.step()
-        losses.append(step_loss)
+        losses.append(step_loss)  # kept on the device: read back only when logging and at the end
         if log_every and (step + 1) % log_every == 0:
-            log.info("%s step %d/%d loss %.4f", name, step + 1, steps, float(np.mean(losses[-log_every:])))
+            log.info("%s step %d/%d loss %.4f", name, step + 1, steps, torch.stack(losses[-log_every:]).mean().item())
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     model.eval()
     for p in params:
         p.requires_grad_(False)
+    losses = torch.stack(losses).float().cpu().tolist()
     tail = losses[-max(1, len(losses) // 10):]
     return {"adapter": name, "samples": len(encoded), "epochs": epochs, "steps": steps, "capped_by_max_steps": capped,
             "train_tokens": tokens, "seconds": round(seconds, 3), "first_loss": losses[0], "final_loss": float(np.mean(tail))}

@@ -21,19 +21,20 @@ KINDS = ("none", "loss", "ifd")
 
 
 def need_signal(model, tokenizer, samples: list[dict[str, Any]], kind: str, max_len: int, max_prompt_len: int | None,
-                batch_size: int = 8) -> np.ndarray | None:
+                batch_size: int = 8, autocast: bool = False) -> np.ndarray | None:
+    """Need per sample (None for kind 'none'); `autocast`: bf16 autocast (a ranking signal, bf16 is plenty)."""
     if kind not in KINDS:
         raise PlmtoolError(f"unknown experts.need '{kind}' (choose from {', '.join(KINDS)})")
     if kind == "none":
         return None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     enc = [encode(tokenizer, s["messages"], max_len, max_prompt_len) for s in samples]
-    s, n = encoded_losses(model, enc, pad, batch_size, description="need: reply loss")
+    s, n = encoded_losses(model, enc, pad, batch_size, description="need: reply loss", autocast=autocast)
     cond = s / np.maximum(n, 1)
     if kind == "loss":
         return cond
     replies = [[m for m in smp["messages"] if m["role"] == "assistant"] for smp in samples]
     enc_alone = [encode(tokenizer, r, max_len, None) for r in replies]
-    s2, n2 = encoded_losses(model, enc_alone, pad, batch_size, description="need: reply alone")
+    s2, n2 = encoded_losses(model, enc_alone, pad, batch_size, description="need: reply alone", autocast=autocast)
     alone = s2 / np.maximum(n2, 1)
     return np.clip(cond / np.maximum(alone, 1e-6), 0.0, 1.5)

@@ -100,7 +100,10 @@ def run(o: Any, run_dir: Path, seed: int, load: Loader, model_id: str, cache: Pa
         emb, info = embed_cached(embedder, texts, cache)
         save_npy(run_dir / "embeddings.npy", emb[: len(pool)])
         save_npy(run_dir / "heldout_embeddings.npy", emb[len(pool):])
-        need = need_signal(model, tokenizer, pool, o.need, o.max_len, o.max_prompt_len, o.batch_size) if o.need != "none" else None
+        need = None
+        if o.need != "none":
+            cuda = next(model.parameters()).device.type == "cuda"  # bf16 autocast on GPUs, as in training
+            need = need_signal(model, tokenizer, pool, o.need, o.max_len, o.max_prompt_len, o.batch_size, autocast=cuda)
         if need is not None:
             save_npy(run_dir / "need.npy", need)
         stages.mark("embed", info)
