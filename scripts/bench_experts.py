@@ -3,8 +3,8 @@
 Held-out loss (assistant tokens) and training time of: the base model, one LoRA on 100% of the
 pool (`full`), on a random 10% (`random`), on the redistributed 10% (`redistributed`), the routed
 per-cluster experts (`routed`) and the oracle expert per held-out group. The held-out split is
-cut before clustering and never trained on. Every LoRA trains for the same number of epochs over
-its own data (the same budget per sample).
+cut before clustering and never trained on. Every LoRA uses the same hyper-parameters and trains
+for the same number of epochs over its own data (the same budget per sample).
 
 Two steps, because the GPU machine has no hydra / datasets and no network:
 
@@ -12,6 +12,14 @@ Two steps, because the GPU machine has no hydra / datasets and no network:
     python scripts/bench_experts.py prepare --limit 10500 --out .bench/experts/sharegpt.jsonl.gz
     # on the GPU machine (plain plmtool modules only)
     python scripts/bench_experts.py run --data .bench/experts/sharegpt.jsonl.gz --model /tmp/smollm2.gguf --out $OUT
+
+`run` writes `$OUT/bench_experts.json` after every finished stage (load, redistribution, base
+loss, then each trained unit with its held-out loss), so a run cut short keeps what finished.
+Units run cheapest first (redistributed, random, the experts, then full): every adapter starts
+from the same frozen base and the same seed, so the order changes nothing but which results exist
+if time runs out; a warm-up adapter absorbs the first-step CUDA setup so no unit's time pays it.
+A unit whose projected end (from the measured training throughput) would pass --time-budget
+seconds is skipped and recorded as such rather than cut mid-way.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+STARTED = time.perf_counter()
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
@@ -46,64 +55,196 @@ def prepare(args) -> None:
     print(f"{len(samples)} samples -> {out} ({out.stat().st_size / 1e6:.1f} MB)")
 
 
-def run(args) -> None:
-    import torch
+def elapsed() -> float:
+    return time.perf_counter() - STARTED
 
-    from plmtool.experts import run_redistribute, run_train
-    from plmtool.experts.config import LoraOptions, RedistributeConfig, TrainExpertsConfig
+
+class Results:
+    """The benchmark's JSON, rewritten atomically after every stage."""
+
+    def __init__(self, path: Path, head: dict):
+        self.path, self.data = path, {**head, "stages_done": [], "eval": {}, "train_seconds": {}, "units": {}}
+        self.save()
+
+    def stage(self, name: str, **values) -> None:
+        self.data.update(values)
+        self.data["stages_done"].append(name)
+        self.data["elapsed_s"] = round(elapsed(), 1)
+        self.save()
+
+    def save(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str))
+        os.replace(tmp, self.path)
+
+
+def run(args) -> None:
+    import numpy as np
+    import torch
+    import transformers
+
+    from plmtool.experts import run_redistribute
+    from plmtool.experts.config import RedistributeConfig
+    from plmtool.experts.lora import BASE, add_adapters, lora_config, train_adapter
+    from plmtool.experts.losses import encoded_losses, mean_loss
+    from plmtool.experts.routed import expert_name
+    from plmtool.experts.router import Router
+    from plmtool.experts.samples import read_samples
+    from plmtool.experts.tokenize import encode
     from plmtool.models import load_model
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    log = logging.getLogger("bench")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
-    data = work / "sharegpt.jsonl"
     work.mkdir(parents=True)
+    cuda = torch.cuda.is_available()
+    res = Results(out / "bench_experts.json", {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "gpu": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "torch": torch.__version__, "transformers": transformers.__version__, "args": vars(args)})
+
+    # 1. model (a GGUF path is dequantized once and cached outside the work dir)
+    data = work / "sharegpt.jsonl"
     with gzip.open(args.data, "rt", encoding="utf-8") as f:
         lines = f.read().splitlines()
     data.write_text("\n".join(lines[: args.limit] if args.limit else lines) + "\n", encoding="utf-8")
-    model_cfg = SimpleNamespace(name_or_path=args.model, dtype="float32", device="auto", cache_dir=str(work / "cache"))
     t = time.perf_counter()
-    loaded = load_model(model_cfg)  # dequantizes the GGUF once (cached in work/cache)
-    load_s = time.perf_counter() - t
+    model, tok = load_model(SimpleNamespace(name_or_path=args.model, dtype="float32", device="auto", cache_dir=args.model_cache or None))
+    res.stage("load", model_load_s=round(time.perf_counter() - t, 1))
 
-    def load():
-        return loaded
-
+    # 2. redistribution: held-out split first, then embed, need signal, cluster, density, select
     o = RedistributeConfig(data=str(data), heldout=args.heldout, k=args.k, budget=args.budget, need=args.need,
                            max_len=args.max_len, max_prompt_len=args.max_len // 2, embed_max_len=256,
-                           embed_batch_size=64, batch_size=64, plot=True)
-    d, e = work / "D", work / "E"
+                           embed_batch_size=args.eval_batch_size, batch_size=args.eval_batch_size, plot=True)
+    d = work / "D"
     t = time.perf_counter()
-    red = run_redistribute.run(o, d, args.seed, load, "smollm2-135m", work / "emb-cache")
-    red_s = time.perf_counter() - t
-    trainer = SimpleNamespace(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, grad_accum=1, max_steps=None,
-                              warmup_steps=0, weight_decay=0.0, grad_clip=1.0, precision="auto", max_seq_len=args.max_len,
-                              log_every=50)
-    to = TrainExpertsConfig(redistribution=str(d), lora=LoraOptions(r=args.r, alpha=2 * args.r, dropout=0.05),
-                            eval_batch_size=64, top_k=1)
-    t = time.perf_counter()
-    tr = run_train.run(to, trainer, e, args.seed, load, "smollm2-135m")
-    train_s = time.perf_counter() - t
-    result = {
-        "date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        "torch": torch.__version__, "args": vars(args), "model_load_s": round(load_s, 1),
-        "redistribute_s": round(red_s, 1), "train_and_eval_s": round(train_s, 1), "redistribute": red, "train": tr,
-    }
-    (out / "bench_experts.json").write_text(json.dumps(result, indent=2, default=str))
+    red = run_redistribute.run(o, d, args.seed, lambda: (model, tok), "smollm2-135m", None)
     if (d / "semantic_space.png").is_file():
         shutil.copy(d / "semantic_space.png", out / "semantic_space.png")
-    ev, secs, rec = tr["eval"], tr["train_seconds"], tr.get("recovery_of_full_gain", {})
-    n_of = {"full": red["total"], "random": red["selected"], "redistributed": red["selected"], "routed": red["selected"]}
-    print(f"\nGPU {result['gpu']}; pool {red['total']}, held-out {red['heldout']}, K={red['k']}, budget {args.budget}")
-    print("| model | train samples | held-out loss | share of full-data gain | train s |")
-    print("|---|---|---|---|---|")
-    for name, v in ev.items():
-        r = rec.get(name)
-        print(f"| {name} | {n_of.get(name, '')} | {v:.4f} | {'' if r is None else f'{r:.1%}'} | {secs.get(name, '')} |")
-    print(f"router agreement with oracle (groups): {tr.get('router', {}).get('agreement_group')}")
-    print(f"timings: load {load_s:.1f}s, redistribute {red_s:.1f}s ({red['seconds']}), train+eval {train_s:.1f}s")
+    shutil.copy(d / "manifest.jsonl", out / "manifest.jsonl")
+    res.stage("redistribute", redistribute_s=round(time.perf_counter() - t, 1), redistribution=red)
+
+    # 3. token ids: every pool sample once (shared by all units), the held-out set and its routes
+    t = time.perf_counter()
+    mpl = args.max_len // 2
+    pool = read_samples(d / "samples.jsonl")
+    enc_of = {s["id"]: encode(tok, s["messages"], args.max_len, mpl) for s in pool}
+    held = read_samples(d / "heldout.jsonl")
+    held_enc = [encode(tok, s["messages"], args.max_len, mpl) for s in held]
+    router = Router.load(d / "centroids.npy")
+    routes = router.route(np.load(d / "heldout_embeddings.npy"))
+    k = router.k
+    experts = [expert_name(c) for c in range(k)]
+    files = {"redistributed": "selected.jsonl", "random": "random.jsonl", "full": "samples.jsonl",
+             **{e: f"shards/{e}.jsonl" for e in experts}}
+    unit_ids = {u: [s["id"] for s in read_samples(d / f)] for u, f in files.items()}
+    res.stage("encode", encode_s=round(time.perf_counter() - t, 1), heldout=len(held),
+              heldout_tokens=int(sum(sum(x != -100 for x in e["labels"]) for e in held_enc)),
+              heldout_per_cluster=np.bincount(routes, minlength=k).tolist(),
+              unit_samples={u: len(v) for u, v in unit_ids.items()})
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    cfg = lora_config(args.r, 2 * args.r, args.dropout, "all-linear")
+    hp = dict(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, grad_accum=1, max_steps=None, warmup_ratio=0.03,
+              weight_decay=0.0, grad_clip=1.0, seed=args.seed, bf16=cuda, log_every=25)
+    # warm-up adapter: cuBLAS / autocast / allocator setup happens here, not in the first timed unit
+    t = time.perf_counter()
+    model = add_adapters(model, ["warmup"], cfg)
+    some = [enc_of[i] for i in unit_ids["random"][: 2 * args.batch_size]]
+    train_adapter(model, "warmup", some, pad, **{**hp, "max_steps": 2, "log_every": 0})
+    res.stage("warmup", warmup_s=round(time.perf_counter() - t, 1))
+
+    losses: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def heldout_loss(name: str, adapter: str) -> dict:
+        t = time.perf_counter()
+        losses[name] = encoded_losses(model, held_enc, pad, args.eval_batch_size, [adapter] * len(held_enc),
+                                      f"held-out loss: {name}", autocast=cuda)
+        per = {str(g): mean_loss(*losses[name], routes == g) for g in range(k) if (routes == g).any()}
+        return {"heldout_loss": mean_loss(*losses[name]), "per_cluster": per,
+                "macro_over_clusters": float(np.mean(list(per.values()))), "eval_s": round(time.perf_counter() - t, 1)}
+
+    # 4. base model
+    base = heldout_loss("base", BASE)
+    res.data["units"]["base"] = base
+    res.data["eval"]["base"] = base["heldout_loss"]
+    res.stage("base")
+
+    # 5. units, cheapest first; each: train (timed alone), then its held-out loss
+    trained_samples, trained_s, last_eval_s = 0.0, 0.0, base["eval_s"]
+    for u in ["redistributed", "random", *experts, "full"]:
+        n = len(unit_ids[u])
+        work_samples = n * args.epochs
+        if trained_s > 0 and args.time_budget:
+            projected = elapsed() + work_samples / (trained_samples / trained_s) + last_eval_s + 5
+            if projected > args.time_budget:
+                log.warning("skipping %s: projected end %.0f s > --time-budget %s s", u, projected, args.time_budget)
+                res.data["units"][u] = {"skipped": f"projected end {projected:.0f} s > time budget {args.time_budget} s"}
+                res.stage(f"skip {u}")
+                continue
+        model = add_adapters(model, [u], cfg)
+        stats = train_adapter(model, u, [enc_of[i] for i in unit_ids[u]], pad, **hp)
+        trained_samples += work_samples
+        trained_s += stats["seconds"]
+        ev = heldout_loss(u, u)
+        last_eval_s = ev["eval_s"]
+        res.data["units"][u] = {"train": stats, **ev}
+        res.data["train_seconds"][u] = stats["seconds"]
+        if not u.startswith("expert_"):
+            res.data["eval"][u] = ev["heldout_loss"]
+        if u == experts[-1] and all(e in losses for e in experts):
+            routed_oracle(res, losses, experts, routes, k, mean_loss, np)
+        if cuda:
+            res.data["max_memory_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+        res.stage(u)
+
+    ev = res.data["eval"]
+    if ev.get("full") is not None and ev["base"] - ev["full"] > 0:
+        gain = ev["base"] - ev["full"]
+        res.data["recovery_of_full_gain"] = {n: (ev["base"] - v) / gain for n, v in ev.items() if n not in ("base", "full")}
+    res.stage("done")
+    table(res.data, args)
+
+
+def routed_oracle(res, losses, experts, routes, k, mean_loss, np) -> None:
+    """Routed (top-1 nearest centroid) and oracle (best expert per held-out group) losses."""
+    pick = lambda choice: tuple(np.array([losses[experts[int(choice(r))]][j][i] for i, r in enumerate(routes)]) for j in (0, 1))
+    losses["routed"] = pick(lambda r: r)
+    best = {g: int(np.argmin([mean_loss(*losses[e], routes == g) or np.inf for e in experts])) for g in range(k) if (routes == g).any()}
+    losses["oracle"] = pick(lambda r: best[int(r)])
+    for name in ("routed", "oracle"):
+        per = {str(g): mean_loss(*losses[name], routes == g) for g in range(k) if (routes == g).any()}
+        res.data["units"][name] = {"heldout_loss": mean_loss(*losses[name]), "per_cluster": per,
+                                   "macro_over_clusters": float(np.mean(list(per.values())))}
+        res.data["eval"][name] = mean_loss(*losses[name])
+    res.data["train_seconds"]["routed"] = round(sum(res.data["units"][e]["train"]["seconds"] for e in experts), 3)
+    per_sample = np.argmin(np.stack([s / np.maximum(t, 1) for s, t in (losses[e] for e in experts)]), axis=0)
+    res.data["router"] = {"oracle_expert_per_group": {str(g): b for g, b in best.items()},
+                          "agreement_group": float(np.mean([best[g] == g for g in best])),
+                          "agreement_per_sample_oracle": float(np.mean(per_sample == routes))}
+
+
+def table(r: dict, args) -> None:
+    red, units, rec = r["redistribution"], r["units"], r.get("recovery_of_full_gain", {})
+    n_of = {**r["unit_samples"], "routed": r["unit_samples"]["redistributed"], "oracle": r["unit_samples"]["redistributed"]}
+    print(f"\n{r['gpu']}, torch {r['torch']}; pool {red['total']}, held-out {red['heldout']} ({r['heldout_tokens']} reply tokens), "
+          f"K={red['k']}, budget {args.budget}, max_len {args.max_len}, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}")
+    print("| model | train samples | held-out loss | mean over clusters | share of full-data gain | train s |")
+    print("|---|---|---|---|---|---|")
+    for name in ("base", "full", "random", "redistributed", "routed", "oracle"):
+        u = units.get(name)
+        if u is None or "skipped" in u:
+            print(f"| {name} | {n_of.get(name, '')} | {'skipped' if u else 'not run'} | | | |")
+            continue
+        share = rec.get(name)
+        print(f"| {name} | {n_of.get(name, '') if name != 'base' else 0} | {u['heldout_loss']:.4f} | {u['macro_over_clusters']:.4f} | "
+              f"{'' if share is None else f'{share:.1%}'} | {r['train_seconds'].get(name, '')} |")
+    if "router" in r:
+        print(f"router agreement with the oracle expert per group: {r['router']['agreement_group']:.2f}")
+    print(f"timings: load {r['model_load_s']} s, redistribute {r['redistribute_s']} s, encode {r['encode_s']} s, "
+          f"total {r['elapsed_s']} s; peak GPU memory {r.get('max_memory_allocated_gb', '-')} GB")
 
 
 def main() -> None:
@@ -118,18 +259,25 @@ def main() -> None:
     r.add_argument("--model", default="/tmp/smollm2.gguf")
     r.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     r.add_argument("--work", default="/tmp/bench_experts")
+    r.add_argument("--model-cache", default="/tmp/bench_experts_cache", help="where a GGUF model is dequantized once")
+    r.add_argument("--limit", type=int, default=None, help="use only the first N prepared samples")
     r.add_argument("--heldout", type=float, default=0.05)
-    r.add_argument("--k", type=int, default=8)
+    # ~1,000 redistributed samples: K=4 leaves each expert ~250 of them (K=8 would leave ~125,
+    # i.e. 2 optimizer steps per epoch at batch 64)
+    r.add_argument("--k", type=int, default=4)
     r.add_argument("--budget", type=float, default=0.1)
     r.add_argument("--need", default="loss")
-    r.add_argument("--max-len", type=int, default=512)
+    # 384 tokens (prompt <= 192) keep 58% of the first exchanges whole (512: 85%) at 3/4 of the padded tokens
+    r.add_argument("--max-len", type=int, default=384)
     r.add_argument("--lr", type=float, default=4e-4)
-    r.add_argument("--epochs", type=float, default=1.0)
-    # batch 16 ran at ~4 steps/s on an H200 (launch-bound: 210 LoRA modules); 64 keeps the step
-    # count of the full-data run near 150 so that the whole benchmark fits in a few minutes
+    # 2 epochs for every unit: the 10% subsets get ~31 optimizer steps instead of ~16
+    r.add_argument("--epochs", type=float, default=2.0)
+    # batch 16 ran at ~4 steps/s on an H200 (launch-bound: 210 LoRA-wrapped linears)
     r.add_argument("--batch-size", type=int, default=64)
-    r.add_argument("--limit", type=int, default=None, help="use only the first N prepared samples")
+    r.add_argument("--eval-batch-size", type=int, default=64)
     r.add_argument("--r", type=int, default=16)
+    r.add_argument("--dropout", type=float, default=0.05)
+    r.add_argument("--time-budget", type=float, default=300.0, help="skip a unit projected to end later (s since start; 0: never)")
     r.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     prepare(args) if args.cmd == "prepare" else run(args)
