@@ -4,9 +4,9 @@
 Runs without Hydra: plain imports of plmtool modules. Two sub-commands:
 
   prepare  (CPU, where the embedded data packages are installed) writes one JSON file holding the
-           MT-Bench questions and the first exchange of ShareGPT conversations (~9 MB for 4000), to
+           MT-Bench questions and the first exchange of ShareGPT conversations (4 MB for 1600), to
            be carried to the GPU machine:
-             python scripts/bench_draft.py prepare --out .device/draft/data.json --sharegpt 4000
+             python scripts/bench_draft.py prepare --out .device/draft/data.json --sharegpt 1600
   run      self-distils ShareGPT prompts with the target, trains Medusa and Amphista with the same
            data and budget (plmtool.draft.train.train_drafter), then benchmarks MT-Bench (greedy,
            batch 1, question by question with every method in turn, so a deadline cuts all methods
@@ -284,7 +284,7 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     pp = sub.add_parser("prepare")
     pp.add_argument("--out", required=True)
-    pp.add_argument("--sharegpt", type=int, default=4000)
+    pp.add_argument("--sharegpt", type=int, default=1600)
     pp.add_argument("--first-exchange", type=int, default=1, help="keep only the first user/assistant exchange")
     pr = sub.add_parser("run")
     pr.add_argument("--data", required=True)
@@ -313,8 +313,8 @@ def main() -> None:
     pr.add_argument("--fp32-questions", type=int, default=3)
     pr.add_argument("--fp32-max-new", type=int, default=128)
     pr.add_argument("--fp32-hf-questions", type=int, default=1)
-    pr.add_argument("--budget-s", type=float, default=540, help="everything ends by this time since the start")
-    pr.add_argument("--fp32-reserve-s", type=float, default=40, help="kept for the fp32 pass at the end")
+    pr.add_argument("--budget-s", type=float, default=550, help="everything ends by this time since the start")
+    pr.add_argument("--fp32-reserve-s", type=float, default=35, help="kept for the fp32 pass at the end")
     args = p.parse_args()
     prepare(args) if args.cmd == "prepare" else run(args)
 
