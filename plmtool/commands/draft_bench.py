@@ -76,7 +76,11 @@ def run(cfg: DictConfig, run_dir: Path) -> Report:
     prepared = prepare_questions(tokenizer, questions, b.system_prompt)
     stops = stop_token_ids(model, tokenizer)
     longest = max(len(q["prompt_ids"]) for q in prepared)
-    ar_engine = SpeculativeEngine(model, max_len=b.max_len, cuda_graphs=graphs)
+    from plmtool.draft.decoding.target import TargetRunner
+
+    # one runner (KV cache, compiled step) for all our engines: they never decode concurrently
+    runner = TargetRunner(model, b.max_len, compile=bool(d.compile))
+    ar_engine = SpeculativeEngine(model, max_len=b.max_len, cuda_graphs=graphs, runner=runner)
     ar_engine.check_request(longest, b.max_new_tokens)
 
     skipped: dict[str, str] = {}
@@ -101,7 +105,8 @@ def run(cfg: DictConfig, run_dir: Path) -> Report:
         elif name in ("hf_generate", "hf_generate_static"):
             methods[name] = hf_generate_method(model, b.max_new_tokens, stops, tokenizer.pad_token_id, static=name.endswith("static"))
         elif name in setups:
-            engine = SpeculativeEngine(model, setups[name].drafter, setups[name].tree, max_len=b.max_len, cuda_graphs=graphs)
+            engine = SpeculativeEngine(model, setups[name].drafter, setups[name].tree, max_len=b.max_len, cuda_graphs=graphs,
+                                       runner=runner)
             engine.check_request(longest, b.max_new_tokens)
             methods[name] = engine_method(engine, b.max_new_tokens, stops)
         else:
@@ -121,7 +126,8 @@ def run(cfg: DictConfig, run_dir: Path) -> Report:
         "num_questions": len(prepared),
         "question_source": b.questions,
         "setup": {"device": str(device), "dtype": str(model.dtype).replace("torch.", ""), "max_new_tokens": b.max_new_tokens,
-                  "runs": b.runs, "warmup": b.warmup, "cuda_graphs": ar_engine.cuda_graphs, "greedy": True, "batch_size": 1,
+                  "runs": b.runs, "warmup": b.warmup, "cuda_graphs": ar_engine.cuda_graphs,
+                  "compiled_target_step": ar_engine.compiled, "greedy": True, "batch_size": 1,
                   "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None},
         **summary,
         "trees": {name: tree_report(s) for name, s in setups.items() if name in methods},

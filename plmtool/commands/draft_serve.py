@@ -39,7 +39,7 @@ def build_server(cfg: DictConfig):
     graphs = {"auto": "auto", "true": True, "false": False}.get(str(d.cuda_graphs).lower(), "auto")
     model, tokenizer = load_model(cfg.model)
     stops = stop_token_ids(model, tokenizer)
-    plain = SpeculativeEngine(model, max_len=s.max_len, cuda_graphs=graphs)
+    plain = SpeculativeEngine(model, max_len=s.max_len, cuda_graphs=graphs, compile=bool(d.compile))
     engine, kind, tree_info = plain, None, None
     if d.checkpoint:
         spec = d.tree if isinstance(d.tree, (str, type(None))) else OmegaConf.to_container(d.tree)
@@ -50,13 +50,15 @@ def build_server(cfg: DictConfig):
             prompts = [chat_prompt_ids(tokenizer, q["turns"][-1]) for q in load_mtbench()[: d.tree_calibration]]
             cal = calibration_sequences(plain, prompts, 64, stops)
         setup = setup_drafter(model, d.checkpoint, spec, cal, s.max_len)
+        runner = plain.runner  # reuses the KV cache and any compiled step
         del plain
-        engine = SpeculativeEngine(model, setup.drafter, setup.tree, max_len=s.max_len, cuda_graphs=graphs)
+        engine = SpeculativeEngine(model, setup.drafter, setup.tree, max_len=s.max_len, cuda_graphs=graphs, runner=runner)
         kind, tree_info = setup.name, len(setup.tree) + 1
     model_id = s.model_id or str(cfg.model.name_or_path)
     server = Server(engine, tokenizer, model_id, s.max_tokens_default, s.acceptance, s.typical_epsilon, stops, kind)
     return server, {"model_id": model_id, "drafter": kind, "tree_nodes": tree_info, "max_len": engine.max_len,
-                    "acceptance": s.acceptance if kind else None, "device": str(engine.device), "cuda_graphs": engine.cuda_graphs}
+                    "acceptance": s.acceptance if kind else None, "device": str(engine.device), "cuda_graphs": engine.cuda_graphs,
+                    "compiled": engine.compiled, "drafter_graph": engine.drafter_graph}
 
 
 def run(cfg: DictConfig, run_dir: Path) -> Report:

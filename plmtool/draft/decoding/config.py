@@ -20,6 +20,9 @@ class DecodeDraftConfig:
     medusa_tree: Any = None  # null = same spec as `tree` (auto trees are built per drafter)
     tree_calibration: int = 8  # prompts whose target responses measure rank accuracies
     cuda_graphs: str = "auto"  # auto (on CUDA) | true | false
+    # torch.compile the target step before capturing it (CUDA graphs only; checked against
+    # eager at capture, eager capture on mismatch); compilation takes tens of seconds per shape
+    compile: bool = False
 
 
 @dataclass

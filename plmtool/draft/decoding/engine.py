@@ -255,10 +255,10 @@ class SpeculativeEngine:
                     torch.index_select(tokens, 0, path[1:], out=program.next_tokens[0, : max_depth])
                     program.next_tokens[0, n - 1 : n].fill_(token)
                     heads = program(n)
-                    continue
-                nxt[0, : n - 1] = tokens.index_select(0, accepted_path[1:])
-                nxt[0, n - 1 : n].fill_(token)
-                heads = drafter.step(hidden.index_select(0, accepted_path).unsqueeze(0), nxt[:, :n], dcache)
+                else:
+                    nxt[0, : n - 1] = tokens.index_select(0, accepted_path[1:])
+                    nxt[0, n - 1 : n].fill_(token)
+                    heads = drafter.step(hidden.index_select(0, accepted_path).unsqueeze(0), nxt[:, :n], dcache)
 
     def _verify(self, tree: Tree, tokens: torch.Tensor, logits: torch.Tensor, gen: GenerationConfig, cpu_gen) -> Verdict:
         if gen.temperature == 0:
