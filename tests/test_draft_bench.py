@@ -120,9 +120,11 @@ def test_interleaved_benchmark_cuts_every_method_after_the_same_questions():
     seen = []
     recs = run_benchmark(methods, questions, torch.device("cpu"), runs=1, warmup=1, question_caps={"capped": 2},
                          deadline=time.perf_counter() + 0.6, errors=errors, interleave=True,
-                         on_question=lambda r: seen.append(len(r["ar"])))
+                         on_question=lambda r: seen.append(len(r["ar"])), cold=["slow"])
     ids = {name: [r["question_id"] for r in rs] for name, rs in recs.items()}
     assert 3 <= len(ids["ar"]) < 50  # the deadline cut the run
     assert ids["slow"] == ids["ar"] and ids["capped"] == [0, 1]
     assert "broken" in errors and "broken" not in recs
     assert seen == list(range(1, len(ids["ar"]) + 1))
+    # one warm-up call each, except the cold method; then one call per decoded question
+    assert calls.count("ar") == len(ids["ar"]) + 1 and calls.count("slow") == len(ids["slow"])

@@ -178,6 +178,7 @@ def run_benchmark(
     errors: dict[str, str] | None = None,
     interleave: bool = False,
     on_question: Callable[[dict[str, list[dict]]], Any] | None = None,
+    cold: Sequence[str] = (),
 ) -> dict[str, list[dict]]:
     """Decode every question with every method; returns per-method per-question records.
 
@@ -189,12 +190,13 @@ def run_benchmark(
     `interleave=True` decodes question by question, every method in turn, so that a `deadline`
     stops all methods after the same questions (no method is starved of time by the ones before
     it); `on_question(records)` is then called after each question (e.g. to save partial results).
+    Methods named in `cold` skip the warm-up (nothing to warm, e.g. dynamic-cache generate()).
     """
     if "ar" not in methods:
         raise PlmtoolError("the benchmark needs the 'ar' method: every output is checked against it")
     if interleave:
         return _interleaved(methods, questions, device, runs, warmup, warmup_tokens, question_caps, deadline, errors,
-                            on_question)
+                            on_question, set(cold))
     records: dict[str, list[dict]] = {}
     names = list(methods)
     for idx, name in enumerate(names):
@@ -227,7 +229,7 @@ def run_benchmark(
     return records
 
 
-def _interleaved(methods, questions, device, runs, warmup, warmup_tokens, caps, deadline, errors, on_question):
+def _interleaved(methods, questions, device, runs, warmup, warmup_tokens, caps, deadline, errors, on_question, cold):
     live = dict(methods)
 
     def failed(name: str, e: Exception) -> None:
@@ -238,6 +240,8 @@ def _interleaved(methods, questions, device, runs, warmup, warmup_tokens, caps, 
         live.pop(name, None)
 
     for name, fn in list(live.items()):
+        if name in cold:
+            continue
         try:
             for q in list(questions)[: max(warmup, 0)]:
                 fn(q["prompt_ids"], warmup_tokens)
