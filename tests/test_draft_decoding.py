@@ -400,3 +400,34 @@ def test_a_shared_runner_must_belong_to_the_model(target):
     other = tiny_llama(seed=9)
     with pytest.raises(ValueError, match="another model"):
         SpeculativeEngine(other, runner=TargetRunner(target, 64))
+
+
+def test_compiled_decoder_layers_match_the_eager_step(target):
+    """The torch.compile'd layer step (compiled once, shared by every layer) computes what the eager
+    forward computes, for the one-node and a tree step, cache writes included."""
+    from plmtool.draft.decoding.target import StepProgram
+
+    runner = TargetRunner(target, 64, compile=True)
+    tree = make_tree(TREES["wide"])
+    for depth, ancestors in ((make_tree([]).depth, make_tree([]).ancestors), (tree.depth, tree.ancestors)):
+        step = StepProgram(runner, depth, ancestors)
+        step.tokens.random_(0, 64, generator=torch.Generator().manual_seed(1))
+        step.start.fill_(7)
+        runner.cache.k.normal_(generator=torch.Generator().manual_seed(2))
+        runner.cache.v.normal_(generator=torch.Generator().manual_seed(3))
+        before = runner.cache.k.clone(), runner.cache.v.clone()
+        ref = [t.clone() for t in step._run(64)]
+        ref_kv = runner.cache.k.clone(), runner.cache.v.clone()
+        runner.cache.k.copy_(before[0])
+        runner.cache.v.copy_(before[1])
+        try:
+            with torch.no_grad():
+                got = step._run(64, compiled=True)
+        except Exception as e:  # no C++ toolchain for the CPU backend here: nothing to compare
+            if "compil" in f"{type(e).__name__} {e}".lower():
+                pytest.skip(f"torch.compile unavailable on this machine: {type(e).__name__}")
+            raise
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(runner.cache.k, ref_kv[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(runner.cache.v, ref_kv[1], atol=1e-5, rtol=1e-5)
