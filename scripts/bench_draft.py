@@ -296,7 +296,7 @@ def main() -> None:
     pr.add_argument("--conversations", type=int, default=768)
     pr.add_argument("--distill", type=int, default=1)
     pr.add_argument("--distill-tokens", type=int, default=256)
-    pr.add_argument("--distill-batch", type=int, default=384)
+    pr.add_argument("--distill-batch", type=int, default=768)
     pr.add_argument("--heads", type=int, default=4)
     pr.add_argument("--steps", type=int, default=300)
     pr.add_argument("--batch", type=int, default=8)
