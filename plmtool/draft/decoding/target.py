@@ -268,11 +268,18 @@ class StepProgram:
         r.cache.v.copy_(before[1])
         self.graph.replay()
         tol = 1e-3 if r.dtype == torch.float32 else 5e-2
-        for name, got, want in (("logits", self.out[0], ref[0]), ("hidden", self.out[1], ref[1]),
-                                ("keys", r.cache.k, ref_kv[0]), ("values", r.cache.v, ref_kv[1])):
+        new = slice(start, start + self.n)  # the slots this step writes
+        pairs = [("logits", self.out[0], ref[0]), ("hidden", self.out[1], ref[1]),
+                 ("keys", r.cache.k[..., new, :], ref_kv[0][..., new, :]),
+                 ("values", r.cache.v[..., new, :], ref_kv[1][..., new, :])]
+        for name, got, want in pairs:
             err = float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12))
             if not err <= tol:  # also catches NaN
                 return f"{name} differ from the eager step (relative error {err:.3g} > {tol})"
+        for name, got, want in (("keys", r.cache.k, ref_kv[0]), ("values", r.cache.v, ref_kv[1])):
+            if not (torch.equal(got[..., :start, :], want[..., :start, :])
+                    and torch.equal(got[..., start + self.n :, :], want[..., start + self.n :, :])):
+                return f"the step wrote {name} outside its slots"
         r.cache.length = 0
         return None
 
