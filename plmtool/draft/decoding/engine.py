@@ -82,9 +82,8 @@ class SpeculativeEngine:
                  cuda_graphs: bool | str = "auto", static_drafter: bool = True, compile: bool = False,
                  runner: TargetRunner | None = None):
         """`compile`: capture a torch.compile'd target step (checked against eager, else eager
-        capture); only with CUDA graphs. `runner`: share one target runner (its KV cache and its
-        compiled forward) between engines of the same model that never decode concurrently, so
-        the compiler runs once per step shape instead of once per engine."""
+        capture); only with CUDA graphs. `runner`: share one target runner (its KV cache) between
+        engines of the same model that never decode concurrently."""
         if runner is not None and runner.model is not model:
             raise ValueError("the shared runner belongs to another model")
         self.runner = runner if runner is not None else TargetRunner(model, max_len, compile=compile)
