@@ -107,8 +107,9 @@ def run(args) -> None:
 
     # 1. model (a GGUF path is dequantized once and cached outside the work dir)
     data = work / "sharegpt.jsonl"
-    with gzip.open(args.data, "rt", encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    with gzip.open(args.data, "rt", encoding="utf-8", newline="\n") as f:
+        # JSONL lines end at "\n" only: str.splitlines() would also cut at U+2028, U+0085, ...
+        lines = [line.rstrip("\n") for line in f if line.strip()]
     data.write_text("\n".join(lines[: args.limit] if args.limit else lines) + "\n", encoding="utf-8")
     t = time.perf_counter()
     model, tok = load_model(SimpleNamespace(name_or_path=args.model, dtype="float32", device="auto", cache_dir=args.model_cache or None))

@@ -173,7 +173,7 @@ def quality(args, rec: Recorder, data: dict, patterns: list[str]) -> None:
         pattern = parse_pattern(pat_text, 0.5)
         shown = pat_text if pattern.structured else "50%"
         oneshot = {}
-        for method in ("magnitude", "wanda", "sparsegpt"):
+        for method in args.oneshot_methods.split(","):
             restore(model, dense)
             sync()
             t = time.perf_counter()
@@ -183,7 +183,11 @@ def quality(args, rec: Recorder, data: dict, patterns: list[str]) -> None:
             oneshot[method] = linear_weights(model, device=device)
             evaluate(method, shown, secs)
         for method in ("wanda", "sparsegpt"):
+            if method not in oneshot:
+                continue
             for suffix, opts in variants.items():
+                if not suffix and method not in args.sds_methods.split(","):
+                    continue
                 if suffix and (method not in args.variant_methods.split(",") or not pattern.structured or pattern.m != 4):
                     continue  # variants: at 2:4 only
                 restore(model, oneshot[method])
@@ -289,7 +293,16 @@ def speed(args, rec: Recorder) -> None:
             oneshot_mod.prune_sparsegpt = solver
         return {**check(), "solver_seconds": round(inner["seconds"], 1), "cuda_graphs": not args.no_graphs}
 
-    wanted = args.speed.split(",")
+    if cuda and args.semi:
+        # speed does not depend on which weights survive: a 2:4 magnitude mask is enough
+        prune_model(model, None, pattern, OneShotOptions(method="magnitude", walk=walk))
+        semi_structured(model, rec, base)
+        from plmtool.prune.sequential import block_linears, decoder_layers
+
+        for i, block in enumerate(decoder_layers(model)):  # back to plain dense parameters
+            for name, lin in block_linears(block).items():
+                lin.weight = torch.nn.Parameter(dense[f"layers.{i}.{name}"].to(device, torch.bfloat16), requires_grad=False)
+    wanted = [w for w in args.speed.split(",") if w]
     for method in ("sparsegpt", "wanda"):
         sds_key = "sds" if method == "wanda" else "sds-sparsegpt"
         if method not in wanted and sds_key not in wanted:
@@ -308,10 +321,6 @@ def speed(args, rec: Recorder) -> None:
             rec.add("speed", {**base, "method": f"SDS({method}) total = one-shot + re-dense + re-prune/adjust ({it} it)",
                               "seconds": round(t_os + t_rd + t_rp, 1), "peak_gib": None})
         restore(model, dense)
-    if cuda and args.semi:
-        # speed does not depend on which weights survive: a 2:4 magnitude mask is enough
-        prune_model(model, None, pattern, OneShotOptions(method="magnitude", walk=walk))
-        semi_structured(model, rec, base)
 
 
 @torch.no_grad()
@@ -387,6 +396,8 @@ def main() -> None:
     r.add_argument("--l2", type=float, default=0.1)
     r.add_argument("--batch-size", type=int, default=8, help="calibration samples per block call")
     r.add_argument("--sds-variants", default="", help='extra SDS settings at 2:4, ";"-separated, e.g. "l1=0,l2=0;lr=0.03,alr=0.1"')
+    r.add_argument("--oneshot-methods", default="magnitude,wanda,sparsegpt")
+    r.add_argument("--sds-methods", default="wanda,sparsegpt", help="SDS rows with the main settings")
     r.add_argument("--variant-methods", default="wanda,sparsegpt", help="one-shot methods the variants start from")
     r.add_argument("--semi", action="store_true", help="2:4 sparse tensor cores vs dense after the speed runs")
     args = ap.parse_args()

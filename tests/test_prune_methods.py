@@ -212,3 +212,15 @@ def test_oneshot_sparsegpt_fusion_matches_unfused():
             assert torch.equal(wa[k] == 0, wb[k] == 0), k
             assert torch.allclose(wa[k], wb[k], atol=1e-5), k
             assert info_a[k]["sparsegpt_error"] == pytest.approx(info_b[k]["sparsegpt_error"], rel=1e-3, abs=1e-7)
+
+
+@pytest.mark.parametrize("pattern", [parse_pattern("2:4"), parse_pattern("4:8"), parse_pattern("1:4")], ids=str)
+def test_rank_based_nm_mask_equals_topk(pattern):
+    from plmtool.prune.patterns import nm_mask, nm_mask_by_rank
+
+    score = torch.randn(64, 128, generator=torch.Generator().manual_seed(5)).abs()  # no ties
+    assert torch.equal(nm_mask_by_rank(score, pattern), nm_mask(score, pattern))
+    tied = torch.randint(0, 3, (32, 64), generator=torch.Generator().manual_seed(6)).float()
+    mask = nm_mask_by_rank(tied, pattern)
+    assert verify(tied.masked_fill(mask, 0) + (~mask).float() * 10, pattern) is None  # exactly M-N pruned per group
+    assert int(mask.sum()) == tied.numel() * pattern.prune_per_group // pattern.m

@@ -102,9 +102,25 @@ def layer_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 def magnitude_reselect(weight: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     """Mask re-selected by |W| inside the pattern (N:M per group, otherwise per row so every row
-    keeps its share); used by the SDS weight adjustment."""
+    keeps its share); used by the SDS weight adjustment at every iteration."""
     score = weight.abs()
-    return nm_mask(score, pattern) if pattern.structured else row_mask(score, pattern.sparsity)
+    if pattern.structured:
+        return nm_mask_by_rank(score, pattern) if pattern.m <= 8 else nm_mask(score, pattern)
+    return row_mask(score, pattern.sparsity)
+
+
+def nm_mask_by_rank(score: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """The N:M mask of `nm_mask` from pairwise comparisons inside each group (M^2 elementwise
+    ops) instead of a top-k over millions of length-M slices, which is far slower on a GPU.
+    Ties go to the lower index (top-k leaves their order unspecified)."""
+    rows, cols = score.shape
+    m = pattern.m
+    g = score.reshape(rows, cols // m, m)
+    idx = torch.arange(m, device=score.device)
+    a, b = g.unsqueeze(-1), g.unsqueeze(-2)  # [..., i, 1] and [..., 1, j]
+    below = (a > b) | ((a == b) & (idx.view(m, 1) > idx.view(1, m)))  # j ranks below i
+    rank = below.sum(-1)  # ascending rank of element i within its group
+    return (rank < pattern.prune_per_group).reshape(rows, cols)
 
 
 def verify(weight: torch.Tensor, pattern: Pattern, tol: float = 1e-6) -> str | None:
