@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -52,6 +53,8 @@ def prepare(args) -> None:
           f"{out.stat().st_size / 1e6:.1f} MB")
 
 
+ALL_METHODS = ("ar", "hf_generate", "hf_generate_static", "medusa", "amphista")
+
 TINY = dict(conversations=24, distill_tokens=24, distill_batch=12, steps=6, batch=2, seq_len=256, heldout=4,
             questions=3, max_new=24, tree_nodes=8, calibration=2, calibration_tokens=24, hf_dynamic_questions=1,
             fp32_questions=2, fp32_max_new=16, fp32_hf_questions=1, max_len=512)
@@ -67,7 +70,7 @@ def run(args) -> None:
     from plmtool.draft.config import DraftDataConfig, DrafterConfig, DraftTrainerConfig
     from plmtool.draft.data import self_distill
     from plmtool.draft.decoding.benchmark import (
-        calibration_sequences, engine_method, hf_generate_method, prepare_questions, render_markdown, run_benchmark,
+        DEVICE_FAULT, calibration_sequences, engine_method, hf_generate_method, prepare_questions, render_markdown, run_benchmark,
         setup_drafter, spec_bench_lines, stop_token_ids, summarize, tree_report,
     )
     from plmtool.draft.decoding.engine import SpeculativeEngine
@@ -79,6 +82,16 @@ def run(args) -> None:
     if args.tiny:
         for k, v in TINY.items():
             setattr(args, k, v)
+    if args.sync_check:  # read by the engines' programs (plmtool.draft.decoding.switches)
+        os.environ["PLMTOOL_SYNC_CHECK"] = "1"
+    if not args.cudnn_sdpa and torch.cuda.is_available():
+        # cuDNN attention is SDPA's first choice on H100/H200 with recent cuDNN; off = flash /
+        # memory-efficient kernels (a bisection switch for attention-kernel faults)
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(wanted) - set(ALL_METHODS))
+    if unknown or "ar" not in wanted:
+        raise SystemExit(f"--methods: needs ar and only {', '.join(ALL_METHODS)}; got {args.methods}")
     t_start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,7 +102,9 @@ def run(args) -> None:
     device = "cuda" if cuda else "cpu"
     report: dict = {"command": " ".join(sys.argv), "args": vars(args), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "gpu": torch.cuda.get_device_name(0) if cuda else None, "torch": torch.__version__,
-                    "phases": {}, "notes": []}
+                    "phases": {}, "notes": [],
+                    "cudnn": torch.backends.cudnn.version() if cuda else None,
+                    "switches": {k: v for k, v in os.environ.items() if k.startswith("PLMTOOL_")}}
     try:
         import transformers
 
@@ -136,6 +151,7 @@ def run(args) -> None:
         "medusa": DrafterConfig(kind="medusa", num_heads=args.heads, medusa_num_layers=1, share_lm_head=False),
         "amphista": DrafterConfig(kind="amphista", num_heads=args.heads),
     }
+    kinds = {k: v for k, v in kinds.items() if k in wanted}  # a bisection run may train only one
     report["training"] = {"trainer": vars(trainer), "data": vars(dcfg)}
     ckpts = {}
     for kind, cfg in kinds.items():
@@ -159,7 +175,8 @@ def run(args) -> None:
         questions interleaved so every method decodes the same ones before the deadline."""
         t_setup = time.perf_counter()
         runner = TargetRunner(dtype_model, args.max_len, compile=compile)
-        ar_engine = SpeculativeEngine(dtype_model, max_len=args.max_len, runner=runner)
+        graphs = "auto" if args.cuda_graphs else False
+        ar_engine = SpeculativeEngine(dtype_model, max_len=args.max_len, runner=runner, cuda_graphs=graphs)
         engines = {"ar": ar_engine}
         setups = {}
         if trees is None:  # auto trees from rank accuracies on the target's answers to second turns
@@ -172,7 +189,7 @@ def run(args) -> None:
             if k in methods_wanted:
                 setups[k] = setup_drafter(dtype_model, p, tree_spec[k], cal, args.max_len)
                 engines[k] = SpeculativeEngine(dtype_model, setups[k].drafter, setups[k].tree, max_len=args.max_len,
-                                               runner=runner)
+                                               runner=runner, cuda_graphs=graphs, drafter_graph=bool(args.drafter_graph))
         methods = {}
         for name in methods_wanted:
             if name in engines:
@@ -188,16 +205,24 @@ def run(args) -> None:
                                                "drafter_graph": e.drafter_graph} for k, e in engines.items()}},
                      "trees": {k: tree_report(s) for k, s in setups.items()}, "model": args.model, "skipped": errors}
         log.info("%s setup %.1fs: %s", label, res["setup"]["setup_s"], res["setup"]["engines"])
+        report[label] = {**res, "partial": True}  # the engines' state is on record even if the pass dies
+        save()
 
         def partial(records: dict) -> None:
-            n = len(records.get("ar", []))
-            if n and (n % 5 == 0 or n == len(qs)):
+            if records.get("ar"):  # after every question: a dead device still leaves what was decoded
                 report[label] = {**res, **_summary(summarize, records), "partial": True}
                 save()
 
         records = run_benchmark(methods, qs, torch.device(device), runs=1, warmup=1, question_caps=caps,
                                 deadline=deadline, errors=errors, interleave=True, on_question=partial,
                                 cold=["hf_generate"])
+        fault = next((why for why in errors.values() if why.startswith(DEVICE_FAULT)), None)
+        if fault:
+            res["device_fault"] = fault
+        if not records.get("ar"):  # the device died before every method finished one question
+            report[label] = {**res, "methods": {}, "num_questions": 0}
+            save()
+            return report[label]
         res.update(_summary(summarize, records))
         res["num_questions"] = len(records["ar"])
         lines = []
@@ -210,14 +235,16 @@ def run(args) -> None:
 
     fp32_reserve = args.fp32_reserve_s if args.fp32_questions else 0.0
     main_label = "bf16" if cuda else "fp32_main"
-    methods = ["ar", "hf_generate", "hf_generate_static", "medusa", "amphista"]
+    methods = [m for m in ALL_METHODS if m in wanted]
     caps = {"hf_generate": args.hf_dynamic_questions}
     t0 = time.perf_counter()
     main = bench(main_label, model, methods, prepared, args.max_new, caps, t_start + args.budget_s - fp32_reserve,
                  compile=args.compile and cuda, trees=None)
     phase("bench_main", t0)
 
-    if args.fp32_questions:
+    if args.fp32_questions and main.get("device_fault"):
+        report["notes"].append(f"fp32 pass skipped: {main['device_fault']}")
+    elif args.fp32_questions:
         t0 = time.perf_counter()
         trees = {k: t["choices"] for k, t in main["trees"].items()}
         if cuda:
@@ -227,7 +254,8 @@ def run(args) -> None:
             model32.requires_grad_(False)
         else:
             model32 = model
-        bench("fp32", model32, ["ar", "hf_generate", "medusa", "amphista"], prepared[: args.fp32_questions],
+        bench("fp32", model32, [m for m in ("ar", "hf_generate", "medusa", "amphista") if m in wanted],
+              prepared[: args.fp32_questions],
               args.fp32_max_new, {"hf_generate": args.fp32_hf_questions}, t_start + args.budget_s, compile=False,
               trees=trees)
         phase("bench_fp32", t0)
@@ -270,6 +298,8 @@ def summary_table(report: dict) -> str:
                              f"expected accepted/step {t['expected_accept_length']}")
         for name, why in res.get("skipped", {}).items():
             lines.append(f"  skipped {name}: {why}")
+        if res.get("device_fault"):
+            lines.append(f"  pass stopped early: {res['device_fault']}")
     for kind in ("medusa", "amphista"):
         t = report.get("training", {}).get(kind)
         if t:
@@ -310,6 +340,12 @@ def main() -> None:
     pr.add_argument("--calibration", type=int, default=8)
     pr.add_argument("--calibration-tokens", type=int, default=128)
     pr.add_argument("--compile", type=int, default=1, help="torch.compile the target step before capture (GPU)")
+    pr.add_argument("--cuda-graphs", type=int, default=1, help="0: no CUDA graphs at all (target and drafter eager)")
+    pr.add_argument("--drafter-graph", type=int, default=1, help="0: drafter step eager (target steps still captured)")
+    pr.add_argument("--cudnn-sdpa", type=int, default=1, help="0: disable cuDNN attention in SDPA (flash / mem-efficient)")
+    pr.add_argument("--sync-check", type=int, default=0,
+                    help="1: synchronise after every step so a device fault names the program that caused it (slower)")
+    pr.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated subset (ar is required)")
     pr.add_argument("--hf-dynamic-questions", type=int, default=2, help="no warm-up: nothing to compile or capture")
     pr.add_argument("--fp32-questions", type=int, default=3)
     pr.add_argument("--fp32-max-new", type=int, default=128)

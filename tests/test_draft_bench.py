@@ -128,3 +128,49 @@ def test_interleaved_benchmark_cuts_every_method_after_the_same_questions():
     assert seen == list(range(1, len(ids["ar"]) + 1))
     # one warm-up call each, except the cold method; then one call per decoded question
     assert calls.count("ar") == len(ids["ar"]) + 1 and calls.count("slow") == len(ids["slow"])
+
+
+def test_interleaved_benchmark_survives_warmup_errors_and_stops_cleanly_on_a_device_fault(monkeypatch):
+    """A method whose warm-up raises is dropped and the others are benchmarked; after a device
+    fault (a dead CUDA context fails every later kernel) the pass stops and returns the questions
+    every method finished instead of dying in the next method's timer."""
+    import torch
+
+    from plmtool.draft.decoding import benchmark
+    from plmtool.draft.decoding.benchmark import DEVICE_FAULT, Decoded, run_benchmark
+
+    state = {"dead": False, "calls": 0}
+
+    def ok(prompt, max_new_tokens=None):
+        return Decoded(list(prompt) * 2, [2] * len(prompt))
+
+    def bad_warmup(prompt, max_new_tokens=None):
+        raise ValueError("shape mismatch")
+
+    def faulty(prompt, max_new_tokens=None):
+        state["calls"] += 1
+        if state["calls"] == 3:  # warm-up, question 0, then faults on question 1
+            state["dead"] = True
+            raise RuntimeError("CUDA error: unspecified launch failure")
+        return ok(prompt)
+
+    monkeypatch.setattr(benchmark, "device_dead", lambda device: state["dead"])
+    questions = [{"question_id": i, "category": "c", "prompt_ids": [i + 1]} for i in range(6)]
+    errors: dict[str, str] = {}
+    recs = run_benchmark({"ar": ok, "bad": bad_warmup, "other": ok, "faulty": faulty, "last": ok}, questions,
+                         torch.device("cpu"), runs=1, warmup=1, errors=errors, interleave=True)
+    assert errors["bad"] == "ValueError: shape mismatch"
+    assert errors["faulty"].startswith(DEVICE_FAULT)
+    assert set(recs) == {"ar", "other", "faulty", "last"}
+    # question 1 was cut where the fault hit: every method keeps exactly question 0
+    assert {name: [r["question_id"] for r in rs] for name, rs in recs.items()} == {n: [0] for n in recs}
+
+    def dies_in_warmup(prompt, max_new_tokens=None):
+        state["dead"] = True
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    state["dead"] = False  # a fault during the warm-ups: nothing to report, and no crash
+    errors = {}
+    assert run_benchmark({"ar": ok, "faulty": dies_in_warmup}, questions, torch.device("cpu"), runs=1, warmup=1,
+                         errors=errors, interleave=True) == {}
+    assert errors["faulty"].startswith(DEVICE_FAULT)

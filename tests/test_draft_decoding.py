@@ -431,3 +431,76 @@ def test_compiled_decoder_layers_match_the_eager_step(target):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(runner.cache.k, ref_kv[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(runner.cache.v, ref_kv[1], atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- GPU fail-safes (host-side checks)
+
+
+def test_drafter_step_rejects_counts_and_cache_slots_it_would_index_out_of_range(target):
+    """What the fixed-shape drafter step indexes with is checked on the host before it runs: on a
+    GPU an out-of-range count or cache slot would fault inside the (replayed) kernels instead."""
+    from plmtool.draft.decoding.drafter_step import DrafterProgram
+
+    drafter = _real_drafter(target, "amphista", seed=7)
+    cache = drafter.new_cache(1, 16)
+    program = DrafterProgram(drafter, cache, 4, 32, torch.device("cpu"), torch.float32)
+    for bad in (0, 5, -1):
+        with pytest.raises(ValueError, match="outside 1..4"):
+            program(bad)
+    cache.length = 12  # 12 + 4 padded rows would reach slot 15: still fits
+    program(1)
+    assert cache.length == 13 and int(cache.start) == 1  # start is the device copy: the caller syncs it
+    with pytest.raises(ValueError, match="drafter cache full"):
+        program(1)  # 13 + 4 > 16: the padded rows would be written past the cache
+
+
+def test_a_replay_after_a_buffer_was_recreated_is_refused(target, monkeypatch):
+    """A captured graph holds raw addresses: replaying it after its cache or static inputs were
+    re-created would read and write freed memory. Both programs refuse instead."""
+    from plmtool.draft.decoding.drafter_step import DrafterProgram
+    from plmtool.draft.decoding.target import StepProgram
+
+    def fake_capture(self):
+        self.out = self._run().clone()
+        self.graph = _FakeGraph(self, corrupt=False)
+
+    monkeypatch.setattr(DrafterProgram, "_capture", fake_capture)
+    drafter = _real_drafter(target, "amphista", seed=8)
+    cache = drafter.new_cache(1, 32)
+    program = DrafterProgram(drafter, cache, 3, 32, torch.device("cpu"), torch.float32, cuda_graph=True)
+    assert program.graph is not None
+    program(2)
+    cache.layers[0].k = cache.layers[0].k.clone()  # e.g. a cache rebuilt after capture
+    with pytest.raises(RuntimeError, match="re-created after capture"):
+        program(1)
+
+    def fake_step_capture(self, pool, compiled=False):
+        self.out = tuple(t.clone() for t in self._run(self.runner.max_len, compiled))
+        self.graph = _FakeStepGraph(self, compiled)
+        self._addresses = self._address_signature()
+
+    monkeypatch.setattr(StepProgram, "_capture", fake_step_capture)
+    runner = TargetRunner(target, 32)
+    one = make_tree([])
+    step = StepProgram(runner, one.depth, one.ancestors, cuda_graph=True)
+    step(torch.tensor([5]), 0)
+    with pytest.raises(ValueError, match="called with 2 tokens"):
+        step(torch.tensor([5, 6]), 0)
+    runner.cache.k = runner.cache.k.clone()
+    with pytest.raises(RuntimeError, match="re-created after capture"):
+        step(torch.tensor([5]), 1)
+
+
+def test_environment_switches_turn_compile_and_graphs_off(target, monkeypatch):
+    from plmtool.draft.decoding.switches import allowed, env_flag
+
+    monkeypatch.setenv("PLMTOOL_COMPILE", "0")
+    assert TargetRunner(target, 32, compile=True).compiled_forward is None
+    monkeypatch.setenv("PLMTOOL_COMPILE", "1")  # the environment never forces a feature on
+    assert TargetRunner(target, 32, compile=False).compiled_forward is None
+    assert allowed("PLMTOOL_DRAFTER_GRAPH", True)
+    monkeypatch.setenv("PLMTOOL_DRAFTER_GRAPH", "off")
+    assert env_flag("PLMTOOL_DRAFTER_GRAPH") is False and not allowed("PLMTOOL_DRAFTER_GRAPH", True)
+    monkeypatch.setenv("PLMTOOL_DRAFTER_GRAPH", "maybe")
+    with pytest.raises(ValueError, match="PLMTOOL_DRAFTER_GRAPH"):
+        env_flag("PLMTOOL_DRAFTER_GRAPH")

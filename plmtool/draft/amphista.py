@@ -87,7 +87,7 @@ class TransformerLayer(nn.Module):
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """Full sequence (kv None): causal over x itself. Incremental (kv given): the new keys/values
         go to `slots` (a host int = first slot of a contiguous run, or a device tensor of slots),
-        the queries attend to cache slots [0, span) under `mask` [T, span]. Nothing here reads a
+        the queries attend to cache slots [0, span) under `mask` [1, 1, T, span]. Nothing here reads a
         device value on the host, so an incremental call can be replayed in a CUDA graph."""
         b, t, h = x.shape
         q, k, v = self._split(self.attn_norm(x))
@@ -270,7 +270,7 @@ class AmphistaDrafter(Drafter):
         span = start + n
         rope = cache.cos[start:span], cache.sin[start:span]
         # query i (position start+i) sees slots <= start+i; built once per step for all layers
-        mask = cache.slot_ids[:span].view(1, -1) <= cache.slot_ids[start:span].view(-1, 1)
+        mask = (cache.slot_ids[:span].view(1, -1) <= cache.slot_ids[start:span].view(-1, 1)).view(1, 1, n, span)
         features = [x[:, -1:]]
         i = 0
         for stage in self.stages:
@@ -300,7 +300,9 @@ class AmphistaDrafter(Drafter):
         n = hidden.shape[1]
         slots = (cache.start + cache.slot_ids[:n]).clamp_(max=cache.max_len - 1)
         rope = cache.cos.index_select(0, slots), cache.sin.index_select(0, slots)
-        mask = cache.slot_ids.view(1, -1) <= slots.view(-1, 1)
+        # [1, 1, N, max_len]: the 4-D layout the target runner's attention uses (a 2-D mask takes
+        # a different broadcast path through the fused attention kernels on the GPU)
+        mask = (cache.slot_ids.view(1, -1) <= slots.view(-1, 1)).view(1, 1, n, -1)
         last = (count - 1).view(1)
         x = self._fused(hidden, next_tokens)
         features = [x.index_select(1, last)]

@@ -229,10 +229,38 @@ def run_benchmark(
     return records
 
 
+DEVICE_FAULT = "device fault"  # prefix of an error after which the device can run nothing more
+
+
+def device_dead(device: torch.device) -> bool:
+    """True when the device context no longer works (a sticky CUDA error such as an illegal
+    access or an unspecified launch failure): every later kernel would fail too."""
+    if device.type != "cuda":
+        return False
+    try:
+        torch.cuda.synchronize(device)
+        torch.zeros(1, device=device).add_(1).item()
+        return False
+    except Exception:  # noqa: BLE001 - any failure here means the context is gone
+        return True
+
+
 def _interleaved(methods, questions, device, runs, warmup, warmup_tokens, caps, deadline, errors, on_question, cold):
+    """Warm-ups, then question by question every method in turn. A method that raises is dropped
+    (the others go on); after a device fault, which kills the context for every method, the pass
+    stops and returns what was decoded before it (all methods over the questions they finished)."""
     live = dict(methods)
+    dead: list[str] = []
 
     def failed(name: str, e: Exception) -> None:
+        if device_dead(device):
+            msg = f"{DEVICE_FAULT} in {name}: {type(e).__name__}: {e}"
+            log.error("%s; the device can run nothing more, stopping the pass", msg)
+            if errors is None:
+                raise PlmtoolError(msg) from e
+            errors[name] = msg
+            dead.append(name)
+            return
         if errors is None or name == "ar":
             raise e
         errors[name] = f"{type(e).__name__}: {e}"
@@ -242,7 +270,7 @@ def _interleaved(methods, questions, device, runs, warmup, warmup_tokens, caps, 
     for name, fn in list(live.items()):
         if name in cold:
             continue
-        try:
+        try:  # each method's warm-up on its own: a Python exception drops that method only
             for q in list(questions)[: max(warmup, 0)]:
                 fn(q["prompt_ids"], warmup_tokens)
             _sync(device)
@@ -250,6 +278,8 @@ def _interleaved(methods, questions, device, runs, warmup, warmup_tokens, caps, 
             raise
         except Exception as e:
             failed(name, e)
+            if dead:
+                return {}
     records: dict[str, list[dict]] = {name: [] for name in live}
     last = 0.0
     for i, q in enumerate(questions):
@@ -267,12 +297,21 @@ def _interleaved(methods, questions, device, runs, warmup, warmup_tokens, caps, 
                 raise
             except Exception as e:
                 failed(name, e)
+                if dead:
+                    break
+        if dead:  # keep the questions every method finished: drop this one where it was decoded
+            for recs in records.values():
+                if recs and recs[-1]["question_id"] == q["question_id"]:
+                    recs.pop()
+            break
         last = time.perf_counter() - t0
         if on_question is not None:
             on_question({k: v for k, v in records.items() if v})
     for name in list(records):
         if not records[name]:
             if name == "ar":
+                if dead:
+                    return {}
                 raise PlmtoolError("method ar decoded no question within the time budget")
             records.pop(name)
             if errors is not None:

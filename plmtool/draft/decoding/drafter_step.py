@@ -17,7 +17,24 @@ from typing import Any
 
 import torch
 
+from plmtool.draft.decoding.switches import sync_check
+
 log = logging.getLogger("plmtool")
+
+
+class DeviceStepError(RuntimeError):
+    """A device fault surfaced right after one program ran (with PLMTOOL_SYNC_CHECK=1)."""
+
+
+def check_device(what: str) -> None:
+    """With PLMTOOL_SYNC_CHECK=1 on CUDA: synchronise and name `what` if the device faulted.
+    Kernels run asynchronously, so without this a fault is reported by whatever synchronises
+    next (often another method's timer) instead of the program that caused it."""
+    if sync_check() and torch.cuda.is_available():
+        try:
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001 - re-raised with the program's name
+            raise DeviceStepError(f"device fault after {what}: {type(e).__name__}: {e}") from e
 
 
 class DrafterProgram:
@@ -35,10 +52,12 @@ class DrafterProgram:
         self.count = torch.ones((), dtype=torch.long, device=device)
         self.graph = None
         self.out: torch.Tensor | None = None
+        self._addresses: tuple[int, ...] = ()
         if cuda_graph:
             try:
                 with torch.no_grad():
                     self._capture()
+                    self._addresses = self._address_signature()
                     problem = self._self_check()
                 if problem:
                     raise RuntimeError(problem)
@@ -77,6 +96,14 @@ class DrafterProgram:
             out = self._run()
         self.graph, self.out = graph, out
 
+    def _address_signature(self) -> tuple[int, ...]:
+        """Addresses of every persistent tensor the graph reads or writes: a replay after one of
+        them was re-created would touch freed memory, so replays check these first."""
+        tensors = [self.hidden, self.next_tokens, self.count] + self._cache_tensors()
+        if self.cache is not None:
+            tensors += [self.cache.slot_ids, self.cache.cos, self.cache.sin]
+        return tuple(t.data_ptr() for t in tensors)
+
     def _cache_tensors(self) -> list[torch.Tensor]:
         if self.cache is None:
             return []
@@ -111,15 +138,24 @@ class DrafterProgram:
 
     # ------------------------------------------------------------------ use
     def __call__(self, count: int) -> torch.Tensor:
+        # Host-side checks of everything the step indexes with (cheap: host ints). On a GPU an
+        # out-of-range count or cache slot would not raise here but fault inside the replay.
+        count = int(count)
+        if not 1 <= count <= self.n:
+            raise ValueError(f"drafter step count {count} outside 1..{self.n}")
         cache = self.cache
         if cache is not None and cache.length + self.n > cache.max_len:
             raise ValueError(f"drafter cache full: {cache.length} + {self.n} > {cache.max_len}")
         self.count.fill_(count)
         if self.graph is not None:
+            if self._address_signature() != self._addresses:
+                raise RuntimeError("a buffer of the captured drafter step was re-created after capture; refusing to replay")
             self.graph.replay()
             out = self.out
+            check_device("the drafter step graph replay")
         else:
             out = self._run()
+            check_device("the eager drafter step")
         if cache is not None:
             cache.length += count  # host bookkeeping; step_static advanced cache.start on the device
         return out

@@ -22,7 +22,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from plmtool.draft.decoding.drafter_step import DrafterProgram
+from plmtool.draft.decoding.drafter_step import DrafterProgram, check_device
+from plmtool.draft.decoding.switches import allowed
 from plmtool.draft.decoding.target import StepProgram, TargetRunner
 from plmtool.draft.decoding.tree import Tree, make_tree
 from plmtool.draft.decoding.verify import Verdict, filter_probs, greedy_verify, sample_verify, typical_verify
@@ -80,10 +81,12 @@ class SpeculativeEngine:
 
     def __init__(self, model, drafter=None, tree: Sequence[Sequence[int]] | None = None, max_len: int = 2048,
                  cuda_graphs: bool | str = "auto", static_drafter: bool = True, compile: bool = False,
-                 runner: TargetRunner | None = None):
+                 runner: TargetRunner | None = None, drafter_graph: bool | None = None):
         """`compile`: capture a torch.compile'd target step (checked against eager, else eager
         capture); only with CUDA graphs. `runner`: share one target runner (its KV cache) between
-        engines of the same model that never decode concurrently."""
+        engines of the same model that never decode concurrently. `drafter_graph`: capture the
+        drafter step as a CUDA graph (None: whenever the target steps are captured).
+        PLMTOOL_CUDA_GRAPHS=0 / PLMTOOL_DRAFTER_GRAPH=0 turn graphs off from the environment."""
         if runner is not None and runner.model is not model:
             raise ValueError("the shared runner belongs to another model")
         self.runner = runner if runner is not None else TargetRunner(model, max_len, compile=compile)
@@ -94,6 +97,8 @@ class SpeculativeEngine:
         use_graphs = (self.device.type == "cuda") if cuda_graphs == "auto" else bool(cuda_graphs)
         if use_graphs and self.device.type != "cuda":
             raise PlmtoolError("CUDA graphs need a CUDA device")
+        use_graphs = allowed("PLMTOOL_CUDA_GRAPHS", use_graphs)
+        use_drafter_graph = allowed("PLMTOOL_DRAFTER_GRAPH", use_graphs if drafter_graph is None else (use_graphs and drafter_graph))
         pool = None  # each step program keeps its own graph memory: programs never share outputs
         one = make_tree([])
         self.plain_step = StepProgram(self.runner, one.depth, one.ancestors, use_graphs, pool)
@@ -114,7 +119,7 @@ class SpeculativeEngine:
             with torch.no_grad():
                 dcache = drafter.new_cache(1, self.max_len, self.device, self.runner.dtype)
             self.drafter_step = DrafterProgram(drafter, dcache, int(self.tree.paths.shape[1]), self.runner.hidden_size,
-                                               self.device, self.runner.dtype, use_graphs)
+                                               self.device, self.runner.dtype, use_drafter_graph)
         # graphs in use only where every program captured
         self.cuda_graphs = self.plain_step.graph is not None and (self.tree_step is None or self.tree_step.graph is not None)
         self.compiled = self.plain_step.compiled and (self.tree_step is None or self.tree_step.compiled)
@@ -186,6 +191,7 @@ class SpeculativeEngine:
         with torch.inference_mode():
             runner.reset()
             logits, hidden = runner.extend(prompt)
+            check_device("the target prefill")
             token = self._choose(logits[-1], gen, cpu_gen)
         kept, done = self._emit([token], gen, result, stops)
         yield kept, result
@@ -218,6 +224,7 @@ class SpeculativeEngine:
                 dcache = drafter.new_cache(1, self.max_len, self.device, runner.dtype)
             nxt = torch.tensor([prompt[1:] + [token]], device=self.device)
             heads = drafter.step(hidden.unsqueeze(0), nxt, dcache)  # [1, K, V] (prefill: eager)
+            check_device("the drafter prefill")
             tokens = torch.empty(tree.n, dtype=torch.long, device=self.device)
             nxt = torch.empty(1, max_depth + 1, dtype=torch.long, device=self.device)
         # Host reads per step: only the verdict (greedy: one transfer holding the accepted node,
@@ -230,6 +237,11 @@ class SpeculativeEngine:
                 start = runner.length
                 logits, hidden = step(tokens, start)
                 verdict = self._verify(tree, tokens, logits, gen, cpu_gen)
+                # host-side checks of the indices the next kernels use (an out-of-range node or
+                # length would fault on the GPU instead of raising)
+                if not (0 <= verdict.node < tree.n and 1 <= verdict.length <= max_depth + 1):
+                    raise RuntimeError(f"verification returned node {verdict.node} / length {verdict.length} "
+                                       f"outside a tree of {tree.n} nodes and depth {max_depth}")
                 path = tree.paths[verdict.node]
                 runner.cache.compact(start, path)
                 runner.cache.length = start + verdict.length
@@ -258,6 +270,7 @@ class SpeculativeEngine:
                     nxt[0, : n - 1] = tokens.index_select(0, accepted_path[1:])
                     nxt[0, n - 1 : n].fill_(token)
                     heads = drafter.step(hidden.index_select(0, accepted_path).unsqueeze(0), nxt[:, :n], dcache)
+                    check_device("the eager drafter step")
 
     def _verify(self, tree: Tree, tokens: torch.Tensor, logits: torch.Tensor, gen: GenerationConfig, cpu_gen) -> Verdict:
         if gen.temperature == 0:

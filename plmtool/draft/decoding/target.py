@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from plmtool.draft.decoding.kv_cache import StaticKVCache
+from plmtool.draft.decoding.switches import allowed, sync_check
 from plmtool.errors import PlmtoolError
 
 log = logging.getLogger("plmtool")
@@ -129,8 +130,9 @@ class TargetRunner:
         self.max_len = max_len
         self.cache = StaticKVCache(len(self.layers), self.kv_heads, self.head_dim, max_len, 1, self.device, self.dtype)
         self.slot_ids = torch.arange(max_len, device=self.device)
-        # the compiled layer step specialises per step shape (1 node, the tree's n nodes)
-        self.compiled_forward = self._compiled if compile else None
+        # the compiled layer step specialises per step shape (1 node, the tree's n nodes);
+        # PLMTOOL_COMPILE=0 turns it off without code changes
+        self.compiled_forward = self._compiled if allowed("PLMTOOL_COMPILE", compile) else None
 
     @property
     def length(self) -> int:
@@ -200,6 +202,7 @@ class StepProgram:
         self.graph = None
         self.out: tuple[torch.Tensor, torch.Tensor] | None = None
         self.compiled = False  # the captured graph runs the compiled forward
+        self._addresses: tuple[int, ...] = ()
         if cuda_graph and runner.compiled_forward is not None:
             try:
                 self._capture(pool, compiled=True)
@@ -245,6 +248,15 @@ class StepProgram:
         with torch.cuda.graph(self.graph, pool=pool):
             self.out = self._run(r.max_len, compiled)
         r.cache.length = saved
+        self._addresses = self._address_signature()
+
+    def _address_signature(self) -> tuple[int, ...]:
+        """Addresses of the persistent tensors the graph reads or writes (the shared cache, the
+        static inputs, the index tables): a replay after one was re-created would touch freed
+        memory, so replays check these first."""
+        r = self.runner
+        return tuple(t.data_ptr() for t in (r.cache.k, r.cache.v, r.slot_ids, self.tokens, self.start, self.depth,
+                                            self.ancestors, self.node_ids))
 
     @torch.no_grad()
     def _self_check(self) -> str | None:
@@ -287,10 +299,20 @@ class StepProgram:
         r = self.runner
         if start + self.n > r.max_len:
             raise PlmtoolError(f"sequence would exceed the engine's context of {r.max_len} tokens")
+        if start < 0 or tokens.numel() != self.n:
+            raise ValueError(f"step of {self.n} nodes called with {tokens.numel()} tokens at slot {start}")
         self.tokens.copy_(tokens.view(1, -1))
         self.start.fill_(start)
         if self.graph is not None:
+            if self._addresses and self._address_signature() != self._addresses:
+                raise RuntimeError("a buffer of the captured target step (KV cache or static input) was re-created "
+                                   "after capture; refusing to replay")
             self.graph.replay()
-            return self.out
-        # eager: attend only to the live part of the cache
-        return self._run(start + self.n)
+            out = self.out
+        else:  # eager: attend only to the live part of the cache
+            out = self._run(start + self.n)
+        if sync_check() and torch.cuda.is_available():
+            from plmtool.draft.decoding.drafter_step import check_device
+
+            check_device(f"the {self.n}-node target step{' graph replay' if self.graph is not None else ''}")
+        return out
