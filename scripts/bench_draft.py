@@ -189,7 +189,8 @@ def run(args) -> None:
             if k in methods_wanted:
                 setups[k] = setup_drafter(dtype_model, p, tree_spec[k], cal, args.max_len)
                 engines[k] = SpeculativeEngine(dtype_model, setups[k].drafter, setups[k].tree, max_len=args.max_len,
-                                               runner=runner, cuda_graphs=graphs, drafter_graph=bool(args.drafter_graph))
+                                               runner=runner, cuda_graphs=graphs, drafter_graph=bool(args.drafter_graph),
+                                               static_drafter=bool(args.static_drafter))
         methods = {}
         for name in methods_wanted:
             if name in engines:
@@ -202,7 +203,8 @@ def run(args) -> None:
                                "max_new_tokens": max_new, "runs": 1, "warmup": 1, "no_warmup": ["hf_generate"], "question_caps": caps,
                                "interleaved": True, "setup_s": round(time.perf_counter() - t_setup, 1),
                                "engines": {k: {"cuda_graphs": e.cuda_graphs, "compiled_target_step": e.compiled,
-                                               "drafter_graph": e.drafter_graph} for k, e in engines.items()}},
+                                               "drafter_graph": e.drafter_graph,
+                                               "static_drafter": e.drafter_step is not None} for k, e in engines.items()}},
                      "trees": {k: tree_report(s) for k, s in setups.items()}, "model": args.model, "skipped": errors}
         log.info("%s setup %.1fs: %s", label, res["setup"]["setup_s"], res["setup"]["engines"])
         report[label] = {**res, "partial": True}  # the engines' state is on record even if the pass dies
@@ -342,6 +344,8 @@ def main() -> None:
     pr.add_argument("--compile", type=int, default=1, help="torch.compile the target step before capture (GPU)")
     pr.add_argument("--cuda-graphs", type=int, default=1, help="0: no CUDA graphs at all (target and drafter eager)")
     pr.add_argument("--drafter-graph", type=int, default=1, help="0: drafter step eager (target steps still captured)")
+    pr.add_argument("--static-drafter", type=int, default=1,
+                    help="0: the drafter's variable-shape eager step() (no step_static, no drafter graph)")
     pr.add_argument("--cudnn-sdpa", type=int, default=1, help="0: disable cuDNN attention in SDPA (flash / mem-efficient)")
     pr.add_argument("--sync-check", type=int, default=0,
                     help="1: synchronise after every step so a device fault names the program that caused it (slower)")

@@ -501,6 +501,11 @@ def test_environment_switches_turn_compile_and_graphs_off(target, monkeypatch):
     assert allowed("PLMTOOL_DRAFTER_GRAPH", True)
     monkeypatch.setenv("PLMTOOL_DRAFTER_GRAPH", "off")
     assert env_flag("PLMTOOL_DRAFTER_GRAPH") is False and not allowed("PLMTOOL_DRAFTER_GRAPH", True)
+    drafter = _real_drafter(target, "amphista", seed=9)
+    monkeypatch.setenv("PLMTOOL_STATIC_DRAFTER", "0")  # back to the variable-shape eager step
+    engine = SpeculativeEngine(target, drafter, tree=TREES["wide"], max_len=64)
+    assert engine.drafter_step is None
+    assert engine.generate([5, 9, 11], max_new_tokens=12).tokens == plain_greedy(target, [5, 9, 11], 12)
     monkeypatch.setenv("PLMTOOL_DRAFTER_GRAPH", "maybe")
     with pytest.raises(ValueError, match="PLMTOOL_DRAFTER_GRAPH"):
         env_flag("PLMTOOL_DRAFTER_GRAPH")

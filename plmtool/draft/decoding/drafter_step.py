@@ -37,6 +37,22 @@ def check_device(what: str) -> None:
             raise DeviceStepError(f"device fault after {what}: {type(e).__name__}: {e}") from e
 
 
+def own_cublas_workspace() -> None:
+    """Call right before a capture: drop PyTorch's cached cuBLAS workspaces so the captured GEMMs
+    get a workspace allocated inside the capture, i.e. owned by the graph's private memory pool.
+
+    A captured GEMM bakes in the address of the workspace cuBLAS had for the capture stream. If
+    that workspace was allocated outside the capture it lives in the ordinary pool, and anything
+    that later clears the workspaces (torch.compile's CUDA-graph trees do, e.g. the static-cache
+    `generate()` that the benchmark runs between our captures and our replays) frees it: the graph
+    then writes into memory that another tensor owns or that `empty_cache()` unmapped (an illegal
+    access or 'unspecified launch failure' at a later replay). Workspaces of graphs captured
+    before stay in their own pools, which live as long as their graphs."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None and torch.cuda.is_available():
+        clear()
+
+
 class DrafterProgram:
     """Static buffers + the drafter's `step_static` (optionally captured) for one drafter cache.
 
@@ -92,6 +108,7 @@ class DrafterProgram:
         torch.cuda.current_stream().wait_stream(stream)
         self._set_start(0)
         graph = torch.cuda.CUDAGraph()
+        own_cublas_workspace()
         with torch.cuda.graph(graph):
             out = self._run()
         self.graph, self.out = graph, out

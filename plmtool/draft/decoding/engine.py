@@ -86,7 +86,8 @@ class SpeculativeEngine:
         capture); only with CUDA graphs. `runner`: share one target runner (its KV cache) between
         engines of the same model that never decode concurrently. `drafter_graph`: capture the
         drafter step as a CUDA graph (None: whenever the target steps are captured).
-        PLMTOOL_CUDA_GRAPHS=0 / PLMTOOL_DRAFTER_GRAPH=0 turn graphs off from the environment."""
+        PLMTOOL_CUDA_GRAPHS=0 / PLMTOOL_DRAFTER_GRAPH=0 turn graphs off from the environment,
+        PLMTOOL_STATIC_DRAFTER=0 the fixed-shape drafter step (back to the drafter's eager `step`)."""
         if runner is not None and runner.model is not model:
             raise ValueError("the shared runner belongs to another model")
         self.runner = runner if runner is not None else TargetRunner(model, max_len, compile=compile)
@@ -115,7 +116,7 @@ class SpeculativeEngine:
         # over one engine-lifetime cache (captured as a CUDA graph on CUDA); others step eagerly
         # with a fresh cache per request.
         self.drafter_step: DrafterProgram | None = None
-        if drafter is not None and static_drafter and hasattr(drafter, "step_static"):
+        if drafter is not None and allowed("PLMTOOL_STATIC_DRAFTER", static_drafter) and hasattr(drafter, "step_static"):
             with torch.no_grad():
                 dcache = drafter.new_cache(1, self.max_len, self.device, self.runner.dtype)
             self.drafter_step = DrafterProgram(drafter, dcache, int(self.tree.paths.shape[1]), self.runner.hidden_size,

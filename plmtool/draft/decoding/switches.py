@@ -2,6 +2,8 @@
 
     PLMTOOL_CUDA_GRAPHS=0     no CUDA graphs at all (target steps and drafter step run eagerly)
     PLMTOOL_DRAFTER_GRAPH=0   the drafter step runs eagerly (target steps may still be captured)
+    PLMTOOL_STATIC_DRAFTER=0  no fixed-shape drafter step at all: the drafter's variable-shape
+                              eager `step` with a fresh cache per request
     PLMTOOL_COMPILE=0         never torch.compile the target step
     PLMTOOL_SYNC_CHECK=1      synchronise after every graph replay and eager drafter step, so a
                               device fault is reported by the program that caused it (slower)

@@ -245,6 +245,9 @@ class StepProgram:
                 self._run(r.max_len, compiled)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
+        from plmtool.draft.decoding.drafter_step import own_cublas_workspace
+
+        own_cublas_workspace()  # the graph's GEMM workspace lives in its own pool (see there)
         with torch.cuda.graph(self.graph, pool=pool):
             self.out = self._run(r.max_len, compiled)
         r.cache.length = saved
