@@ -293,15 +293,6 @@ def speed(args, rec: Recorder) -> None:
             oneshot_mod.prune_sparsegpt = solver
         return {**check(), "solver_seconds": round(inner["seconds"], 1), "cuda_graphs": not args.no_graphs}
 
-    if cuda and args.semi:
-        # speed does not depend on which weights survive: a 2:4 magnitude mask is enough
-        prune_model(model, None, pattern, OneShotOptions(method="magnitude", walk=walk))
-        semi_structured(model, rec, base)
-        from plmtool.prune.sequential import block_linears, decoder_layers
-
-        for i, block in enumerate(decoder_layers(model)):  # back to plain dense parameters
-            for name, lin in block_linears(block).items():
-                lin.weight = torch.nn.Parameter(dense[f"layers.{i}.{name}"].to(device, torch.bfloat16), requires_grad=False)
     wanted = [w for w in args.speed.split(",") if w]
     for method in ("sparsegpt", "wanda"):
         sds_key = "sds" if method == "wanda" else "sds-sparsegpt"
@@ -321,6 +312,20 @@ def speed(args, rec: Recorder) -> None:
             rec.add("speed", {**base, "method": f"SDS({method}) total = one-shot + re-dense + re-prune/adjust ({it} it)",
                               "seconds": round(t_os + t_rd + t_rp, 1), "peak_gib": None})
         restore(model, dense)
+
+
+def semi_part(args, rec: Recorder) -> None:
+    """LLaMA-3-8B shapes, 2:4 by magnitude (kernel speed does not depend on which weights
+    survive), dense vs sparse tensor cores."""
+    from plmtool.prune.oneshot import OneShotOptions, prune_model
+    from plmtool.prune.patterns import parse_pattern
+
+    if not torch.cuda.is_available():
+        rec.add("semi_structured", {"error": "needs a CUDA GPU"})
+        return
+    model, cfg = llama3_8b(args.tiny)
+    prune_model(model, None, parse_pattern("2:4"), OneShotOptions(method="magnitude"))
+    semi_structured(model, rec, {"shape": "llama3-8b" if not args.tiny else "tiny", "dtype": str(next(model.parameters()).dtype)})
 
 
 @torch.no_grad()
@@ -384,7 +389,7 @@ def main() -> None:
     r.add_argument("--model", default="/tmp/smollm2.gguf")
     r.add_argument("--out", default=os.environ.get("OUT", "outputs/bench_prune"))
     r.add_argument("--tiny", action="store_true", help="toy sizes on any device (a dry run of every path)")
-    r.add_argument("--parts", default="quality24,speed,quality", help="comma list, run in order: quality24, speed, quality")
+    r.add_argument("--parts", default="quality24,speed,quality", help="comma list, run in order: quality24, quality (4:8, 50%%), speed, semi (2:4 sparse tensor cores)")
     r.add_argument("--speed", default="sparsegpt,sds", help="which 8B measurements: sparsegpt, wanda, sds (SDS(Wanda)), sds-sparsegpt")
     r.add_argument("--speed-nsamples", type=int, default=128)
     r.add_argument("--speed-iterations", type=int, default=200)
@@ -392,14 +397,13 @@ def main() -> None:
     r.add_argument("--lr", type=float, default=0.01, help="SDS re-dense learning rate")
     r.add_argument("--adjust-lr", type=float, default=0.05, help="SDS adjustment learning rate")
     r.add_argument("--no-graphs", action="store_true", help="SparseGPT without CUDA graphs (speed runs)")
-    r.add_argument("--l1", type=float, default=0.1)
-    r.add_argument("--l2", type=float, default=0.1)
+    r.add_argument("--l1", type=float, default=0.01)
+    r.add_argument("--l2", type=float, default=0.01)
     r.add_argument("--batch-size", type=int, default=8, help="calibration samples per block call")
     r.add_argument("--sds-variants", default="", help='extra SDS settings at 2:4, ";"-separated, e.g. "l1=0,l2=0;lr=0.03,alr=0.1"')
     r.add_argument("--oneshot-methods", default="magnitude,wanda,sparsegpt")
     r.add_argument("--sds-methods", default="wanda,sparsegpt", help="SDS rows with the main settings")
     r.add_argument("--variant-methods", default="wanda,sparsegpt", help="one-shot methods the variants start from")
-    r.add_argument("--semi", action="store_true", help="2:4 sparse tensor cores vs dense after the speed runs")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     if args.cmd == "prepare":
@@ -415,6 +419,8 @@ def main() -> None:
             quality(args, rec, data, ["4:8", "unstructured"])
         elif part == "speed":
             speed(args, rec)
+        elif part == "semi":
+            semi_part(args, rec)
         print(f"[{part} done at {time.perf_counter() - start:.0f}s]", flush=True)
     table(rec.data)
 

@@ -224,3 +224,31 @@ def test_rank_based_nm_mask_equals_topk(pattern):
     mask = nm_mask_by_rank(tied, pattern)
     assert verify(tied.masked_fill(mask, 0) + (~mask).float() * 10, pattern) is None  # exactly M-N pruned per group
     assert int(mask.sum()) == tied.numel() * pattern.prune_per_group // pattern.m
+
+
+def test_semi_structured_wrapper_keeps_outputs_for_any_input_rank():
+    """The swap to sparse tensor cores flattens [batch, tokens, hidden] around F.linear (the
+    semi-structured tensor takes 2-D inputs only); with the identity in place of the CUDA-only
+    conversion, the model's outputs must not change and only 2:4 layers are swapped."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from plmtool.prune.magnitude import prune_magnitude
+    from plmtool.prune.semi_structured import SemiStructuredLinear, to_semi_structured
+    from plmtool.prune.sequential import block_linears, decoder_layers
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    for i, block in enumerate(decoder_layers(model)):
+        for name, lin in block_linears(block).items():
+            if not (i == 1 and name == "mlp.down_proj"):  # one layer stays dense
+                lin.weight.data = prune_magnitude(lin.weight.data, parse_pattern("2:4"))[0]
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        n = to_semi_structured(model, convert=lambda w: w.clone())
+        got = model(input_ids=ids).logits
+    assert n == 13
+    assert isinstance(model.model.layers[0].self_attn.q_proj, SemiStructuredLinear)
+    assert not isinstance(model.model.layers[1].mlp.down_proj, SemiStructuredLinear)
+    assert torch.allclose(got, ref, atol=1e-5)

@@ -22,8 +22,10 @@ class OptimConfig:
 @dataclass
 class SdsConfig:
     inputs: str = "pruned"  # pruned | dense: activations X used by re-dense and adjustment
-    l1: float = 0.1  # lambda_1 of the L1 penalty (relative to ||W_dense||_1)
-    l2: float = 0.1  # lambda_2 of the L2 penalty (relative to ||W_dense||^2)
+    # lambda_1 / lambda_2 of the L1 / L2 penalties, relative to ||W_dense||_1 / ||W_dense||^2.
+    # 0.01: on SmolLM2-135M 2:4 (docs/benchmarks/prune.md) 0.1 held SDS(SparseGPT) back.
+    l1: float = 0.01
+    l2: float = 0.01
     redense: OptimConfig = field(default_factory=OptimConfig)
     adjust: OptimConfig = field(default_factory=lambda: OptimConfig(lr=0.05))
     # skip the adjustment when the re-pruned model already beats one-shot on calibration NLL
