@@ -204,7 +204,11 @@ def run(args) -> None:
                                "interleaved": True, "setup_s": round(time.perf_counter() - t_setup, 1),
                                "engines": {k: {"cuda_graphs": e.cuda_graphs, "compiled_target_step": e.compiled,
                                                "drafter_graph": e.drafter_graph,
-                                               "static_drafter": e.drafter_step is not None} for k, e in engines.items()}},
+                                               "static_drafter": e.drafter_step is not None,
+                                               # relative errors of the compiled step's self-check, per step size
+                                               "target_step_check": {str(p.n): {q: round(v, 5) for q, v in p.check_errors.items()}
+                                                                     for p in (e.plain_step, e.tree_step) if p is not None}}
+                                           for k, e in engines.items()}},
                      "trees": {k: tree_report(s) for k, s in setups.items()}, "model": args.model, "skipped": errors}
         log.info("%s setup %.1fs: %s", label, res["setup"]["setup_s"], res["setup"]["engines"])
         report[label] = {**res, "partial": True}  # the engines' state is on record even if the pass dies

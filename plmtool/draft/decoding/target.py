@@ -202,6 +202,7 @@ class StepProgram:
         self.graph = None
         self.out: tuple[torch.Tensor, torch.Tensor] | None = None
         self.compiled = False  # the captured graph runs the compiled forward
+        self.check_errors: dict[str, float] = {}  # relative errors the self-check measured
         self._addresses: tuple[int, ...] = ()
         if cuda_graph and runner.compiled_forward is not None:
             try:
@@ -261,20 +262,38 @@ class StepProgram:
         return tuple(t.data_ptr() for t in (r.cache.k, r.cache.v, r.slot_ids, self.tokens, self.start, self.depth,
                                             self.ancestors, self.node_ids))
 
+    # The self-check's state: a cache prefilled (eagerly) with this many random tokens.
+    CHECK_PREFIX = 16
+    # Relative error allowed between the replayed (compiled) step and the eager one. In half
+    # precision the two round differently (fused kernels keep fp32 intermediates), and the
+    # difference grows through the layers. Measured on SmolLM2-135M in bf16 on the CPU (20 draws,
+    # 1- and 65-node steps): a correct compiled step stays within 0.03 of eager (worst of logits,
+    # hidden states, keys, values), while a step with one layer's weights for all, rotary positions
+    # off by 3, a mask that sees the whole cache, k/v written one slot off or into the next
+    # layer's cache was off by 0.45 or more on every draw.
+    CHECK_TOL = {torch.float32: 1e-3}
+    CHECK_TOL_HALF = 0.1
+
     @torch.no_grad()
-    def _self_check(self) -> str | None:
-        """Replay of the captured (compiled) step vs the eager forward, on random tokens over a
-        random cache from a non-zero offset: logits, hidden states and the cache writes must agree
-        to within rounding (fused kernels round differently, so not bit for bit in low precision).
-        None when they agree; the cache is left as garbage past length 0 (callers reset)."""
+    def _self_check(self, seed: int = 0) -> str | None:
+        """Replay of the captured (compiled) step vs the eager forward, on random tokens after a
+        cache prefilled eagerly with random tokens: logits, hidden states and the cache writes must
+        agree to within rounding (fused kernels round differently, so not bit for bit in low
+        precision). None when they agree; the cache is left as garbage past length 0 (callers reset).
+
+        The state must be one the model meets when decoding. A cache of N(0,1) noise (what this
+        check used first) drives a trained model far outside its activation range, where rounding
+        alone is amplified through the layers: on SmolLM2-135M in bf16 (CPU), eager against eager
+        with only the attention span changed differed by up to 0.65 in relative logit error, and a
+        correct compiled step by up to 0.64 (over 0.05 in 9 of 12 draws), so the check rejected
+        it, as it did on the GPU (0.39 / 0.37)."""
         r = self.runner
-        g = torch.Generator(device=r.device).manual_seed(0)
-        start = 5
-        if start + self.n > r.max_len:
-            start = 0
+        g = torch.Generator(device=r.device).manual_seed(seed)
+        start = max(0, min(self.CHECK_PREFIX, r.max_len - self.n))
+        r.reset()
+        if start:
+            r.extend(torch.randint(0, r.vocab_size, (start,), generator=g, device=r.device))
         self.tokens.random_(0, r.vocab_size, generator=g)
-        r.cache.k.normal_(generator=g)
-        r.cache.v.normal_(generator=g)
         before = r.cache.k.clone(), r.cache.v.clone()
         self.start.fill_(start)
         ref = [t.clone() for t in self._run(start + self.n)]
@@ -282,20 +301,22 @@ class StepProgram:
         r.cache.k.copy_(before[0])
         r.cache.v.copy_(before[1])
         self.graph.replay()
-        tol = 1e-3 if r.dtype == torch.float32 else 5e-2
+        tol = self.CHECK_TOL.get(r.dtype, self.CHECK_TOL_HALF)
         new = slice(start, start + self.n)  # the slots this step writes
         pairs = [("logits", self.out[0], ref[0]), ("hidden", self.out[1], ref[1]),
                  ("keys", r.cache.k[..., new, :], ref_kv[0][..., new, :]),
                  ("values", r.cache.v[..., new, :], ref_kv[1][..., new, :])]
-        for name, got, want in pairs:
-            err = float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12))
-            if not err <= tol:  # also catches NaN
-                return f"{name} differ from the eager step (relative error {err:.3g} > {tol})"
+        # every error is kept (not just the first over the bar): the warning and the tests read them
+        self.check_errors = {name: float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12))
+                             for name, got, want in pairs}
+        r.cache.length = 0
+        bad = [f"{name} {err:.3g}" for name, err in self.check_errors.items() if not err <= tol]  # NaN fails too
+        if bad:
+            return f"{', '.join(bad)} differ from the eager step (relative error > {tol})"
         for name, got, want in (("keys", r.cache.k, ref_kv[0]), ("values", r.cache.v, ref_kv[1])):
             if not (torch.equal(got[..., :start, :], want[..., :start, :])
                     and torch.equal(got[..., start + self.n :, :], want[..., start + self.n :, :])):
                 return f"the step wrote {name} outside its slots"
-        r.cache.length = 0
         return None
 
     def __call__(self, tokens: torch.Tensor, start: int):
