@@ -393,7 +393,7 @@ def main() -> None:
     r.add_argument("--speed", default="sparsegpt,sds", help="which 8B measurements: sparsegpt, wanda, sds (SDS(Wanda)), sds-sparsegpt")
     r.add_argument("--speed-nsamples", type=int, default=128)
     r.add_argument("--speed-iterations", type=int, default=200)
-    r.add_argument("--iterations", type=int, default=100, help="SDS iterations in the quality runs")
+    r.add_argument("--iterations", type=int, default=200, help="SDS iterations in the quality runs (the paper: 200)")
     r.add_argument("--lr", type=float, default=0.01, help="SDS re-dense learning rate")
     r.add_argument("--adjust-lr", type=float, default=0.05, help="SDS adjustment learning rate")
     r.add_argument("--no-graphs", action="store_true", help="SparseGPT without CUDA graphs (speed runs)")
