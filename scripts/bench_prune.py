@@ -418,6 +418,8 @@ def main() -> None:
         elif part == "quality":
             quality(args, rec, data, ["4:8", "unstructured"])
         elif part == "speed":
+            # per-block progress lines ("SDS adjust: 12/32 (80.1s)") show where a cut-off run was
+            logging.getLogger("plmtool").setLevel(logging.INFO)
             speed(args, rec)
         elif part == "semi":
             semi_part(args, rec)
