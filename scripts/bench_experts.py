@@ -28,6 +28,7 @@ import argparse
 import gzip
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -178,6 +179,13 @@ def run(args) -> None:
     for u in ["redistributed", "random", *experts, "full"]:
         n = len(unit_ids[u])
         work_samples = n * args.epochs
+        unit_hp = hp
+        if args.budget_mode == "steps" and u != "full":
+            # equal optimizer steps: every unit gets the full-data unit's step count (more
+            # epochs over its smaller data) - an ablation beside the equal-epochs default
+            full_steps = max(1, math.ceil(len(unit_ids["full"]) * args.epochs / args.batch_size))
+            unit_hp = {**hp, "epochs": full_steps * args.batch_size / max(1, n), "max_steps": full_steps}
+            work_samples = full_steps * args.batch_size
         if trained_s > 0 and args.time_budget:
             projected = elapsed() + work_samples / (trained_samples / trained_s) + last_eval_s + 5
             if projected > args.time_budget:
@@ -186,7 +194,7 @@ def run(args) -> None:
                 res.stage(f"skip {u}")
                 continue
         model = add_adapters(model, [u], cfg)
-        stats = train_adapter(model, u, [enc_of[i] for i in unit_ids[u]], pad, **hp)
+        stats = train_adapter(model, u, [enc_of[i] for i in unit_ids[u]], pad, **unit_hp)
         trained_samples += work_samples
         trained_s += stats["seconds"]
         ev = heldout_loss(u, u)
@@ -231,7 +239,7 @@ def table(r: dict, args) -> None:
     red, units, rec = r["redistribution"], r["units"], r.get("recovery_of_full_gain", {})
     n_of = {**r["unit_samples"], "routed": r["unit_samples"]["redistributed"], "oracle": r["unit_samples"]["redistributed"]}
     print(f"\n{r['gpu']}, torch {r['torch']}; pool {red['total']}, held-out {red['heldout']} ({r['heldout_tokens']} reply tokens), "
-          f"K={red['k']}, budget {args.budget}, max_len {args.max_len}, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}")
+          f"K={red['k']}, budget {args.budget}, max_len {args.max_len}, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, budget mode {args.budget_mode}")
     print("| model | train samples | held-out loss | mean over clusters | share of full-data gain | train s |")
     print("|---|---|---|---|---|---|")
     for name in ("base", "full", "random", "redistributed", "routed", "oracle"):
@@ -273,6 +281,9 @@ def main() -> None:
     r.add_argument("--lr", type=float, default=4e-4)
     # 2 epochs for every unit: the 10% subsets get ~31 optimizer steps instead of ~16
     r.add_argument("--epochs", type=float, default=2.0)
+    r.add_argument("--budget-mode", choices=("epochs", "steps"), default="epochs",
+                   help="epochs: the same epochs per sample for every unit (the issue's comparison); "
+                        "steps: every unit gets the full-data unit's number of optimizer steps")
     # batch 16 ran at ~4 steps/s on an H200 (launch-bound: 210 LoRA-wrapped linears)
     r.add_argument("--batch-size", type=int, default=64)
     r.add_argument("--eval-batch-size", type=int, default=64)
