@@ -83,6 +83,8 @@ class EvalApp:
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
+    # run the 2:4 linear layers on sparse tensor cores (CUDA, fp16/bf16; plmtool.prune.semi_structured)
+    semi_structured: bool = False
 
 
 def register(name: str, node: Any) -> None:

@@ -66,3 +66,11 @@ def test_cfg_job_prints_composed_config():
     assert out.returncode == 0
     assert "name_or_path: smollm2-135m" in out.stdout
     assert "seqlen: 512" in out.stdout
+
+
+def test_semi_structured_eval_needs_cuda_and_says_so_before_loading(tmp_path):
+    out = _run("eval", "semi_structured=true", "model.name_or_path=/nonexistent", f"hydra.run.dir={tmp_path}")
+    assert out.returncode == 2
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    # checked before the (missing) model is looked up
+    assert lines[-1] == "plmtool: error: semi_structured=true needs a CUDA GPU (2:4 sparse tensor cores, Ampere or newer)"
