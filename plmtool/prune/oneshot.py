@@ -73,32 +73,29 @@ def prune_model(model: nn.Module, calib_ids: Optional[torch.Tensor], pattern: Pa
     {"layers.<i>.<name>": {"sparsity": ..., ...}}."""
     check_method(opts.method)
     info: dict[str, dict] = {}
+
+    def prune_one(i: int, name: str, lin: nn.Linear, stats: Optional[InputStats]) -> None:
+        w, extra = prune_linear(opts.method, lin.weight.data, stats, pattern, opts.sparsegpt)
+        lin.weight.data = w.to(lin.weight.dtype)
+        info[f"layers.{i}.{name}"] = {"sparsity": sparsity_of(lin.weight.data), **extra}
+
     if opts.method == "magnitude":
         # no calibration: each weight on its own, where it lives
         for i, block in enumerate(track(list(decoder_layers(model)), description="magnitude pruning")):
             for name, lin in block_linears(block, opts.walk.exclude).items():
-                w, extra = prune_linear("magnitude", lin.weight.data, None, pattern, opts.sparsegpt)
-                lin.weight.data = w.to(lin.weight.dtype)
-                info[f"layers.{i}.{name}"] = {"sparsity": sparsity_of(lin.weight.data), **extra}
+                prune_one(i, name, lin, None)
         return info
     if calib_ids is None:
         raise PlmtoolError(f"prune.method={opts.method} needs calibration data")
 
+    fuse = opts.method == "sparsegpt" and opts.sparsegpt.fuse
+
     def process(i: int, block: nn.Module, linears: dict, stats: dict) -> None:
-        if opts.method == "sparsegpt" and opts.sparsegpt.fuse:
-            for names in shared_input_groups(linears, stats):
-                if len(names) > 1:
-                    prune_sparsegpt_fused(i, [(n, linears[n]) for n in names], stats[names[0]], pattern, opts.sparsegpt, info)
-                    continue
-                name = names[0]
-                w, extra = prune_linear(opts.method, linears[name].weight.data, stats.get(name), pattern, opts.sparsegpt)
-                linears[name].weight.data = w.to(linears[name].weight.dtype)
-                info[f"layers.{i}.{name}"] = {"sparsity": sparsity_of(linears[name].weight.data), **extra}
-            return
-        for name, lin in linears.items():
-            w, extra = prune_linear(opts.method, lin.weight.data, stats.get(name), pattern, opts.sparsegpt)
-            lin.weight.data = w.to(lin.weight.dtype)
-            info[f"layers.{i}.{name}"] = {"sparsity": sparsity_of(lin.weight.data), **extra}
+        for names in (shared_input_groups(linears, stats) if fuse else [[name] for name in linears]):
+            if len(names) > 1:
+                prune_sparsegpt_fused(i, [(n, linears[n]) for n in names], stats[names[0]], pattern, opts.sparsegpt, info)
+                continue
+            prune_one(i, names[0], linears[names[0]], stats.get(names[0]))
 
     walk(model, calib_ids, process, stats=STATS_NEEDED[opts.method], opts=opts.walk, description=f"{opts.method} pruning")
     return info

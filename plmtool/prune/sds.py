@@ -30,6 +30,7 @@ import torch
 
 from plmtool.errors import PlmtoolError
 from plmtool.prune.patterns import Pattern, magnitude_reselect
+from plmtool.prune.precision import tf32_matmuls
 
 log = logging.getLogger("plmtool")
 
@@ -212,22 +213,6 @@ def adjust(W_sparse: torch.Tensor, rec: Reconstruction, pattern: Pattern, opts: 
         return W.masked_fill(magnitude_reselect(W, pattern), 0)
 
     return _optimize(W_sparse, rec, opts, project=project, what="adjust")
-
-
-class tf32_matmuls:
-    """Allow TF32 inside (GPU speed for the Gram iterations), restoring the caller's setting."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-
-    def __enter__(self):
-        self.old = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = self.enabled
-        return self
-
-    def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32 = self.old
-        return False
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,27 +17,15 @@ instead of one Python-level iteration of ~10 small kernels (and a host sync) per
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 
 import torch
 
 from plmtool.prune.patterns import Pattern
+from plmtool.prune.precision import exact_fp32
 
 log = logging.getLogger("plmtool")
-
-
-@contextlib.contextmanager
-def exact_fp32():
-    """TF32 off inside (the reference sets it globally off); restores the caller's settings."""
-    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 @dataclass

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from plmtool.prune.precision import tf32_matmuls
+
 
 class InputStats:
     def __init__(self, columns: int, device: torch.device | str, gram: bool, norms: bool = True):
@@ -40,13 +42,10 @@ class InputStats:
         if self.gram is not None:
             xf = flat.float()
             exact_tf32 = xf.is_cuda and flat.dtype in (torch.float16, torch.bfloat16)
-            old = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = old or exact_tf32  # a caller may allow TF32 anyway (SDS)
-            try:
+            # a caller may allow TF32 anyway (the SDS walks)
+            with tf32_matmuls(torch.backends.cuda.matmul.allow_tf32 or exact_tf32):
                 # gram = scale_old * gram + (2 / n) * X^T X, in place
                 self.gram.addmm_(xf.t(), xf, beta=scale_old, alpha=2 / self.nsamples)
-            finally:
-                torch.backends.cuda.matmul.allow_tf32 = old
 
     def free(self) -> None:
         self.gram = None
