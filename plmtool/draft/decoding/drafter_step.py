@@ -17,40 +17,9 @@ from typing import Any
 
 import torch
 
-from plmtool.draft.decoding.switches import sync_check
+from plmtool.draft.decoding.device import check_device, own_cublas_workspace, synchronize
 
 log = logging.getLogger("plmtool")
-
-
-class DeviceStepError(RuntimeError):
-    """A device fault surfaced right after one program ran (with PLMTOOL_SYNC_CHECK=1)."""
-
-
-def check_device(what: str) -> None:
-    """With PLMTOOL_SYNC_CHECK=1 on CUDA: synchronise and name `what` if the device faulted.
-    Kernels run asynchronously, so without this a fault is reported by whatever synchronises
-    next (often another method's timer) instead of the program that caused it."""
-    if sync_check() and torch.cuda.is_available():
-        try:
-            torch.cuda.synchronize()
-        except Exception as e:  # noqa: BLE001 - re-raised with the program's name
-            raise DeviceStepError(f"device fault after {what}: {type(e).__name__}: {e}") from e
-
-
-def own_cublas_workspace() -> None:
-    """Call right before a capture: drop PyTorch's cached cuBLAS workspaces so the captured GEMMs
-    get a workspace allocated inside the capture, i.e. owned by the graph's private memory pool.
-
-    A captured GEMM bakes in the address of the workspace cuBLAS had for the capture stream. If
-    that workspace was allocated outside the capture it lives in the ordinary pool, and anything
-    that later clears the workspaces (torch.compile's CUDA-graph trees do, e.g. the static-cache
-    `generate()` that the benchmark runs between our captures and our replays) frees it: the graph
-    then writes into memory that another tensor owns or that `empty_cache()` unmapped (an illegal
-    access or 'unspecified launch failure' at a later replay). Workspaces of graphs captured
-    before stay in their own pools, which live as long as their graphs."""
-    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
-    if clear is not None and torch.cuda.is_available():
-        clear()
 
 
 class DrafterProgram:
@@ -80,8 +49,7 @@ class DrafterProgram:
             except Exception as e:  # capture unsupported or replay wrong: decode eagerly, say so
                 log.warning("drafter CUDA graph disabled (%s: %s); running the drafter step eagerly", type(e).__name__, e)
                 self.graph, self.out = None, None
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
+                synchronize()
             finally:
                 self._reset_cache()
 

@@ -22,7 +22,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from plmtool.draft.decoding.drafter_step import DrafterProgram, check_device
+from plmtool.draft.decoding.device import check_device
+from plmtool.draft.decoding.drafter_step import DrafterProgram
 from plmtool.draft.decoding.switches import allowed
 from plmtool.draft.decoding.target import StepProgram, TargetRunner
 from plmtool.draft.decoding.tree import Tree, make_tree

@@ -23,16 +23,12 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from plmtool.draft.decoding.device import check_device, own_cublas_workspace, synchronize
 from plmtool.draft.decoding.kv_cache import StaticKVCache
 from plmtool.draft.decoding.switches import allowed, sync_check
 from plmtool.errors import PlmtoolError
 
 log = logging.getLogger("plmtool")
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
 
@@ -214,14 +210,14 @@ class StepProgram:
             except Exception as e:  # compiler or capture unsupported here: capture the eager step
                 log.warning("compiled %d-node step disabled (%s: %s); capturing the eager step", self.n, type(e).__name__, e)
                 self.graph, self.out = None, None
-                _sync()
+                synchronize()
         if cuda_graph and self.graph is None:
             try:
                 self._capture(pool)
             except Exception as e:  # a model whose modules cannot be captured still decodes eagerly
                 log.warning("CUDA graph capture failed (%s); decoding eagerly", e)
                 self.graph, self.out = None, None
-                _sync()
+                synchronize()
 
     def _run(self, span: int, compiled: bool = False):
         r, n, start = self.runner, self.n, self.start
@@ -246,8 +242,6 @@ class StepProgram:
                 self._run(r.max_len, compiled)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        from plmtool.draft.decoding.drafter_step import own_cublas_workspace
-
         own_cublas_workspace()  # the graph's GEMM workspace lives in its own pool (see there)
         with torch.cuda.graph(self.graph, pool=pool):
             self.out = self._run(r.max_len, compiled)
@@ -335,8 +329,6 @@ class StepProgram:
             out = self.out
         else:  # eager: attend only to the live part of the cache
             out = self._run(start + self.n)
-        if sync_check() and torch.cuda.is_available():
-            from plmtool.draft.decoding.drafter_step import check_device
-
+        if sync_check():  # checked here too: the message is only built when it is wanted
             check_device(f"the {self.n}-node target step{' graph replay' if self.graph is not None else ''}")
         return out
