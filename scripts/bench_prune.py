@@ -323,9 +323,61 @@ def semi_part(args, rec: Recorder) -> None:
     if not torch.cuda.is_available():
         rec.add("semi_structured", {"error": "needs a CUDA GPU"})
         return
+    linear_kernels(rec, tiny=args.tiny)
     model, cfg = llama3_8b(args.tiny)
     prune_model(model, None, parse_pattern("2:4"), OneShotOptions(method="magnitude"))
     semi_structured(model, rec, {"shape": "llama3-8b" if not args.tiny else "tiny", "dtype": str(next(model.parameters()).dtype)})
+
+
+@torch.no_grad()
+def linear_kernels(rec: Recorder, tiny: bool) -> None:
+    """One linear layer at a time, timed with CUDA events over many launches, so the comparison
+    is the matmul kernels themselves (whole-model eager decoding is bound by per-op host
+    overhead). Both of torch's 2:4 backends: cuSPARSELt (the default where available) and CUTLASS."""
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+
+    from plmtool.prune.patterns import nm_mask, parse_pattern
+
+    shapes = {"q/o_proj 4096x4096": (4096, 4096), "k/v_proj 1024x4096": (1024, 4096),
+              "gate/up_proj 14336x4096": (14336, 4096), "down_proj 4096x14336": (4096, 14336)}
+    if tiny:
+        shapes = {"tiny 256x256": (256, 256)}
+    reps = 50
+
+    def event_ms(fn) -> float:
+        for _ in range(3):
+            fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / reps
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for label, (out_f, in_f) in shapes.items():
+        w = torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16, generator=g)
+        w = w.masked_fill(nm_mask(w.abs(), parse_pattern("2:4")), 0)
+        for backend in ("cusparselt", "cutlass"):
+            try:
+                SparseSemiStructuredTensor._FORCE_CUTLASS = backend == "cutlass"
+                ws = to_sparse_semi_structured(w)
+            except Exception as e:  # a backend missing from this build is reported, not hidden
+                rec.add("semi_structured", {"kernel": label, "backend": backend, "error": f"{type(e).__name__}: {e}"})
+                continue
+            finally:
+                SparseSemiStructuredTensor._FORCE_CUTLASS = False
+            for tokens in (1, 16, 128, 2048):
+                x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16, generator=g)
+                try:
+                    err = float((torch.nn.functional.linear(x, ws) - torch.nn.functional.linear(x, w)).abs().max())
+                    dense = event_ms(lambda: torch.nn.functional.linear(x, w))
+                    sparse = event_ms(lambda: torch.nn.functional.linear(x, ws))
+                    rec.add("semi_structured", {"kernel": label, "backend": backend, "tokens": tokens, "dense_ms": round(dense, 4),
+                                                 "sparse_2of4_ms": round(sparse, 4), "speedup": round(dense / sparse, 3), "max_abs_diff": err})
+                except Exception as e:
+                    rec.add("semi_structured", {"kernel": label, "backend": backend, "tokens": tokens, "error": f"{type(e).__name__}: {e}"})
 
 
 @torch.no_grad()

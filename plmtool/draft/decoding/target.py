@@ -71,7 +71,7 @@ def decoder_layer_step(runner: "TargetRunner", layer, x: torch.Tensor, cos: torc
     v_cache.index_copy_(2, slots, v)
     o = F.scaled_dot_product_attention(q.reshape(1, hkv, g * n, d), k_cache[:, :, :span], v_cache[:, :, :span],
                                        attn_mask=fmask, scale=runner.scaling)
-    o = o.view(1, runner.n_heads, n, d).transpose(1, 2).reshape(1, n, runner.n_heads * d)
+    o = o.reshape(1, runner.n_heads, n, d).transpose(1, 2).reshape(1, n, runner.n_heads * d)
     x = x + attn.o_proj(o)
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
