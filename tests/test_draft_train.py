@@ -217,6 +217,18 @@ def test_self_distillation_replaces_replies_with_the_targets_own(tmp_path, tok):
     assert self_distill(None, tok, convs, tmp_path / "distill", max_new_tokens=6, batch_size=2) == out
 
 
+def test_self_distillation_cache_keeps_replies_with_unicode_line_separators(tmp_path, tok):
+    """Generated text may hold U+2028 / U+2029 / U+0085, which json.dumps(ensure_ascii=False)
+    writes raw: the cache must be read line by line on "\n" only."""
+    from plmtool.draft.data import self_distill
+
+    convs = [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a\u2028b\u2029c\x85d\x1ce"}]]
+    cache = tmp_path / "distill"
+    cache.mkdir()
+    (cache / "part-00000.jsonl").write_text(json.dumps(convs[0], ensure_ascii=False) + "\n", encoding="utf-8")
+    assert self_distill(None, tok, [convs[0][:1]], cache, batch_size=4) == convs
+
+
 def test_ddp_under_torchrun_keeps_replicas_in_sync(tmp_path):
     import subprocess
     import sys

@@ -147,7 +147,9 @@ def self_distill(model, tokenizer, conversations: list[Conversation], cache_dir:
     for c, chunk in enumerate(track(chunks, "self-distillation (target regenerates replies)")):
         part = cache_dir / f"part-{c:05d}.jsonl"
         if part.is_file():
-            out += [json.loads(line) for line in part.read_text(encoding="utf-8").splitlines() if line.strip()]
+            # split on "\n" only: str.splitlines() also breaks at U+2028 and friends, which
+            # json.dumps(ensure_ascii=False) leaves raw inside generated text
+            out += [json.loads(line) for line in part.read_text(encoding="utf-8").split("\n") if line.strip()]
             continue
         prompts = _prompts(chunk, max_turns)
         histories: list[Conversation] = [[m for m in conv[:1] if m["role"] == "system"] for conv in chunk]

@@ -336,7 +336,7 @@ def train_drafter(target_model, tokenizer, drafter_cfg, trainer_cfg, conversatio
         scheduler.load_state_dict(state["scheduler"])
         step = int(state["step"])
         history = state["history"]
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].cpu())  # map_location moved the CPU generator's state too
         log.info("resuming drafter training from step %d (%s)", step, ckpt_path)
 
     hidden_cache: dict | None = {} if trainer_cfg.cache_hidden else None
