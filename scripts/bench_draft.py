@@ -4,9 +4,9 @@
 Runs without Hydra: plain imports of plmtool modules. Two sub-commands:
 
   prepare  (CPU, where the embedded data packages are installed) writes one JSON file holding the
-           MT-Bench questions and the first exchange of ShareGPT conversations (4 MB for 1600), to
+           MT-Bench questions and the first exchange of ShareGPT conversations (9.5 MB for 4000), to
            be carried to the GPU machine:
-             python scripts/bench_draft.py prepare --out .device/draft/data.json --sharegpt 1600
+             python scripts/bench_draft.py prepare --out .device/draft/data.json --sharegpt 4000
   run      self-distils ShareGPT prompts with the target, trains Medusa and Amphista with the same
            data and budget (plmtool.draft.train.train_drafter), then benchmarks MT-Bench (greedy,
            batch 1, question by question with every method in turn, so a deadline cuts all methods
@@ -16,8 +16,10 @@ Runs without Hydra: plain imports of plmtool modules. Two sub-commands:
            target runner whose step is torch.compile'd and captured as a CUDA graph (checked
            against eager at capture; eager capture if it differs). report.json is rewritten after
            every phase and every 5 questions (a timeout still leaves results); report.md and
-           answers_<pass>.jsonl (Spec-Bench layout) at the end of each pass. Sized for ~9 minutes
-           on one H100/H200 (see docs/benchmarks/draft.md for the estimate):
+           answers_<pass>.jsonl (Spec-Bench layout) at the end of each pass. About 12 minutes on
+           one H200 (7 of them distillation and training); rerunning the same command with the same
+           --work resumes from the cached distillation and finished drafter checkpoints, which is
+           how docs/benchmarks/draft.md ran it on a machine with a 10-minute command limit:
              python scripts/bench_draft.py run --data .device/draft/data.json --model /tmp/smollm2.gguf --out $OUT
            CPU end-to-end check at tiny size: add --tiny (real SmolLM2 in fp32, a few steps/tokens).
 """
@@ -170,7 +172,7 @@ def run(args) -> None:
     stops = stop_token_ids(model, tok)
 
     def bench(label: str, dtype_model, methods_wanted: list[str], qs: list[dict], max_new: int, caps: dict,
-              deadline: float, compile: bool, trees: dict | None) -> dict:
+              deadline: float | None, compile: bool, trees: dict | None) -> dict:
         """One pass: engines of our methods share one target runner (one compile per step shape);
         questions interleaved so every method decodes the same ones before the deadline."""
         t_setup = time.perf_counter()
@@ -240,11 +242,12 @@ def run(args) -> None:
         return res
 
     fp32_reserve = args.fp32_reserve_s if args.fp32_questions else 0.0
+    end = t_start + args.budget_s if args.budget_s > 0 else None  # None: no deadline
     main_label = "bf16" if cuda else "fp32_main"
     methods = [m for m in ALL_METHODS if m in wanted]
     caps = {"hf_generate": args.hf_dynamic_questions}
     t0 = time.perf_counter()
-    main = bench(main_label, model, methods, prepared, args.max_new, caps, t_start + args.budget_s - fp32_reserve,
+    main = bench(main_label, model, methods, prepared, args.max_new, caps, end - fp32_reserve if end else None,
                  compile=args.compile and cuda, trees=None)
     phase("bench_main", t0)
 
@@ -262,7 +265,7 @@ def run(args) -> None:
             model32 = model
         bench("fp32", model32, [m for m in ("ar", "hf_generate", "medusa", "amphista") if m in wanted],
               prepared[: args.fp32_questions],
-              args.fp32_max_new, {"hf_generate": args.fp32_hf_questions}, t_start + args.budget_s, compile=False,
+              args.fp32_max_new, {"hf_generate": args.fp32_hf_questions}, end, compile=False,
               trees=trees)
         phase("bench_fp32", t0)
     report["total_s"] = round(elapsed(), 1)
@@ -321,7 +324,7 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     pp = sub.add_parser("prepare")
     pp.add_argument("--out", required=True)
-    pp.add_argument("--sharegpt", type=int, default=1600)
+    pp.add_argument("--sharegpt", type=int, default=4000)
     pp.add_argument("--first-exchange", type=int, default=1, help="keep only the first user/assistant exchange")
     pr = sub.add_parser("run")
     pr.add_argument("--data", required=True)
@@ -329,12 +332,12 @@ def main() -> None:
     pr.add_argument("--out", required=True)
     pr.add_argument("--work", default="/tmp/draft_bench_work")
     pr.add_argument("--tiny", action="store_true", help="CPU end-to-end check at tiny size (overrides sizes)")
-    pr.add_argument("--conversations", type=int, default=768)
+    pr.add_argument("--conversations", type=int, default=4000)
     pr.add_argument("--distill", type=int, default=1)
     pr.add_argument("--distill-tokens", type=int, default=256)
-    pr.add_argument("--distill-batch", type=int, default=768)
+    pr.add_argument("--distill-batch", type=int, default=2000)
     pr.add_argument("--heads", type=int, default=4)
-    pr.add_argument("--steps", type=int, default=300)
+    pr.add_argument("--steps", type=int, default=1000)
     pr.add_argument("--batch", type=int, default=8)
     pr.add_argument("--seq-len", type=int, default=1024)
     pr.add_argument("--lr", type=float, default=1e-3)
@@ -358,7 +361,9 @@ def main() -> None:
     pr.add_argument("--fp32-questions", type=int, default=3)
     pr.add_argument("--fp32-max-new", type=int, default=128)
     pr.add_argument("--fp32-hf-questions", type=int, default=1)
-    pr.add_argument("--budget-s", type=float, default=545, help="everything ends by this time since the start")
+    pr.add_argument("--budget-s", type=float, default=0,
+                    help="stop decoding by this many seconds since the start, all methods after the same question "
+                         "(0: no deadline; 545 fits a 10-minute command limit)")
     pr.add_argument("--fp32-reserve-s", type=float, default=30, help="kept for the fp32 pass at the end")
     args = p.parse_args()
     prepare(args) if args.cmd == "prepare" else run(args)

@@ -330,6 +330,38 @@ def semi_part(args, rec: Recorder) -> None:
 
 
 @torch.no_grad()
+def semi_real(args, rec: Recorder, data: dict) -> None:
+    """The real SmolLM2-135M in bf16, Wanda 2:4, perplexity (seqlen 2048, held-out wiki_sample)
+    with the pruned weights as dense tensors and then on the sparse kernels: the conversion must
+    not change the model (bf16 rounding aside)."""
+    from plmtool.eval.perplexity import perplexity
+    from plmtool.models import load_model
+    from plmtool.prune.oneshot import OneShotOptions, prune_model
+    from plmtool.prune.patterns import parse_pattern
+    from plmtool.prune.semi_structured import to_semi_structured
+    from plmtool.prune.sequential import WalkOptions
+
+    if not torch.cuda.is_available():
+        rec.add("semi_structured", {"error": "needs a CUDA GPU"})
+        return
+    model, _ = load_model(SimpleNamespace(name_or_path=args.model, dtype="bfloat16", device="cuda", device_map=None, gguf_file=None,
+                                          cache_dir=None, revision=None, trust_remote_code=False, attn_implementation=None))
+    calib, ev = (data["calib"][:8, :256], data["eval"][:4096]) if args.tiny else (data["calib"], data["eval"])
+    prune_model(model, calib, parse_pattern("2:4"), OneShotOptions(method="wanda", walk=WalkOptions(device="cuda", batch_size=args.batch_size)))
+    seqlen = 256 if args.tiny else 2048
+    t = time.perf_counter()
+    dense = perplexity(model, ev, seqlen)
+    dense_s = time.perf_counter() - t
+    n = to_semi_structured(model)
+    t = time.perf_counter()
+    sparse = perplexity(model, ev, seqlen)
+    sparse_s = time.perf_counter() - t
+    rec.add("semi_structured", {"model": "SmolLM2-135M", "dtype": "bfloat16", "pruning": "wanda 2:4", "layers_converted": n,
+                                 "ppl_dense_kernels": round(dense["ppl"], 3), "ppl_sparse_kernels": round(sparse["ppl"], 3),
+                                 "tokens": dense["tokens"], "seqlen": seqlen, "eval_s_dense": round(dense_s, 2), "eval_s_sparse": round(sparse_s, 2)})
+
+
+@torch.no_grad()
 def linear_kernels(rec: Recorder, tiny: bool) -> None:
     """One linear layer at a time, timed with CUDA events over many launches, so the comparison
     is the matmul kernels themselves (whole-model eager decoding is bound by per-op host
@@ -441,7 +473,7 @@ def main() -> None:
     r.add_argument("--model", default="/tmp/smollm2.gguf")
     r.add_argument("--out", default=os.environ.get("OUT", "outputs/bench_prune"))
     r.add_argument("--tiny", action="store_true", help="toy sizes on any device (a dry run of every path)")
-    r.add_argument("--parts", default="quality24,speed,quality", help="comma list, run in order: quality24, quality (4:8, 50%%), speed, semi (2:4 sparse tensor cores)")
+    r.add_argument("--parts", default="quality24,speed,quality", help="comma list, run in order: quality24, quality (4:8, 50%%), speed, semi (2:4 sparse tensor cores at 8B shapes), semi-real (SmolLM2 perplexity on the 2:4 kernels)")
     r.add_argument("--speed", default="sparsegpt,sds", help="which 8B measurements: sparsegpt, wanda, sds (SDS(Wanda)), sds-sparsegpt")
     r.add_argument("--speed-nsamples", type=int, default=128)
     r.add_argument("--speed-iterations", type=int, default=200)
@@ -475,6 +507,8 @@ def main() -> None:
             speed(args, rec)
         elif part == "semi":
             semi_part(args, rec)
+        elif part == "semi-real":
+            semi_real(args, rec, data)
         print(f"[{part} done at {time.perf_counter() - start:.0f}s]", flush=True)
     table(rec.data)
 
