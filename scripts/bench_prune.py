@@ -42,7 +42,7 @@ log = logging.getLogger("plmtool")
 def prepare(args) -> None:
     from plmtool.data.calibration import calibration_windows
     from plmtool.data.corpora import eval_tokens, load_documents
-    from plmtool.eval.offline_task import generate_examples
+    from plmtool.eval.offline_task import GENERATOR_VERSION, generate_examples
     from plmtool.models import load_tokenizer
 
     tok = load_tokenizer(SimpleNamespace(name_or_path="smollm2-135m", gguf_file=None, cache_dir=None, revision=None, trust_remote_code=False))
@@ -56,7 +56,9 @@ def prepare(args) -> None:
         examples.append({"ctx": ctx, "conts": conts, "label": ex["label"], "bytes": [len((" " + c).encode()) for c in ex["choices"]]})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"calib": calib, "eval": ev, "zeroshot": examples, "vocab": len(tok)}, out)
+    # the generator version says which distractor rules made the examples (plmtool eval builds
+    # the current version; accuracies on different versions are not comparable)
+    torch.save({"calib": calib, "eval": ev, "zeroshot": examples, "zeroshot_generator": GENERATOR_VERSION, "vocab": len(tok)}, out)
     print(f"wrote {out}: calib {tuple(calib.shape)}, eval {ev.numel()} tokens, {len(examples)} zero-shot examples")
 
 
@@ -495,6 +497,7 @@ def main() -> None:
         return
     data = torch.load(args.data)
     rec = Recorder(Path(args.out))
+    rec.data["wiki_next_sentence_generator"] = data.get("zeroshot_generator")  # None: not recorded (older files)
     start = time.perf_counter()
     for part in args.parts.split(","):
         if part == "quality24":
