@@ -1,9 +1,12 @@
 """Device-side helpers of the decoding engine: synchronise, name the program behind a device fault,
-give a CUDA-graph capture its own cuBLAS workspace. All are no-ops without CUDA."""
+capture a step as a CUDA graph with its own cuBLAS workspace. All but the capture are no-ops
+without CUDA."""
 
 from __future__ import annotations
 
 import torch
+
+from typing import Any, Callable
 
 from plmtool.draft.decoding.switches import sync_check
 
@@ -42,3 +45,24 @@ def own_cublas_workspace() -> None:
     clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
     if clear is not None and torch.cuda.is_available():
         clear()
+
+
+def capture_graph(run: Callable[[], Any], pool=None, before: Callable[[], None] = lambda: None,
+                  warmups: int = 2) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Capture `run()` as a CUDA graph; returns (graph, run's output, whose tensors the replays
+    refill). `before()` resets whatever state `run` advances, before each warm-up and the capture.
+    The warm-ups run on a side stream outside the graph (allocator, cuBLAS handles, compilation),
+    and the capture gets its own cuBLAS workspace (see `own_cublas_workspace`)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmups):
+            before()
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+    before()
+    graph = torch.cuda.CUDAGraph()
+    own_cublas_workspace()
+    with torch.cuda.graph(graph, pool=pool):
+        out = run()
+    return graph, out

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from plmtool.draft.decoding.device import check_device, own_cublas_workspace, synchronize
+from plmtool.draft.decoding.device import capture_graph, check_device, synchronize
 
 log = logging.getLogger("plmtool")
 
@@ -67,19 +67,7 @@ class DrafterProgram:
 
     def _capture(self) -> None:
         self.count.fill_(self.n)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up outside the graph (allocator, cuBLAS handles)
-                self._set_start(0)
-                self._run()
-        torch.cuda.current_stream().wait_stream(stream)
-        self._set_start(0)
-        graph = torch.cuda.CUDAGraph()
-        own_cublas_workspace()
-        with torch.cuda.graph(graph):
-            out = self._run()
-        self.graph, self.out = graph, out
+        self.graph, self.out = capture_graph(self._run, before=lambda: self._set_start(0))
 
     def _address_signature(self) -> tuple[int, ...]:
         """Addresses of every persistent tensor the graph reads or writes: a replay after one of

@@ -25,11 +25,6 @@ class StaticKVCache:
         self.max_len = max_len
         self.length = 0  # committed tokens (host-side; the device-side copy lives in the runner)
 
-    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k/v [batch, kv_heads, n, head_dim] at `slots` [n] (a device tensor)."""
-        self.k[layer].index_copy_(2, slots, k)
-        self.v[layer].index_copy_(2, slots, v)
-
     def compact(self, start: int | torch.Tensor, path: torch.Tensor) -> None:
         """Move slots `start + path[i]` to `start + i` for every i (all layers at once).
 

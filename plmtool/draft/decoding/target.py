@@ -23,7 +23,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from plmtool.draft.decoding.device import check_device, own_cublas_workspace, synchronize
+from plmtool.draft.decoding.device import capture_graph, check_device, synchronize
 from plmtool.draft.decoding.kv_cache import StaticKVCache
 from plmtool.draft.decoding.switches import allowed, sync_check
 from plmtool.errors import PlmtoolError
@@ -235,16 +235,7 @@ class StepProgram:
     def _capture(self, pool, compiled: bool = False) -> None:
         r = self.runner
         saved = r.cache.length
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up outside the graph (allocator, cuBLAS handles, compilation)
-                self._run(r.max_len, compiled)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        own_cublas_workspace()  # the graph's GEMM workspace lives in its own pool (see there)
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.out = self._run(r.max_len, compiled)
+        self.graph, self.out = capture_graph(lambda: self._run(r.max_len, compiled), pool)
         r.cache.length = saved
         self._addresses = self._address_signature()
 
