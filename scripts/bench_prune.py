@@ -78,6 +78,15 @@ class Recorder:
         print(json.dumps({section: row}), flush=True)
 
 
+def load_target(path: str, dtype: str, device: str):
+    """The real model (the embedded name or a GGUF / checkpoint path) through plmtool's loader."""
+    from plmtool.models import load_model
+
+    model, _ = load_model(SimpleNamespace(name_or_path=path, dtype=dtype, device=device, device_map=None, gguf_file=None,
+                                          cache_dir=None, revision=None, trust_remote_code=False, attn_implementation=None))
+    return model
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -141,10 +150,7 @@ def quality(args, rec: Recorder, data: dict, patterns: list[str]) -> None:
                                              num_attention_heads=4, num_key_value_heads=2)).to(device).eval()
         calib, ev, seqlen, zs = data["calib"][:4, :64], data["eval"][:2048], 256, data["zeroshot"][:16]
     else:
-        from plmtool.models import load_model
-
-        model, _ = load_model(SimpleNamespace(name_or_path=args.model, dtype="float32", device=device, device_map=None, gguf_file=None,
-                                              cache_dir=None, revision=None, trust_remote_code=False, attn_implementation=None))
+        model = load_target(args.model, "float32", device)
         calib, ev, seqlen, zs = data["calib"], data["eval"], 2048, data["zeroshot"]
     dense = linear_weights(model, device=device)
     walk = WalkOptions(device=device, batch_size=args.batch_size)
@@ -337,7 +343,6 @@ def semi_real(args, rec: Recorder, data: dict) -> None:
     with the pruned weights as dense tensors and then on the sparse kernels: the conversion must
     not change the model (bf16 rounding aside)."""
     from plmtool.eval.perplexity import perplexity
-    from plmtool.models import load_model
     from plmtool.prune.oneshot import OneShotOptions, prune_model
     from plmtool.prune.patterns import parse_pattern
     from plmtool.prune.semi_structured import to_semi_structured
@@ -346,8 +351,7 @@ def semi_real(args, rec: Recorder, data: dict) -> None:
     if not torch.cuda.is_available():
         rec.add("semi_structured", {"error": "needs a CUDA GPU"})
         return
-    model, _ = load_model(SimpleNamespace(name_or_path=args.model, dtype="bfloat16", device="cuda", device_map=None, gguf_file=None,
-                                          cache_dir=None, revision=None, trust_remote_code=False, attn_implementation=None))
+    model = load_target(args.model, "bfloat16", "cuda")
     calib, ev = (data["calib"][:8, :256], data["eval"][:4096]) if args.tiny else (data["calib"], data["eval"])
     prune_model(model, calib, parse_pattern("2:4"), OneShotOptions(method="wanda", walk=WalkOptions(device="cuda", batch_size=args.batch_size)))
     seqlen = 256 if args.tiny else 2048

@@ -126,7 +126,7 @@ def train_adapter(model, name: str, encoded: Sequence[dict[str, Any]], pad_id: i
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     model.train()
     losses, tokens = [], 0
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
     for step in track(range(steps), f"training {name}", total=steps):
@@ -153,7 +153,7 @@ def train_adapter(model, name: str, encoded: Sequence[dict[str, Any]], pad_id: i
         losses.append(step_loss)  # kept on the device: read back only when logging and at the end
         if log_every and (step + 1) % log_every == 0:
             log.info("%s step %d/%d loss %.4f", name, step + 1, steps, torch.stack(losses[-log_every:]).mean().item())
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     model.eval()
