@@ -146,7 +146,9 @@ def run(args) -> None:
 
     # ------------------------------------------------------------------ train both drafters, same budget
     trainer = DraftTrainerConfig(lr=args.lr, warmup_steps=min(50, max(args.steps // 10, 1)), max_steps=args.steps,
-                                 batch_size=args.batch, eval_every=args.steps, save_every=args.steps, log_every=50,
+                                 batch_size=args.batch, eval_every=max(args.steps // 4, 1),
+                                 # resumable every 250 steps: a command cut by its time limit loses little
+                                 save_every=min(250, args.steps), log_every=50,
                                  cache_hidden=True, seed=0)
     dcfg = DraftDataConfig(max_seq_len=args.seq_len, heldout=args.heldout, min_assistant_tokens=8)
     kinds = {
@@ -192,6 +194,7 @@ def run(args) -> None:
                 setups[k] = setup_drafter(dtype_model, p, tree_spec[k], cal, args.max_len)
                 engines[k] = SpeculativeEngine(dtype_model, setups[k].drafter, setups[k].tree, max_len=args.max_len,
                                                runner=runner, cuda_graphs=graphs, drafter_graph=bool(args.drafter_graph),
+                                               compile=compile,
                                                static_drafter=bool(args.static_drafter))
         methods = {}
         for name in methods_wanted:
@@ -206,6 +209,7 @@ def run(args) -> None:
                                "interleaved": True, "setup_s": round(time.perf_counter() - t_setup, 1),
                                "engines": {k: {"cuda_graphs": e.cuda_graphs, "compiled_target_step": e.compiled,
                                                "drafter_graph": e.drafter_graph,
+                                               "drafter_compiled": e.drafter_compiled,
                                                "static_drafter": e.drafter_step is not None,
                                                # relative errors of the compiled step's self-check, per step size
                                                "target_step_check": {str(p.n): {q: round(v, 5) for q, v in p.check_errors.items()}
@@ -233,6 +237,7 @@ def run(args) -> None:
             return report[label]
         res.update(_summary(summarize, records))
         res["num_questions"] = len(records["ar"])
+        res["program_ms"] = program_times(engines, res["methods"])
         lines = []
         for name, recs in records.items():
             lines += spec_bench_lines(name, recs, tok, f"smollm2-135m-{label}")
@@ -279,6 +284,32 @@ def run(args) -> None:
     print("\n" + table)
 
 
+def program_times(engines: dict, methods: dict) -> dict:
+    """Where each method's step time goes: its captured programs timed alone, against the time per
+    step measured in the benchmark (1000 * accepted per step / tokens per s); the rest is host work.
+    A compiled drafter step is also timed uncompiled (eager capture) for comparison."""
+    from plmtool.draft.decoding.drafter_step import DrafterProgram
+    from plmtool.draft.decoding.step_timing import drafter_program_time, engine_program_times
+
+    out = {}
+    for name, e in engines.items():
+        t = engine_program_times(e)
+        d = e.drafter_step
+        if d is not None and d.compiled:
+            eager = DrafterProgram(e.drafter, e.drafter.new_cache(1, e.max_len, e.device, e.runner.dtype), d.n,
+                                   e.runner.hidden_size, e.device, e.runner.dtype, cuda_graph=d.graph is not None)
+            t["drafter_uncompiled_ms"] = round(drafter_program_time(eager, e.device), 4)
+            del eager
+        m = methods.get(name)
+        if m and m.get("tokens_per_s"):
+            t["measured_step_ms"] = round(1000 * m["mean_accepted"] / m["tokens_per_s"], 4)
+            programs = t.get("target_tree_ms", t.get("target_1_node_ms", 0.0)) if name != "ar" else t.get("target_1_node_ms", 0.0)
+            t["host_and_other_ms"] = round(t["measured_step_ms"] - programs - t.get("drafter_ms", 0.0), 4)
+        out[name] = t
+    log.info("program times (ms): %s", out)
+    return out
+
+
 def _summary(summarize, records: dict) -> dict:
     s = summarize(records)
     for m in s["methods"].values():  # keep report.json small: first divergences only
@@ -303,8 +334,12 @@ def summary_table(report: dict) -> str:
                          f"{fmt('ar'):>8}{fmt('hf_generate_static'):>9}{m['divergent_questions']:>6} of {m['questions']}")
         for name, t in res.get("trees", {}).items():
             if "head_top1" in t:
-                lines.append(f"  {name} tree {t['nodes']} nodes: rank-0 accuracy per head {t['head_top1']}, "
-                             f"expected accepted/step {t['expected_accept_length']}")
+                lines.append(f"  {name} tree {t['nodes']} nodes, depth {t['max_depth']}: rank-0 accuracy per head "
+                             f"{t['head_top1']} (given the prefix {t.get('head_top1_given_prefix')}), expected "
+                             f"accepted/step {t['expected_accept_length']} (independent heads: "
+                             f"{t.get('expected_accept_length_independent')})")
+        for name, t in res.get("program_ms", {}).items():
+            lines.append(f"  {name} ms: {json.dumps(t)}")
         for name, why in res.get("skipped", {}).items():
             lines.append(f"  skipped {name}: {why}")
         if res.get("device_fault"):

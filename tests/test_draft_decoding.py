@@ -66,6 +66,28 @@ def test_tree_mask_and_paths():
     assert tree.candidate_index.tolist() == [0, 1, 2, 2, 5]
 
 
+def test_rank_tables_condition_each_head_on_its_accepted_prefix():
+    """Hand-counted: head 1's conditional table counts only positions where head 0 ranked its
+    token within the table; -1 (no label) is never counted, the out-of-table rank only in totals."""
+    from plmtool.draft.decoding.accuracy import rank_tables
+
+    ranks = torch.tensor([[0, 0, 0, 3, 1, 0],
+                          [0, 0, 3, 0, 0, -1]])
+    acc = rank_tables(ranks, max_rank=3)
+    assert acc.positions == [6, 5] and acc.prefix_positions == [6, 4]
+    assert acc.marginal[0] == pytest.approx([4 / 6, 1 / 6, 0]) and acc.conditional[0] == acc.marginal[0]
+    assert acc.marginal[1] == pytest.approx([4 / 5, 0, 0])
+    assert acc.conditional[1] == pytest.approx([3 / 4, 0, 0])  # positions 0, 1, 2, 4
+    # perfectly correlated heads: given an accepted prefix the next head is always right, which the
+    # product of marginals (independence) underestimates and the conditional product gets exactly
+    both = torch.tensor([[0, 0, 5, 5], [0, 0, 5, 5]])
+    acc = rank_tables(both, max_rank=5)
+    chain = [[0], [0, 0]]
+    true_mean = 1 + 0.5 + 0.5  # half the positions accept both drafts, half none
+    assert expected_accept_length(chain, acc.conditional) == pytest.approx(true_mean)
+    assert expected_accept_length(chain, acc.marginal) == pytest.approx(1 + 0.5 + 0.25)
+
+
 def test_build_tree_is_optimal_for_independent_heads():
     acc = [[0.6, 0.2, 0.1], [0.4, 0.2, 0.1]]
     nodes = [list(p) for d in (1, 2) for p in itertools.product(range(3), repeat=d)]
@@ -323,21 +345,26 @@ def test_static_drafter_step_equals_eager_step_and_plain_greedy(target, kind, ov
 class _FakeGraph:
     """Stands in for torch.cuda.CUDAGraph on CPU: replay recomputes (optionally wrongly)."""
 
-    def __init__(self, program, corrupt: bool):
-        self.program, self.corrupt = program, corrupt
+    def __init__(self, program, corrupt: bool, compiled: bool = False):
+        self.program, self.corrupt, self.compiled = program, corrupt, compiled
 
     def replay(self):
-        out = self.program._run()
+        out = self.program._run(self.compiled)
         self.program.out.copy_(out + 1.0 if self.corrupt else out)
+
+
+def _fake_drafter_capture(self, compiled=False):
+    self.out = self._run(compiled).clone()
+    self.graph = _FakeGraph(self, False, compiled)
 
 
 @pytest.mark.parametrize("corrupt", [False, True])
 def test_drafter_graph_self_check_keeps_good_and_rejects_wrong_replays(target, monkeypatch, caplog, corrupt):
     from plmtool.draft.decoding.drafter_step import DrafterProgram
 
-    def fake_capture(self):
-        self.out = self._run().clone()
-        self.graph = _FakeGraph(self, corrupt)
+    def fake_capture(self, compiled=False):
+        self.out = self._run(compiled).clone()
+        self.graph = _FakeGraph(self, corrupt, compiled)
 
     monkeypatch.setattr(DrafterProgram, "_capture", fake_capture)
     drafter = _real_drafter(target, "amphista", seed=3)
@@ -351,6 +378,65 @@ def test_drafter_graph_self_check_keeps_good_and_rejects_wrong_replays(target, m
     engine.drafter_step = program  # decoding through the (fake) replay or the eager fallback stays lossless
     for prompt in prompts(3, seed=4):
         assert engine.generate(prompt, max_new_tokens=20).tokens == plain_greedy(target, prompt, 20)
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_compiled_drafter_step_is_checked_against_eager(target, monkeypatch, caplog, broken):
+    """A compiled drafter step whose replay differs from the eager step is dropped for the eager
+    capture (with a warning); a faithful one is kept. Decoding stays plain greedy either way."""
+    from plmtool.draft.decoding import drafter_step
+    from plmtool.draft.decoding.drafter_step import DrafterProgram
+
+    monkeypatch.setattr(DrafterProgram, "_capture", _fake_drafter_capture)
+    if broken:  # e.g. a miscompiled kernel: every logit off by one
+        monkeypatch.setattr(drafter_step.torch, "compile", lambda fn, **kw: (lambda *a: fn(*a) + 1.0))
+    else:
+        monkeypatch.setattr(drafter_step.torch, "compile", lambda fn, **kw: fn)
+    drafter = _real_drafter(target, "amphista", seed=4)
+    engine = SpeculativeEngine(target, drafter, tree=TREES["wide"], max_len=96)
+    with caplog.at_level("WARNING", logger="plmtool"):
+        program = DrafterProgram(drafter, drafter.new_cache(1, 96), engine.drafter_step.n, 32, torch.device("cpu"),
+                                 torch.float32, cuda_graph=True, compile=True)
+    assert program.graph is not None and program.compiled == (not broken)
+    assert ("compiled drafter step disabled" in caplog.text) == broken
+    assert program.check_error < DrafterProgram.CHECK_TOL[torch.float32]
+    engine.drafter_step = program
+    for prompt in prompts(3, seed=5):
+        assert engine.generate(prompt, max_new_tokens=20).tokens == plain_greedy(target, prompt, 20)
+
+
+@pytest.mark.parametrize("kind", ["amphista", "medusa"])
+def test_compiled_drafter_step_matches_the_eager_step(target, kind):
+    """The torch.compile'd fixed-shape drafter step (real compiler, CPU backend) computes the heads
+    and writes the drafter cache exactly as the eager step does."""
+    from plmtool.draft.decoding.drafter_step import DrafterProgram
+
+    drafter = _real_drafter(target, kind, seed=6)
+    cache = drafter.new_cache(1, 48)
+    program = DrafterProgram(drafter, cache, 4, 32, torch.device("cpu"), torch.float32)
+    g = torch.Generator().manual_seed(7)
+    program.hidden.normal_(generator=g)
+    program.next_tokens.random_(0, 64, generator=g)
+    program.count.fill_(3)
+    tensors = [] if cache is None else [t for layer in cache.layers for t in (layer.k, layer.v)] + [cache.start]
+    for t in tensors[:-1]:
+        t.normal_(generator=g)
+    program._set_start(9)
+    before = [t.clone() for t in tensors]
+    with torch.no_grad():
+        ref = program._run().clone()
+        ref_cache = [t.clone() for t in tensors]
+        for t, b in zip(tensors, before):
+            t.copy_(b)
+        try:
+            got = program._run(compiled=True)
+        except Exception as e:  # no C++ toolchain for the CPU backend here: nothing to compare
+            if "compil" in f"{type(e).__name__} {e}".lower():
+                pytest.skip(f"torch.compile unavailable on this machine: {type(e).__name__}")
+            raise
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    for t, r in zip(tensors, ref_cache):
+        torch.testing.assert_close(t, r, atol=1e-5, rtol=1e-5)
 
 
 class _FakeStepGraph:
@@ -538,11 +624,7 @@ def test_a_replay_after_a_buffer_was_recreated_is_refused(target, monkeypatch):
     from plmtool.draft.decoding.drafter_step import DrafterProgram
     from plmtool.draft.decoding.target import StepProgram
 
-    def fake_capture(self):
-        self.out = self._run().clone()
-        self.graph = _FakeGraph(self, corrupt=False)
-
-    monkeypatch.setattr(DrafterProgram, "_capture", fake_capture)
+    monkeypatch.setattr(DrafterProgram, "_capture", _fake_drafter_capture)
     drafter = _real_drafter(target, "amphista", seed=8)
     cache = drafter.new_cache(1, 32)
     program = DrafterProgram(drafter, cache, 3, 32, torch.device("cpu"), torch.float32, cuda_graph=True)

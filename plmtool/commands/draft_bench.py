@@ -106,7 +106,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Report:
             methods[name] = hf_generate_method(model, b.max_new_tokens, stops, tokenizer.pad_token_id, static=name.endswith("static"))
         elif name in setups:
             engine = SpeculativeEngine(model, setups[name].drafter, setups[name].tree, max_len=b.max_len, cuda_graphs=graphs,
-                                       runner=runner)
+                                       runner=runner, compile=bool(d.compile))
             engine.check_request(longest, b.max_new_tokens)
             methods[name] = engine_method(engine, b.max_new_tokens, stops)
         else:

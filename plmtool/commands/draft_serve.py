@@ -52,7 +52,8 @@ def build_server(cfg: DictConfig):
         setup = setup_drafter(model, d.checkpoint, spec, cal, s.max_len)
         runner = plain.runner  # reuses the KV cache and any compiled step
         del plain
-        engine = SpeculativeEngine(model, setup.drafter, setup.tree, max_len=s.max_len, cuda_graphs=graphs, runner=runner)
+        engine = SpeculativeEngine(model, setup.drafter, setup.tree, max_len=s.max_len, cuda_graphs=graphs, runner=runner,
+                                   compile=bool(d.compile))
         kind, tree_info = setup.name, len(setup.tree) + 1
     model_id = s.model_id or str(cfg.model.name_or_path)
     server = Server(engine, tokenizer, model_id, s.max_tokens_default, s.acceptance, s.typical_epsilon, stops, kind)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from plmtool.draft.decoding.accuracy import measure_rank_accuracy
+from plmtool.draft.decoding.accuracy import RankAccuracy, measure_rank_accuracy
 from plmtool.draft.decoding.engine import GenerationConfig, SpeculativeEngine
 from plmtool.draft.decoding.tree import expected_accept_length, rank_accuracy_from_top1, resolve_tree, tree_summary
 from plmtool.errors import PlmtoolError
@@ -74,8 +74,9 @@ class DrafterSetup:
     name: str  # method name = drafter kind
     drafter: Any
     tree: list[list[int]]
-    rank_accuracy: list[list[float]] | None
+    rank_accuracy: list[list[float]] | None  # what the tree was built from (conditional, see accuracy.py)
     checkpoint: str
+    measured: RankAccuracy | None = None
 
 
 def load_checked_drafter(path: str, model):
@@ -93,13 +94,14 @@ def setup_drafter(model, path: str, tree_spec: Any, calibration: Sequence[tuple[
 
     kind = read_drafter_config(path)["kind"]
     drafter = load_checked_drafter(path, model)
-    acc = None
+    measured = None
     if isinstance(tree_spec, str) and tree_spec.startswith("auto") and calibration:
         from plmtool.draft.decoding.target import TargetRunner
 
-        acc = measure_rank_accuracy(TargetRunner(model, max_len), drafter, calibration)
+        measured = measure_rank_accuracy(TargetRunner(model, max_len), drafter, calibration)
+    acc = measured.conditional if measured is not None else None
     tree = resolve_tree(tree_spec, drafter.num_heads, acc)
-    return DrafterSetup(kind, drafter, tree, acc, str(path))
+    return DrafterSetup(kind, drafter, tree, acc, str(path), measured)
 
 
 def calibration_sequences(engine: SpeculativeEngine, prompts: Sequence[list[int]], max_new_tokens: int,
@@ -450,9 +452,15 @@ def tree_report(setup: DrafterSetup) -> dict[str, Any]:
     info = tree_summary(setup.tree)
     acc = setup.rank_accuracy or rank_accuracy_from_top1([0.5] * setup.drafter.num_heads)
     info["expected_accept_length"] = round(expected_accept_length(setup.tree, acc), 3)
-    if setup.rank_accuracy:
-        info["head_top1"] = [round(a[0], 4) for a in setup.rank_accuracy]
-        info["head_top5"] = [round(sum(a[:5]), 4) for a in setup.rank_accuracy]
+    if setup.measured is not None:
+        m = setup.measured
+        info["head_top1"] = [round(a[0], 4) for a in m.marginal]
+        info["head_top5"] = [round(sum(a[:5]), 4) for a in m.marginal]
+        # given that heads 0..k-1 ranked their tokens within the table: what the tree was built from
+        info["head_top1_given_prefix"] = [round(a[0], 4) for a in m.conditional]
+        info["calibration_positions"] = m.positions
+        # the independence assumption's estimate, for comparison with the measured accepted length
+        info["expected_accept_length_independent"] = round(expected_accept_length(setup.tree, m.marginal), 3)
     info["checkpoint"] = setup.checkpoint
     info["choices"] = setup.tree
     return info

@@ -83,8 +83,9 @@ class SpeculativeEngine:
     def __init__(self, model, drafter=None, tree: Sequence[Sequence[int]] | None = None, max_len: int = 2048,
                  cuda_graphs: bool | str = "auto", static_drafter: bool = True, compile: bool = False,
                  runner: TargetRunner | None = None, drafter_graph: bool | None = None):
-        """`compile`: capture a torch.compile'd target step (checked against eager, else eager
-        capture); only with CUDA graphs. `runner`: share one target runner (its KV cache) between
+        """`compile`: capture torch.compile'd target and drafter steps (each checked against eager,
+        else eager capture); only with CUDA graphs. With a shared `runner` it applies to the drafter
+        step only (the runner was built compiled or not). `runner`: share one target runner (its KV cache) between
         engines of the same model that never decode concurrently. `drafter_graph`: capture the
         drafter step as a CUDA graph (None: whenever the target steps are captured).
         PLMTOOL_CUDA_GRAPHS=0 / PLMTOOL_DRAFTER_GRAPH=0 turn graphs off from the environment,
@@ -121,11 +122,13 @@ class SpeculativeEngine:
             with torch.no_grad():
                 dcache = drafter.new_cache(1, self.max_len, self.device, self.runner.dtype)
             self.drafter_step = DrafterProgram(drafter, dcache, int(self.tree.paths.shape[1]), self.runner.hidden_size,
-                                               self.device, self.runner.dtype, use_drafter_graph)
+                                               self.device, self.runner.dtype, use_drafter_graph,
+                                               compile=allowed("PLMTOOL_COMPILE", compile))
         # graphs in use only where every program captured
         self.cuda_graphs = self.plain_step.graph is not None and (self.tree_step is None or self.tree_step.graph is not None)
         self.compiled = self.plain_step.compiled and (self.tree_step is None or self.tree_step.compiled)
         self.drafter_graph = self.drafter_step is not None and self.drafter_step.graph is not None
+        self.drafter_compiled = self.drafter_step is not None and self.drafter_step.compiled
 
     @property
     def speculative(self) -> bool:

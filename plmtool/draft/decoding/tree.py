@@ -125,10 +125,11 @@ def rank_accuracy_from_top1(top1: Sequence[float], ranks: int = 10, decay: float
 def build_tree(rank_acc: Sequence[Sequence[float]], budget: int, max_depth: int | None = None) -> list[list[int]]:
     """Pick the `budget` nodes with the highest estimated acceptance probability.
 
-    `rank_acc[k][r]` = P(head k's rank-r candidate is the target's token). Assuming heads are
-    independent (the assumption Medusa's tree search makes), a node's acceptance probability is the
-    product along its path, and a child is never more likely than its parent, so a best-first
-    search from the root yields the optimal tree of that size for the expected accepted length.
+    `rank_acc[k][r]` = P(head k's rank-r candidate is the target's token), given that the path's
+    prefix was accepted (`RankAccuracy.conditional`; Medusa's tree search uses marginal accuracies,
+    i.e. assumes independent heads). A node's acceptance probability is the product along its
+    path, and a child is never more likely than its parent, so a best-first search from the root
+    yields the optimal tree of that size for the expected accepted length.
     """
     if budget < 1:
         raise PlmtoolError(f"tree budget must be at least 1 node, got {budget}")
@@ -161,7 +162,8 @@ def build_tree(rank_acc: Sequence[Sequence[float]], budget: int, max_depth: int 
 
 
 def expected_accept_length(choices: Sequence[Sequence[int]], rank_acc: Sequence[Sequence[float]]) -> float:
-    """1 (the bonus token) + sum of node acceptance probabilities, under head independence."""
+    """1 (the bonus token) + sum of node acceptance probabilities (products of `rank_acc` along each
+    path: exact when `rank_acc` holds each head's accuracy given its accepted prefix)."""
     total = 1.0
     for p in choices:
         prob = 1.0
