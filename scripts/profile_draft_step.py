@@ -1,0 +1,118 @@
+#!/usr/bin/env python
+"""Where a speculative decoding step's time goes, per drafter kind (docs/benchmarks/draft.md).
+
+Builds one engine per drafter kind on the same target, shared runner and tree, decodes a fixed
+number of tokens with each (no stop token), and reports
+
+* the wall time per step of the whole loop (CUDA-synchronised around each generation),
+* each captured program timed alone (target tree step, drafter step; `step_timing`),
+* the rest (host work and the device idling while the host decides), and
+* a torch.profiler table of the host-side ops of one generation (`profile_<kind>.txt`) and its
+  Chrome trace (`trace_<kind>.json`).
+
+Drafters are freshly initialised unless `--checkpoint KIND=PATH` is given: the loop's structure
+(and so its overhead per step) does not depend on the weights, only the accepted lengths do, and
+those are reported next to the times.
+
+    python scripts/profile_draft_step.py --model /tmp/smollm2.gguf --out $OUT
+    python scripts/profile_draft_step.py --model smollm2-135m --out /tmp/prof --tokens 24 --compile 0   # CPU check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PROMPT = "Compose an engaging travel blog post about a recent trip to Hawaii, highlighting cultural experiences."
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--out", required=True)
+    p.add_argument("--kinds", default="medusa,amphista")
+    p.add_argument("--checkpoint", action="append", default=[], help="KIND=PATH of a trained drafter")
+    p.add_argument("--tree", default="auto:64")
+    p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--max-len", type=int, default=2048)
+    p.add_argument("--compile", type=int, default=1)
+    args = p.parse_args()
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from plmtool.draft.config import DrafterConfig
+    from plmtool.draft.decoding import GenerationConfig, SpeculativeEngine, resolve_tree
+    from plmtool.draft.decoding.benchmark import load_checked_drafter
+    from plmtool.draft.decoding.step_timing import engine_program_times
+    from plmtool.draft.decoding.target import TargetRunner
+    from plmtool.draft.drafter import build_drafter
+    from plmtool.models import load_model
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    model, tok = load_model(SimpleNamespace(name_or_path=args.model, dtype="bfloat16" if cuda else "float32", device=device))
+    model.requires_grad_(False)
+    prompt = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True)
+    prompt = list(prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt)
+    gen = GenerationConfig(max_new_tokens=args.tokens, stop_token_ids=[])
+    checkpoints = dict(c.split("=", 1) for c in args.checkpoint)
+    runner = TargetRunner(model, args.max_len, compile=bool(args.compile) and cuda)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    report = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+              "tree": args.tree, "tokens": args.tokens, "prompt_tokens": len(prompt), "kinds": {}}
+    for kind in ["ar"] + [k for k in args.kinds.split(",") if k]:
+        if kind == "ar":
+            engine = SpeculativeEngine(model, max_len=args.max_len, runner=runner)
+        else:
+            if kind in checkpoints:
+                drafter = load_checked_drafter(checkpoints[kind], model)
+            else:
+                drafter = build_drafter(DrafterConfig(kind=kind, num_heads=4), target=model).to(device, model.dtype).eval()
+            tree = resolve_tree(args.tree, drafter.num_heads)
+            engine = SpeculativeEngine(model, drafter, tree, max_len=args.max_len, runner=runner, compile=bool(args.compile))
+        engine.generate(prompt, gen)  # warm-up (allocator, lazy init)
+        walls, steps, accepted = [], [], 0.0
+        for _ in range(args.repeats):
+            sync()
+            t0 = time.perf_counter()
+            res = engine.generate(prompt, gen)
+            sync()
+            walls.append(time.perf_counter() - t0)
+            steps.append(len(res.accept_lengths))
+            accepted = sum(res.accept_lengths) / max(len(res.accept_lengths), 1)
+        step_ms = statistics.median(w / s for w, s in zip(walls, steps)) * 1000
+        programs = engine_program_times(engine)
+        in_programs = programs.get("target_tree_ms", programs["target_1_node_ms"]) + programs.get("drafter_ms", 0.0)
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            engine.generate(prompt, gen)
+            sync()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+        (out / f"profile_{kind}.txt").write_text(table)
+        prof.export_chrome_trace(str(out / f"trace_{kind}.json"))
+        report["kinds"][kind] = {
+            "step_ms": round(step_ms, 4), "steps": steps[-1], "mean_accepted": round(accepted, 3),
+            "programs_ms": programs, "rest_ms": round(step_ms - in_programs, 4),
+            "cuda_graphs": engine.cuda_graphs, "drafter_graph": engine.drafter_graph,
+            "drafter_compiled": getattr(engine, "drafter_compiled", False)}
+        print(kind, json.dumps(report["kinds"][kind]), flush=True)
+        print(table[:6000], flush=True)
+    (out / "profile.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
