@@ -196,6 +196,21 @@ def run(args) -> None:
                                                runner=runner, cuda_graphs=graphs, drafter_graph=bool(args.drafter_graph),
                                                compile=compile,
                                                static_drafter=bool(args.static_drafter))
+        if args.tree_ablation and trees is None:
+            # the same drafters with trees built from marginal accuracies (independent heads,
+            # Medusa's assumption) instead of conditional ones: the tree builder's A/B, same run
+            from plmtool.draft.decoding.benchmark import DrafterSetup
+            from plmtool.draft.decoding.tree import resolve_tree
+
+            for k in [k for k in setups if setups[k].measured is not None]:
+                s = setups[k]
+                tree = resolve_tree(f"auto:{args.tree_nodes}", s.drafter.num_heads, s.measured.marginal)
+                name = f"{k}_marginal_tree"
+                setups[name] = DrafterSetup(k, s.drafter, tree, s.measured.marginal, s.checkpoint, s.measured)
+                engines[name] = SpeculativeEngine(dtype_model, s.drafter, tree, max_len=args.max_len, runner=runner,
+                                                  cuda_graphs=graphs, drafter_graph=bool(args.drafter_graph),
+                                                  compile=compile, static_drafter=bool(args.static_drafter))
+                methods_wanted = methods_wanted + [name]
         methods = {}
         for name in methods_wanted:
             if name in engines:
@@ -335,9 +350,10 @@ def summary_table(report: dict) -> str:
         for name, t in res.get("trees", {}).items():
             if "head_top1" in t:
                 lines.append(f"  {name} tree {t['nodes']} nodes, depth {t['max_depth']}: rank-0 accuracy per head "
-                             f"{t['head_top1']} (given the prefix {t.get('head_top1_given_prefix')}), expected "
-                             f"accepted/step {t['expected_accept_length']} (independent heads: "
-                             f"{t.get('expected_accept_length_independent')})")
+                             f"{t['head_top1']} (given the prefix {t.get('head_top1_given_prefix')}), per depth "
+                             f"{t['per_depth']}, expected accepted/step conditional "
+                             f"{t.get('expected_accept_length_conditional')} / independent heads "
+                             f"{t.get('expected_accept_length_independent')}")
         for name, t in res.get("program_ms", {}).items():
             lines.append(f"  {name} ms: {json.dumps(t)}")
         for name, why in res.get("skipped", {}).items():
@@ -382,6 +398,8 @@ def main() -> None:
     pr.add_argument("--max-len", type=int, default=2048)
     pr.add_argument("--tree-nodes", type=int, default=64)
     pr.add_argument("--calibration", type=int, default=8)
+    pr.add_argument("--tree-ablation", type=int, default=1,
+                    help="also decode with trees from marginal head accuracies (<kind>_marginal_tree)")
     pr.add_argument("--calibration-tokens", type=int, default=128)
     pr.add_argument("--compile", type=int, default=1, help="torch.compile the target step before capture (GPU)")
     pr.add_argument("--cuda-graphs", type=int, default=1, help="0: no CUDA graphs at all (target and drafter eager)")

@@ -63,6 +63,7 @@ def test_bench_skips_methods_without_checkpoint(monkeypatch, tmp_path, tiny_llam
 @pytest.mark.parametrize("override,msg", [
     ("bench.methods=[ar,eagle]", "unknown"),
     ("draft.tree=[[0],[1,0]]", "no parent"),
+    ("draft.tree_accuracy=joint", "draft.tree_accuracy must be one of conditional, marginal"),
     ("bench.max_new_tokens=100000", "exceeds the context"),
 ])
 def test_bench_bad_input_is_one_clear_error(monkeypatch, capsys, tmp_path, tiny_llama_dir, drafters, override, msg):

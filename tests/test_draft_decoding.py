@@ -88,8 +88,10 @@ def test_rank_tables_condition_each_head_on_its_accepted_prefix():
     assert expected_accept_length(chain, acc.marginal) == pytest.approx(1 + 0.5 + 0.25)
 
 
-def test_build_tree_is_optimal_for_independent_heads():
-    acc = [[0.6, 0.2, 0.1], [0.4, 0.2, 0.1]]
+@pytest.mark.parametrize("acc", [[[0.6, 0.2, 0.1], [0.4, 0.2, 0.1]],
+                                 # measured (conditional) tables need not fall with the rank
+                                 [[0.1, 0.6, 0.2], [0.05, 0.4, 0.3]]])
+def test_build_tree_is_optimal_for_its_accuracy_table(acc):
     nodes = [list(p) for d in (1, 2) for p in itertools.product(range(3), repeat=d)]
     for budget in (1, 3, 5):
         tree = build_tree(acc, budget)

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import plmtool.config  # noqa: F401  (registers the shared schemas)
 import plmtool.draft.decoding.config  # noqa: F401  (registers draft_bench_schema)
-from plmtool.draft.decoding.config import BENCH_METHODS
+from plmtool.draft.decoding.config import BENCH_METHODS, check_tree_accuracy
 from plmtool.errors import PlmtoolError
 from plmtool.paths import CONF_DIR
 from plmtool.runner import Report, execute
@@ -33,6 +33,7 @@ def _check_config(cfg: DictConfig) -> None:
         raise PlmtoolError("bench.runs and bench.max_new_tokens must be >= 1, bench.warmup >= 0")
     if b.questions != "mtbench" and not Path(b.questions).is_file():
         raise PlmtoolError(f"bench.questions: {b.questions} is neither 'mtbench' nor an existing question file")
+    check_tree_accuracy(d.tree_accuracy)
     for key in ("checkpoint", "medusa_checkpoint"):
         path = d.get(key)
         if path and not Path(path).is_dir():
@@ -94,7 +95,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Report:
             if not path:
                 continue
             spec = OmegaConf.to_container(spec) if not isinstance(spec, (str, type(None))) else spec
-            s = setup_drafter(model, path, spec, cal, b.max_len)
+            s = setup_drafter(model, path, spec, cal, b.max_len, d.tree_accuracy)
             if s.name in setups:
                 raise PlmtoolError(f"draft.checkpoint and draft.medusa_checkpoint are both {s.name} drafters")
             setups[s.name] = s

@@ -24,12 +24,14 @@ log = logging.getLogger("plmtool")
 
 def build_server(cfg: DictConfig):
     """Model (+ drafter and tree) -> Server; shared by the command and the tests."""
+    from plmtool.draft.decoding.config import check_tree_accuracy
     from plmtool.draft.decoding.benchmark import calibration_sequences, chat_prompt_ids, setup_drafter, stop_token_ids
     from plmtool.draft.decoding.engine import ACCEPTANCE, SpeculativeEngine
     from plmtool.models import load_model
     from plmtool.serve.app import Server
 
     s, d = cfg.serve, cfg.draft
+    check_tree_accuracy(d.tree_accuracy)
     if s.acceptance not in ACCEPTANCE:
         raise PlmtoolError(f"serve.acceptance must be one of {', '.join(ACCEPTANCE)}, got '{s.acceptance}'")
     if not 0 < s.port < 65536:
@@ -49,7 +51,7 @@ def build_server(cfg: DictConfig):
 
             prompts = [chat_prompt_ids(tokenizer, q["turns"][-1]) for q in load_mtbench()[: d.tree_calibration]]
             cal = calibration_sequences(plain, prompts, 64, stops)
-        setup = setup_drafter(model, d.checkpoint, spec, cal, s.max_len)
+        setup = setup_drafter(model, d.checkpoint, spec, cal, s.max_len, d.tree_accuracy)
         runner = plain.runner  # reuses the KV cache and any compiled step
         del plain
         engine = SpeculativeEngine(model, setup.drafter, setup.tree, max_len=s.max_len, cuda_graphs=graphs, runner=runner,

@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from plmtool.draft.decoding.config import check_tree_accuracy
 from plmtool.draft.decoding.accuracy import RankAccuracy, measure_rank_accuracy
 from plmtool.draft.decoding.engine import GenerationConfig, SpeculativeEngine
 from plmtool.draft.decoding.tree import expected_accept_length, rank_accuracy_from_top1, resolve_tree, tree_summary
@@ -88,8 +89,11 @@ def load_checked_drafter(path: str, model):
     return load_drafter(path, device=param.device, dtype=param.dtype, target=model)
 
 
-def setup_drafter(model, path: str, tree_spec: Any, calibration: Sequence[tuple[list[int], list[int]]], max_len: int) -> DrafterSetup:
-    """Load a drafter for `model` and resolve its tree (auto trees use measured rank accuracies)."""
+def setup_drafter(model, path: str, tree_spec: Any, calibration: Sequence[tuple[list[int], list[int]]], max_len: int,
+                  tree_accuracy: str = "conditional") -> DrafterSetup:
+    """Load a drafter for `model` and resolve its tree (auto trees use measured rank accuracies,
+    `tree_accuracy` says which: see accuracy.py)."""
+    check_tree_accuracy(tree_accuracy)
     from plmtool.draft.drafter import read_drafter_config
 
     kind = read_drafter_config(path)["kind"]
@@ -99,7 +103,7 @@ def setup_drafter(model, path: str, tree_spec: Any, calibration: Sequence[tuple[
         from plmtool.draft.decoding.target import TargetRunner
 
         measured = measure_rank_accuracy(TargetRunner(model, max_len), drafter, calibration)
-    acc = measured.conditional if measured is not None else None
+    acc = getattr(measured, tree_accuracy) if measured is not None else None
     tree = resolve_tree(tree_spec, drafter.num_heads, acc)
     return DrafterSetup(kind, drafter, tree, acc, str(path), measured)
 
@@ -459,7 +463,8 @@ def tree_report(setup: DrafterSetup) -> dict[str, Any]:
         # given that heads 0..k-1 ranked their tokens within the table: what the tree was built from
         info["head_top1_given_prefix"] = [round(a[0], 4) for a in m.conditional]
         info["calibration_positions"] = m.positions
-        # the independence assumption's estimate, for comparison with the measured accepted length
+        # both models' estimates for this tree, for comparison with the measured accepted length
+        info["expected_accept_length_conditional"] = round(expected_accept_length(setup.tree, m.conditional), 3)
         info["expected_accept_length_independent"] = round(expected_accept_length(setup.tree, m.marginal), 3)
     info["checkpoint"] = setup.checkpoint
     info["choices"] = setup.tree

@@ -6,6 +6,14 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 BENCH_METHODS = ("ar", "hf_generate", "hf_generate_static", "medusa", "amphista")
+TREE_ACCURACIES = ("conditional", "marginal")
+
+
+def check_tree_accuracy(value: str) -> None:
+    if value not in TREE_ACCURACIES:
+        from plmtool.errors import PlmtoolError
+
+        raise PlmtoolError(f"draft.tree_accuracy must be one of {', '.join(TREE_ACCURACIES)}, got '{value}'")
 
 
 @dataclass
@@ -19,6 +27,9 @@ class DecodeDraftConfig:
     tree: Any = "auto:48"
     medusa_tree: Any = None  # null = same spec as `tree` (auto trees are built per drafter)
     tree_calibration: int = 8  # prompts whose target responses measure rank accuracies
+    # what auto trees multiply along a path: each head's accuracy given its accepted prefix
+    # (conditional) or its plain accuracy (marginal: independent heads, Medusa's assumption)
+    tree_accuracy: str = "conditional"
     cuda_graphs: str = "auto"  # auto (on CUDA) | true | false
     # torch.compile the target step before capturing it (CUDA graphs only; checked against
     # eager at capture, eager capture on mismatch); compilation takes tens of seconds per shape

@@ -145,19 +145,18 @@ def build_tree(rank_acc: Sequence[Sequence[float]], budget: int, max_depth: int 
         if k < depth_limit and r < len(rank_acc[k]):
             heapq.heappush(heap, (-prob, path))
 
-    push((0,), rank_acc[0][0])
+    # every child of a chosen node becomes a candidate (not just rank 0 and the next sibling):
+    # measured tables, conditional ones especially, need not decrease with the rank
+    for r in range(len(rank_acc[0])):
+        push((r,), rank_acc[0][r])
     chosen: list[list[int]] = []
     while heap and len(chosen) < budget:
         neg, path = heapq.heappop(heap)
         prob = -neg
         chosen.append(list(path))
-        # next sibling (same parent, next rank) and first child
-        parent_prob = prob / max(float(rank_acc[len(path) - 1][path[-1]]), 1e-12)
-        k = len(path) - 1
-        if path[-1] + 1 < len(rank_acc[k]):
-            push(path[:-1] + (path[-1] + 1,), parent_prob * float(rank_acc[k][path[-1] + 1]))
         if len(path) < depth_limit:
-            push(path + (0,), prob * float(rank_acc[len(path)][0]))
+            for r in range(len(rank_acc[len(path)])):
+                push(path + (r,), prob * rank_acc[len(path)][r])
     return validate_tree(chosen)
 
 
