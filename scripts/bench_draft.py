@@ -191,22 +191,25 @@ def run(args) -> None:
             cal, tree_spec = [], trees
         for k, p in ckpts.items():
             if k in methods_wanted:
-                setups[k] = setup_drafter(dtype_model, p, tree_spec[k], cal, args.max_len)
+                setups[k] = setup_drafter(dtype_model, p, tree_spec[k], cal, args.max_len, args.tree_accuracy)
                 engines[k] = SpeculativeEngine(dtype_model, setups[k].drafter, setups[k].tree, max_len=args.max_len,
                                                runner=runner, cuda_graphs=graphs, drafter_graph=bool(args.drafter_graph),
                                                compile=compile,
                                                static_drafter=bool(args.static_drafter))
         if args.tree_ablation and trees is None:
-            # the same drafters with trees built from marginal accuracies (independent heads,
-            # Medusa's assumption) instead of conditional ones: the tree builder's A/B, same run
+            # the same drafters with trees built from the other accuracy table (marginal:
+            # independent heads, Medusa's assumption; conditional: given the accepted prefix),
+            # the tree builder's A/B in the same run
             from plmtool.draft.decoding.benchmark import DrafterSetup
             from plmtool.draft.decoding.tree import resolve_tree
 
             for k in [k for k in setups if setups[k].measured is not None]:
                 s = setups[k]
-                tree = resolve_tree(f"auto:{args.tree_nodes}", s.drafter.num_heads, s.measured.marginal)
-                name = f"{k}_marginal_tree"
-                setups[name] = DrafterSetup(k, s.drafter, tree, s.measured.marginal, s.checkpoint, s.measured)
+                other = "conditional" if args.tree_accuracy == "marginal" else "marginal"
+                acc = getattr(s.measured, other)
+                tree = resolve_tree(f"auto:{args.tree_nodes}", s.drafter.num_heads, acc)
+                name = f"{k}_{other}_tree"
+                setups[name] = DrafterSetup(k, s.drafter, tree, acc, s.checkpoint, s.measured)
                 engines[name] = SpeculativeEngine(dtype_model, s.drafter, tree, max_len=args.max_len, runner=runner,
                                                   cuda_graphs=graphs, drafter_graph=bool(args.drafter_graph),
                                                   compile=compile, static_drafter=bool(args.static_drafter))
@@ -398,8 +401,9 @@ def main() -> None:
     pr.add_argument("--max-len", type=int, default=2048)
     pr.add_argument("--tree-nodes", type=int, default=64)
     pr.add_argument("--calibration", type=int, default=8)
+    pr.add_argument("--tree-accuracy", default="marginal", choices=["marginal", "conditional"])
     pr.add_argument("--tree-ablation", type=int, default=1,
-                    help="also decode with trees from marginal head accuracies (<kind>_marginal_tree)")
+                    help="also decode with trees from the other accuracy table (<kind>_<other>_tree)")
     pr.add_argument("--calibration-tokens", type=int, default=128)
     pr.add_argument("--compile", type=int, default=1, help="torch.compile the target step before capture (GPU)")
     pr.add_argument("--cuda-graphs", type=int, default=1, help="0: no CUDA graphs at all (target and drafter eager)")

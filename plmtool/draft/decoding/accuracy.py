@@ -4,14 +4,16 @@
 r-th (0 = top-1). Measured teacher-forced on (prompt, target response) sequences, only at
 positions whose next token belongs to the response, i.e. exactly where drafts are made.
 
-A tree node is accepted only if every node on its path was, so what the tree builder needs is the
+A tree node is accepted only if every node on its path was, so the tree builder wants the
 probability of a head's rank *given that its prefix was accepted*. Medusa multiplies marginal
 accuracies, i.e. assumes the heads independent; they are not (text that is predictable two tokens
 ahead tends to be predictable three ahead, and Amphista's auto-embedding block couples its heads
-by design), so the product underestimates deep paths and the trees come out too shallow.
-`conditional[k][r]` is head k's rank distribution over the positions where heads 0..k-1 all
-ranked their tokens within the measured ranks (the prefixes some tree path could have accepted);
-the product of conditionals along a path is the better estimate of its acceptance.
+by design). `conditional[k][r]` is head k's rank distribution over the positions where heads
+0..k-1 all ranked their tokens within the measured ranks (the prefixes some tree path could have
+reached). It conditions on "within the table", not on the exact ranks of a path, so it is
+optimistic for paths through low ranks. Measured on SmolLM2 / MT-Bench (docs/benchmarks/draft.md,
+run 8): trees from either table accept the same number of tokens per step, and the marginal
+product predicts the measured length more closely, so `marginal` is the default.
 """
 
 from __future__ import annotations

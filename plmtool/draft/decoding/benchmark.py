@@ -75,7 +75,7 @@ class DrafterSetup:
     name: str  # method name = drafter kind
     drafter: Any
     tree: list[list[int]]
-    rank_accuracy: list[list[float]] | None  # what the tree was built from (conditional, see accuracy.py)
+    rank_accuracy: list[list[float]] | None  # what the tree was built from (see accuracy.py)
     checkpoint: str
     measured: RankAccuracy | None = None
 
@@ -90,7 +90,7 @@ def load_checked_drafter(path: str, model):
 
 
 def setup_drafter(model, path: str, tree_spec: Any, calibration: Sequence[tuple[list[int], list[int]]], max_len: int,
-                  tree_accuracy: str = "conditional") -> DrafterSetup:
+                  tree_accuracy: str = "marginal") -> DrafterSetup:
     """Load a drafter for `model` and resolve its tree (auto trees use measured rank accuracies,
     `tree_accuracy` says which: see accuracy.py)."""
     check_tree_accuracy(tree_accuracy)

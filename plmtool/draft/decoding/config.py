@@ -27,9 +27,10 @@ class DecodeDraftConfig:
     tree: Any = "auto:48"
     medusa_tree: Any = None  # null = same spec as `tree` (auto trees are built per drafter)
     tree_calibration: int = 8  # prompts whose target responses measure rank accuracies
-    # what auto trees multiply along a path: each head's accuracy given its accepted prefix
-    # (conditional) or its plain accuracy (marginal: independent heads, Medusa's assumption)
-    tree_accuracy: str = "conditional"
+    # what auto trees multiply along a path: each head's plain accuracy (marginal: independent
+    # heads, Medusa's assumption) or its accuracy given its accepted prefix (conditional); on
+    # SmolLM2 / MT-Bench both gave the same accepted length (docs/benchmarks/draft.md, run 8)
+    tree_accuracy: str = "marginal"
     cuda_graphs: str = "auto"  # auto (on CUDA) | true | false
     # torch.compile the target step before capturing it (CUDA graphs only; checked against
     # eager at capture, eager capture on mismatch); compilation takes tens of seconds per shape

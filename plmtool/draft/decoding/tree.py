@@ -125,11 +125,11 @@ def rank_accuracy_from_top1(top1: Sequence[float], ranks: int = 10, decay: float
 def build_tree(rank_acc: Sequence[Sequence[float]], budget: int, max_depth: int | None = None) -> list[list[int]]:
     """Pick the `budget` nodes with the highest estimated acceptance probability.
 
-    `rank_acc[k][r]` = P(head k's rank-r candidate is the target's token), given that the path's
-    prefix was accepted (`RankAccuracy.conditional`; Medusa's tree search uses marginal accuracies,
-    i.e. assumes independent heads). A node's acceptance probability is the product along its
-    path, and a child is never more likely than its parent, so a best-first search from the root
-    yields the optimal tree of that size for the expected accepted length.
+    `rank_acc[k][r]` = P(head k's rank-r candidate is the target's token): marginal (independent
+    heads, Medusa's tree search) or given the path's accepted prefix (`RankAccuracy.conditional`).
+    A node's acceptance probability is the product along its path, and a child is never more
+    likely than its parent, so a best-first search from the root yields the optimal tree of that
+    size for the expected accepted length.
     """
     if budget < 1:
         raise PlmtoolError(f"tree budget must be at least 1 node, got {budget}")
