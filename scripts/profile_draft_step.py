@@ -44,6 +44,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-len", type=int, default=2048)
     p.add_argument("--compile", type=int, default=1)
+    p.add_argument("--new-lengths", type=int, default=0,
+                   help="time N generations whose prompts all have lengths no method has seen (first-call costs "
+                        "per prompt shape: attention plans, allocator) instead of repeating one prompt")
+    p.add_argument("--cudnn-sdpa", type=int, default=1, help="0: disable cuDNN attention in SDPA")
     args = p.parse_args()
 
     import torch
@@ -60,6 +64,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
+    if cuda and not args.cudnn_sdpa:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     device = "cuda" if cuda else "cpu"
     model, tok = load_model(SimpleNamespace(name_or_path=args.model, dtype="bfloat16" if cuda else "float32", device=device))
     model.requires_grad_(False)
@@ -74,7 +80,15 @@ def main() -> None:
             torch.cuda.synchronize()
 
     report = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-              "tree": args.tree, "tokens": args.tokens, "prompt_tokens": len(prompt), "kinds": {}}
+              "tree": args.tree, "tokens": args.tokens, "prompt_tokens": len(prompt), "cudnn_sdpa": bool(args.cudnn_sdpa),
+              "new_lengths": args.new_lengths, "kinds": {}}
+    filler = tok.encode(" and then", add_special_tokens=False)
+    fresh = iter(range(1, 10**6))  # each new-length prompt gets one more filler block than any before
+
+    def timed_prompt() -> list[int]:
+        if not args.new_lengths:
+            return prompt
+        return prompt[:-5] + filler * next(fresh) + prompt[-5:]
     for kind in ["ar"] + [k for k in args.kinds.split(",") if k]:
         if kind == "ar":
             engine = SpeculativeEngine(model, max_len=args.max_len, runner=runner)
@@ -87,10 +101,11 @@ def main() -> None:
             engine = SpeculativeEngine(model, drafter, tree, max_len=args.max_len, runner=runner, compile=bool(args.compile))
         engine.generate(prompt, gen)  # warm-up (allocator, lazy init)
         walls, steps, accepted = [], [], 0.0
-        for _ in range(args.repeats):
+        for _ in range(args.new_lengths or args.repeats):
+            this = timed_prompt()
             sync()
             t0 = time.perf_counter()
-            res = engine.generate(prompt, gen)
+            res = engine.generate(this, gen)
             sync()
             walls.append(time.perf_counter() - t0)
             steps.append(len(res.accept_lengths))
