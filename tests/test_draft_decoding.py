@@ -671,3 +671,28 @@ def test_environment_switches_turn_compile_and_graphs_off(target, monkeypatch):
     monkeypatch.setenv("PLMTOOL_DRAFTER_GRAPH", "maybe")
     with pytest.raises(ValueError, match="PLMTOOL_DRAFTER_GRAPH"):
         env_flag("PLMTOOL_DRAFTER_GRAPH")
+
+
+def test_prefills_run_without_cudnn_attention(target, monkeypatch):
+    """The target's and the drafter's prefill (shapes new with every prompt length) run with cuDNN
+    attention excluded: it builds an execution plan per new shape, which cost tens to hundreds of
+    ms per request on an H200. Decoding stays plain greedy."""
+    from plmtool.draft.amphista import AmphistaDrafter
+
+    seen = {}
+
+    def record(name, fn):
+        def wrapped(*a, **k):
+            seen.setdefault(name, []).append(torch.backends.cuda.cudnn_sdp_enabled())
+            return fn(*a, **k)
+        return wrapped
+
+    drafter = _real_drafter(target, "amphista", seed=12)
+    engine = SpeculativeEngine(target, drafter, tree=TREES["wide"], max_len=96)
+    monkeypatch.setattr(engine.runner, "extend", record("target", engine.runner.extend))
+    monkeypatch.setattr(AmphistaDrafter, "step", record("drafter", AmphistaDrafter.step))
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # on outside the prefills
+    prompt = [3, 14, 15, 9, 2, 6]
+    assert engine.generate(prompt, max_new_tokens=12).tokens == plain_greedy(target, prompt, 12)
+    assert seen["target"] == [False] and seen["drafter"] == [False]
+    assert torch.backends.cuda.cudnn_sdp_enabled()

@@ -47,6 +47,21 @@ def own_cublas_workspace() -> None:
         clear()
 
 
+def variable_shape_attention():
+    """Context for SDPA calls whose shapes change from request to request (the target's and the
+    drafter's prefill, the eager drafter step): every backend but cuDNN attention.
+
+    cuDNN attention builds an execution plan for each new shape, and that is slow: on an H200
+    (torch 2.11) prompts of lengths no call had seen before added 0.3 ms per decoding step to the
+    plain loop and 1.3 ms to Amphista's speculative loop (256-token answers, i.e. ~75 and ~290 ms
+    per request), and nothing with cuDNN attention off (`scripts/profile_draft_step.py
+    --new-lengths 5 --cudnn-sdpa 0|1`). Captured steps have one shape each, keep every backend and
+    build their plan once, at capture."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def capture_graph(run: Callable[[], Any], pool=None, before: Callable[[], None] = lambda: None,
                   warmups: int = 2) -> tuple[torch.cuda.CUDAGraph, Any]:
     """Capture `run()` as a CUDA graph; returns (graph, run's output, whose tensors the replays

@@ -22,7 +22,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from plmtool.draft.decoding.device import check_device
+from plmtool.draft.decoding.device import check_device, variable_shape_attention
 from plmtool.draft.decoding.drafter_step import DrafterProgram
 from plmtool.draft.decoding.switches import allowed
 from plmtool.draft.decoding.target import StepProgram, TargetRunner
@@ -195,7 +195,8 @@ class SpeculativeEngine:
         runner = self.runner
         with torch.inference_mode():
             runner.reset()
-            logits, hidden = runner.extend(prompt)
+            with variable_shape_attention():
+                logits, hidden = runner.extend(prompt)
             check_device("the target prefill")
             token = self._choose(logits[-1], gen, cpu_gen)
         kept, done = self._emit([token], gen, result, stops)
@@ -228,7 +229,8 @@ class SpeculativeEngine:
             else:
                 dcache = drafter.new_cache(1, self.max_len, self.device, runner.dtype)
             nxt = torch.tensor([prompt[1:] + [token]], device=self.device)
-            heads = drafter.step(hidden.unsqueeze(0), nxt, dcache)  # [1, K, V] (prefill: eager)
+            with variable_shape_attention():
+                heads = drafter.step(hidden.unsqueeze(0), nxt, dcache)  # [1, K, V] (prefill: eager)
             check_device("the drafter prefill")
             tokens = torch.empty(tree.n, dtype=torch.long, device=self.device)
             nxt = torch.empty(1, max_depth + 1, dtype=torch.long, device=self.device)
@@ -274,7 +276,8 @@ class SpeculativeEngine:
                 else:
                     nxt[0, : n - 1] = tokens.index_select(0, accepted_path[1:])
                     nxt[0, n - 1 : n].fill_(token)
-                    heads = drafter.step(hidden.index_select(0, accepted_path).unsqueeze(0), nxt[:, :n], dcache)
+                    with variable_shape_attention():
+                        heads = drafter.step(hidden.index_select(0, accepted_path).unsqueeze(0), nxt[:, :n], dcache)
                     check_device("the eager drafter step")
 
     def _verify(self, tree: Tree, tokens: torch.Tensor, logits: torch.Tensor, gen: GenerationConfig, cpu_gen) -> Verdict:
