@@ -696,3 +696,15 @@ def test_prefills_run_without_cudnn_attention(target, monkeypatch):
     assert engine.generate(prompt, max_new_tokens=12).tokens == plain_greedy(target, prompt, 12)
     assert seen["target"] == [False] and seen["drafter"] == [False]
     assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_program_times_cover_every_program_and_leave_the_caches_empty(target):
+    from plmtool.draft.decoding.step_timing import engine_program_times
+
+    drafter = _real_drafter(target, "amphista", seed=13)
+    engine = SpeculativeEngine(target, drafter, tree=TREES["wide"], max_len=96)
+    times = engine_program_times(engine, reps=3)
+    assert set(times) == {"target_1_node_ms", "target_tree_ms", "drafter_ms"} and all(v > 0 for v in times.values())
+    assert engine.runner.length == 0 and engine.drafter_step.cache.length == 0
+    prompt = [7, 1, 8, 2]
+    assert engine.generate(prompt, max_new_tokens=10).tokens == plain_greedy(target, prompt, 10)
