@@ -4,9 +4,10 @@ without CUDA."""
 
 from __future__ import annotations
 
-import torch
+import contextlib
+from typing import Any, Callable, Iterator
 
-from typing import Any, Callable
+import torch
 
 from plmtool.draft.decoding.switches import sync_check
 
@@ -47,19 +48,24 @@ def own_cublas_workspace() -> None:
         clear()
 
 
-def variable_shape_attention():
+@contextlib.contextmanager
+def variable_shape_attention() -> Iterator[None]:
     """Context for SDPA calls whose shapes change from request to request (the target's and the
-    drafter's prefill, the eager drafter step): every backend but cuDNN attention.
+    drafter's prefill, the eager drafter step): cuDNN attention off, the other backends as they were.
 
     cuDNN attention builds an execution plan for each new shape, and that is slow: on an H200
     (torch 2.11) prompts of lengths no call had seen before added 0.3 ms per decoding step to the
     plain loop and 1.3 ms to Amphista's speculative loop (256-token answers, i.e. ~75 and ~290 ms
     per request), and nothing with cuDNN attention off (`scripts/profile_draft_step.py
     --new-lengths 5 --cudnn-sdpa 0|1`). Captured steps have one shape each, keep every backend and
-    build their plan once, at capture."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    build their plan once, at capture. The switch is process-wide, like every SDPA backend flag;
+    engines decode one request at a time, so nothing else runs attention meanwhile."""
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)
 
 
 def capture_graph(run: Callable[[], Any], pool=None, before: Callable[[], None] = lambda: None,
