@@ -189,13 +189,15 @@ def run(args) -> None:
             tree_spec = {k: f"auto:{args.tree_nodes}" for k in ckpts}
         else:
             cal, tree_spec = [], trees
+        def drafter_engine(drafter, tree) -> SpeculativeEngine:
+            return SpeculativeEngine(dtype_model, drafter, tree, max_len=args.max_len, runner=runner, cuda_graphs=graphs,
+                                     drafter_graph=bool(args.drafter_graph), compile=compile,
+                                     static_drafter=bool(args.static_drafter))
+
         for k, p in ckpts.items():
             if k in methods_wanted:
                 setups[k] = setup_drafter(dtype_model, p, tree_spec[k], cal, args.max_len, args.tree_accuracy)
-                engines[k] = SpeculativeEngine(dtype_model, setups[k].drafter, setups[k].tree, max_len=args.max_len,
-                                               runner=runner, cuda_graphs=graphs, drafter_graph=bool(args.drafter_graph),
-                                               compile=compile,
-                                               static_drafter=bool(args.static_drafter))
+                engines[k] = drafter_engine(setups[k].drafter, setups[k].tree)
         if args.tree_ablation and trees is None:
             # the same drafters with trees built from the other accuracy table (marginal:
             # independent heads, Medusa's assumption; conditional: given the accepted prefix),
@@ -203,16 +205,14 @@ def run(args) -> None:
             from plmtool.draft.decoding.benchmark import DrafterSetup
             from plmtool.draft.decoding.tree import resolve_tree
 
+            other = "conditional" if args.tree_accuracy == "marginal" else "marginal"
             for k in [k for k in setups if setups[k].measured is not None]:
                 s = setups[k]
-                other = "conditional" if args.tree_accuracy == "marginal" else "marginal"
                 acc = getattr(s.measured, other)
                 tree = resolve_tree(f"auto:{args.tree_nodes}", s.drafter.num_heads, acc)
                 name = f"{k}_{other}_tree"
                 setups[name] = DrafterSetup(k, s.drafter, tree, acc, s.checkpoint, s.measured)
-                engines[name] = SpeculativeEngine(dtype_model, s.drafter, tree, max_len=args.max_len, runner=runner,
-                                                  cuda_graphs=graphs, drafter_graph=bool(args.drafter_graph),
-                                                  compile=compile, static_drafter=bool(args.static_drafter))
+                engines[name] = drafter_engine(s.drafter, tree)
                 methods_wanted = methods_wanted + [name]
         methods = {}
         for name in methods_wanted:
@@ -309,7 +309,7 @@ def program_times(engines: dict, methods: dict) -> dict:
     questions); the rest is host work, the device waiting for it, and the prefills (amortised).
     A compiled drafter step is also timed uncompiled (eager capture) for comparison."""
     from plmtool.draft.decoding.drafter_step import DrafterProgram
-    from plmtool.draft.decoding.step_timing import drafter_program_time, engine_program_times
+    from plmtool.draft.decoding.step_timing import drafter_program_time, engine_program_times, rest_of_step
 
     out = {}
     for name, e in engines.items():
@@ -323,8 +323,7 @@ def program_times(engines: dict, methods: dict) -> dict:
         m = methods.get(name)
         if m and m.get("tokens_per_s_total"):
             t["measured_step_ms"] = round(1000 * m["mean_accepted"] / m["tokens_per_s_total"], 4)
-            programs = t.get("target_tree_ms", t.get("target_1_node_ms", 0.0)) if name != "ar" else t.get("target_1_node_ms", 0.0)
-            t["host_and_other_ms"] = round(t["measured_step_ms"] - programs - t.get("drafter_ms", 0.0), 4)
+            t["host_and_other_ms"] = round(rest_of_step(t, t["measured_step_ms"]), 4)
         out[name] = t
     log.info("program times (ms): %s", out)
     return out

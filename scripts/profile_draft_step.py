@@ -56,7 +56,7 @@ def main() -> None:
     from plmtool.draft.config import DrafterConfig
     from plmtool.draft.decoding import GenerationConfig, SpeculativeEngine, resolve_tree
     from plmtool.draft.decoding.benchmark import load_checked_drafter
-    from plmtool.draft.decoding.step_timing import engine_program_times
+    from plmtool.draft.decoding.step_timing import engine_program_times, rest_of_step
     from plmtool.draft.decoding.target import TargetRunner
     from plmtool.draft.drafter import build_drafter
     from plmtool.models import load_model
@@ -112,7 +112,6 @@ def main() -> None:
             accepted = sum(res.accept_lengths) / max(len(res.accept_lengths), 1)
         step_ms = statistics.median(w / s for w, s in zip(walls, steps)) * 1000
         programs = engine_program_times(engine)
-        in_programs = programs.get("target_tree_ms", programs["target_1_node_ms"]) + programs.get("drafter_ms", 0.0)
         with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
             engine.generate(prompt, gen)
             sync()
@@ -121,7 +120,7 @@ def main() -> None:
         prof.export_chrome_trace(str(out / f"trace_{kind}.json"))
         report["kinds"][kind] = {
             "step_ms": round(step_ms, 4), "steps": steps[-1], "mean_accepted": round(accepted, 3),
-            "programs_ms": programs, "rest_ms": round(step_ms - in_programs, 4),
+            "programs_ms": programs, "rest_ms": round(rest_of_step(programs, step_ms), 4),
             "cuda_graphs": engine.cuda_graphs, "drafter_graph": engine.drafter_graph,
             "drafter_compiled": getattr(engine, "drafter_compiled", False)}
         print(kind, json.dumps(report["kinds"][kind]), flush=True)

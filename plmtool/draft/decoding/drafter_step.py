@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from plmtool.draft.decoding.device import capture_graph, check_device, synchronize
+from plmtool.draft.decoding.device import capture_graph, check_device, relative_error, synchronize
 
 log = logging.getLogger("plmtool")
 
@@ -135,7 +135,7 @@ class DrafterProgram:
             for t, b in zip(tensors, before):
                 t.copy_(b)
             self.graph.replay()
-            err = _relative_error(self.out, ref)
+            err = relative_error(self.out, ref)
             self.check_error = max(self.check_error, err)
             if not err <= tol:  # NaN fails too
                 return f"replay differs from eager (relative error {err:.3g} > {tol})"
@@ -145,7 +145,7 @@ class DrafterProgram:
                     if not torch.equal(t, r):
                         return "replay advances the drafter cache length differently from eager"
                     continue
-                err = _relative_error(t[..., written, :], r[..., written, :])
+                err = relative_error(t[..., written, :], r[..., written, :])
                 self.check_error = max(self.check_error, err)
                 untouched = torch.ones(t.shape[-2], dtype=torch.bool, device=t.device)
                 untouched[written] = False
@@ -176,7 +176,3 @@ class DrafterProgram:
         if cache is not None:
             cache.length += count  # host bookkeeping; step_static advanced cache.start on the device
         return out
-
-
-def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12))

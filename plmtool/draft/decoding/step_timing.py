@@ -56,6 +56,14 @@ def engine_program_times(engine, reps: int = 100) -> dict[str, float]:
     return times
 
 
+def rest_of_step(times: dict[str, float], step_ms: float) -> float:
+    """ms of a measured step outside its programs (times from `engine_program_times`): host work,
+    the device waiting for it, anything not captured. A speculative step runs the tree step and the
+    drafter step; a plain one the 1-node step."""
+    target = times.get("target_tree_ms", times["target_1_node_ms"])
+    return step_ms - target - times.get("drafter_ms", 0.0)
+
+
 @torch.no_grad()
 def drafter_program_time(program, device: torch.device, reps: int = 100) -> float:
     """ms per drafter step (one accepted token per step; the shapes are fixed, so the count does not

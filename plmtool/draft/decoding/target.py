@@ -23,7 +23,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from plmtool.draft.decoding.device import capture_graph, check_device, synchronize
+from plmtool.draft.decoding.device import capture_graph, check_device, relative_error, synchronize
 from plmtool.draft.decoding.kv_cache import StaticKVCache
 from plmtool.draft.decoding.switches import allowed, sync_check
 from plmtool.errors import PlmtoolError
@@ -292,8 +292,7 @@ class StepProgram:
                  ("keys", r.cache.k[..., new, :], ref_kv[0][..., new, :]),
                  ("values", r.cache.v[..., new, :], ref_kv[1][..., new, :])]
         # every error is kept (not just the first over the bar): the warning and the tests read them
-        self.check_errors = {name: float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12))
-                             for name, got, want in pairs}
+        self.check_errors = {name: relative_error(got, want) for name, got, want in pairs}
         r.cache.length = 0
         bad = [f"{name} {err:.3g}" for name, err in self.check_errors.items() if not err <= tol]  # NaN fails too
         if bad:
