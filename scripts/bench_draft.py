@@ -47,12 +47,44 @@ def prepare(args) -> None:
     if args.first_exchange:
         # the benchmark distils first turns only: keep (system,) user, assistant and drop the rest
         convs = [c[: next(i for i, m in enumerate(c) if m["role"] == "assistant") + 1] for c in convs]
+    if args.max_chars:
+        convs = [c for c in (_cut(c, args.max_chars) for c in convs) if any(m["role"] == "assistant" for m in c)]
     data = {"mtbench": load_mtbench(), "sharegpt": convs}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data))
+    text = json.dumps(data)
+    if out.suffix == ".gz":
+        import gzip
+
+        out.write_bytes(gzip.compress(text.encode("utf-8"), 6))
+    else:
+        out.write_text(text)
     print(f"wrote {out}: {len(data['mtbench'])} questions, {len(data['sharegpt'])} conversations, "
           f"{out.stat().st_size / 1e6:.1f} MB")
+
+
+def _cut(conv: list[dict], max_chars: int) -> list[dict]:
+    """The conversation through its first `max_chars` characters of content (the last message kept
+    is cut short): a smaller file to carry. Training reads at most --seq-len tokens of a
+    conversation, and SmolLM2's tokens average about 4 characters of English, so a cut at 6000
+    characters shortens only what training would have truncated anyway, but for rare texts of very
+    long tokens."""
+    out, left = [], max_chars
+    for m in conv:
+        if left <= 0:
+            break
+        out.append({**m, "content": m["content"][:left]})
+        left -= len(m["content"])
+    return out
+
+
+def _load_data(path: str) -> dict:
+    raw = Path(path).read_bytes()
+    if path.endswith(".gz"):
+        import gzip
+
+        raw = gzip.decompress(raw)
+    return json.loads(raw.decode("utf-8"))
 
 
 ALL_METHODS = ("ar", "hf_generate", "hf_generate_static", "medusa", "amphista")
@@ -99,7 +131,7 @@ def run(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    data = json.loads(Path(args.data).read_text())
+    data = _load_data(args.data)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     report: dict = {"command": " ".join(sys.argv), "args": vars(args), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -149,7 +181,7 @@ def run(args) -> None:
                                  batch_size=args.batch, eval_every=max(args.steps // 4, 1),
                                  # resumable every 250 steps: a command cut by its time limit loses little
                                  save_every=min(250, args.steps), log_every=50,
-                                 cache_hidden=True, seed=0)
+                                 cache_hidden=True, seed=0, labels=args.labels)
     dcfg = DraftDataConfig(max_seq_len=args.seq_len, heldout=args.heldout, min_assistant_tokens=8)
     kinds = {
         "medusa": DrafterConfig(kind="medusa", num_heads=args.heads, medusa_num_layers=1, share_lm_head=False),
@@ -212,6 +244,18 @@ def run(args) -> None:
                 tree = resolve_tree(f"auto:{args.tree_nodes}", s.drafter.num_heads, acc)
                 name = f"{k}_{other}_tree"
                 setups[name] = DrafterSetup(k, s.drafter, tree, acc, s.checkpoint, s.measured)
+                engines[name] = drafter_engine(s.drafter, tree)
+                methods_wanted = methods_wanted + [name]
+        for nodes in (_sizes(args.extra_trees) if trees is None else []):
+            # the same drafters with larger (or smaller) trees from the same accuracy table
+            from plmtool.draft.decoding.benchmark import DrafterSetup
+            from plmtool.draft.decoding.tree import resolve_tree
+
+            for k in [k for k in ckpts if k in setups and setups[k].measured is not None]:
+                s = setups[k]
+                tree = resolve_tree(f"auto:{nodes}", s.drafter.num_heads, s.rank_accuracy)
+                name = f"{k}_tree{nodes}"
+                setups[name] = DrafterSetup(k, s.drafter, tree, s.rank_accuracy, s.checkpoint, s.measured)
                 engines[name] = drafter_engine(s.drafter, tree)
                 methods_wanted = methods_wanted + [name]
         methods = {}
@@ -303,6 +347,10 @@ def run(args) -> None:
     print("\n" + table)
 
 
+def _sizes(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
 def program_times(engines: dict, methods: dict) -> dict:
     """Where each method's step time goes: its captured programs timed alone, against the time per
     step measured in the benchmark (1000 * accepted per step / total tokens per s over all
@@ -381,6 +429,8 @@ def main() -> None:
     pp.add_argument("--out", required=True)
     pp.add_argument("--sharegpt", type=int, default=4000)
     pp.add_argument("--first-exchange", type=int, default=1, help="keep only the first user/assistant exchange")
+    pp.add_argument("--max-chars", type=int, default=0,
+                    help="cut each conversation after this many characters of content (0: keep all)")
     pr = sub.add_parser("run")
     pr.add_argument("--data", required=True)
     pr.add_argument("--model", default="smollm2-135m")
@@ -401,6 +451,11 @@ def main() -> None:
     pr.add_argument("--max-new", type=int, default=256)
     pr.add_argument("--max-len", type=int, default=2048)
     pr.add_argument("--tree-nodes", type=int, default=64)
+    pr.add_argument("--extra-trees", default="",
+                    help="comma-separated node budgets: every drafter also decodes with trees of these sizes "
+                         "(methods <kind>_tree<N>), from the same accuracy table")
+    pr.add_argument("--labels", default="data", choices=["data", "target"],
+                    help="what the heads learn (trainer.labels): the data's tokens or the target's own greedy predictions")
     pr.add_argument("--calibration", type=int, default=8)
     pr.add_argument("--tree-accuracy", default="marginal", choices=["marginal", "conditional"])
     pr.add_argument("--tree-ablation", type=int, default=1,

@@ -12,7 +12,8 @@ from conftest_draft import one_thread, save_tiny_checkpoint, tiny_conversations,
 from plmtool.draft.config import DraftDataConfig, DrafterConfig, DraftTrainerConfig
 from plmtool.draft.data import build_examples, collate, tokenize_conversation
 from plmtool.draft.drafter import build_drafter, load_drafter, target_hidden
-from plmtool.draft.train import DraftLoss, head_targets, head_weights, next_tokens_of, train_drafter
+from plmtool.draft.train import (DraftLoss, _target_outputs, head_targets, head_weights, next_tokens_of, target_predictions,
+                                 train_drafter)
 from plmtool.errors import PlmtoolError
 
 
@@ -35,6 +36,39 @@ def test_head_targets_align_head_k_with_token_t_plus_2_plus_k():
             if valid[0, t]:
                 assert int(labels[0, t]) == int(ids[0, t + 2 + k])
     assert next_tokens_of(ids, -1)[0].tolist() == list(range(101, 110)) + [-1]
+
+
+def test_target_labels_are_the_targets_greedy_prediction_of_token_t_plus_2_plus_k(tok):
+    # independent reference: the Hugging Face forward's own logits
+    target = tiny_target(len(tok))
+    ex = build_examples(tok, tiny_conversations(3), 96)
+    ids, attn, mask = collate(ex, tok.pad_token_id)
+    with torch.no_grad():
+        greedy = target(input_ids=ids, attention_mask=attn).logits.argmax(-1)  # greedy[t] guesses ids[t+1]
+        pred = target_predictions(target, target_hidden(target, ids, attn), rows_per_chunk=2)
+    assert torch.equal(pred, greedy)
+    for k in range(3):
+        valid, labels = head_targets(ids, mask, k, pred)
+        assert torch.equal(valid, head_targets(ids, mask, k)[0])  # same supervised positions
+        for b, t in valid.nonzero().tolist():
+            assert int(labels[b, t]) == int(greedy[b, t + 1 + k])
+    # the hidden-state cache hands back the same predictions as a fresh forward
+    cache: dict = {}
+    keys = list(range(ids.shape[0]))
+    h0, p0 = _target_outputs(target, ids, attn, keys, cache, predictions=True)
+    h1, p1 = _target_outputs(target, ids, attn, keys, cache, predictions=True)
+    lengths = attn.sum(1).tolist()
+    for b, n in enumerate(lengths):
+        assert torch.equal(p0[b, :n], p1[b, :n]) and torch.equal(p0[b, :n], greedy[b, :n])
+        assert torch.allclose(h0[b, :n], h1[b, :n])
+
+
+def test_training_on_target_labels_reports_accuracy_against_them(tmp_path, tok):
+    target = tiny_target(len(tok))
+    m = _train(tok, target, tmp_path, 6, labels="target")
+    assert m["labels"] == "target" and len(m["heads"]["top1"]) == 2
+    with pytest.raises(PlmtoolError, match="trainer.labels must be one of data, target"):
+        _train(tok, target, tmp_path / "bad", 2, labels="joint")
 
 
 def test_assistant_mask_covers_replies_only(tok):

@@ -87,6 +87,12 @@ class DraftTrainerConfig:
     grad_clip: float = 1.0
     # loss weight of head k = head_weight_decay**k (Medusa's 0.8^k)
     head_weight_decay: float = 0.8
+    # what head k at position t learns: "data" = the sequence's own token t+2+k (Medusa-1);
+    # "target" = the target's greedy prediction of that token given the sequence before it (its
+    # argmax at position t+1+k). The second is self-distillation from one teacher-forced forward:
+    # no generation, so any chat text (e.g. all of ShareGPT) yields labels in the target's own
+    # distribution. For head 0 it is exactly the token greedy decoding would emit after t+1.
+    labels: str = "data"
     log_every: int = 10
     eval_every: int = 200  # held-out per-head accuracy (also at the end)
     save_every: int = 200  # resumable checkpoint (also at the end)

@@ -47,16 +47,21 @@ def head_weights(num_heads: int, decay: float) -> list[float]:
     return [decay**k for k in range(num_heads)]
 
 
-def head_targets(input_ids: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+LABEL_SOURCES = ("data", "target")
+
+
+def head_targets(input_ids: torch.Tensor, mask: torch.Tensor, k: int,
+                 predicted: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows (b, t) where head k is supervised and their labels: head k at position t predicts
-    input_ids[t+2+k], counted only when that token is an assistant token."""
+    token t+2+k, counted only when that token is an assistant token. The label is input_ids[t+2+k],
+    or with `predicted` (the target's argmax per position, [B,T]) the target's own prediction of
+    that token, predicted[t+1+k]."""
     shift = 2 + k
     valid = torch.zeros_like(mask)
-    if input_ids.shape[1] > shift:
-        valid[:, :-shift] = mask[:, shift:]
     labels = torch.zeros_like(input_ids)
     if input_ids.shape[1] > shift:
-        labels[:, :-shift] = input_ids[:, shift:]
+        valid[:, :-shift] = mask[:, shift:]
+        labels[:, :-shift] = input_ids[:, shift:] if predicted is None else predicted[:, shift - 1 : -1]
     return valid, labels
 
 
@@ -76,9 +81,11 @@ class DraftLoss(nn.Module):
         self.weights = weights
         self.pad_id = pad_id
 
-    def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor):
+    def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor,
+                predicted: torch.Tensor | None = None):
+        """`predicted`: the target's argmax per position; given, heads learn it (trainer.labels=target)."""
         features = self.drafter.features(hidden, next_tokens_of(input_ids, self.pad_id))
-        targets = [head_targets(input_ids, mask, k) for k in range(len(self.weights))]
+        targets = [head_targets(input_ids, mask, k, predicted) for k in range(len(self.weights))]
         # per-head blocks and the vocabulary projection run only where some head is supervised
         rows = torch.stack([v for v, _ in targets]).any(0)
         if not bool(rows.any()):
@@ -140,8 +147,10 @@ def _autocast(device: str, precision: str):
 
 @torch.no_grad()
 def evaluate_heads(target, loss_module: DraftLoss, examples: list[dict], batch_size: int, pad_id: int, device: str,
-                   precision: str, hidden_cache: dict | None = None, key_offset: int = 0) -> dict[str, Any]:
-    """Per-head top-1/top-5 accuracy and loss on held-out examples (sharded over ranks)."""
+                   precision: str, hidden_cache: dict | None = None, key_offset: int = 0,
+                   predictions: bool = False) -> dict[str, Any]:
+    """Per-head top-1/top-5 accuracy and loss on held-out examples (sharded over ranks), against
+    the data's tokens or, with `predictions`, the target's own greedy predictions."""
     world, rank, _ = _dist_info()
     k = len(loss_module.weights)
     sums = [0.0] * (4 * k)  # per head: n, ce*n, top1, top5
@@ -153,8 +162,8 @@ def evaluate_heads(target, loss_module: DraftLoss, examples: list[dict], batch_s
         ids, attn, mask = collate([examples[j] for j in idx], pad_id)
         ids, attn, mask = ids.to(device), attn.to(device), mask.to(device)
         with _autocast(device, precision):
-            hidden = _hidden(target, ids, attn, [key_offset + j for j in idx], hidden_cache)
-            _, stats = loss_module(hidden, ids, mask)
+            hidden, pred = _target_outputs(target, ids, attn, [key_offset + j for j in idx], hidden_cache, predictions)
+            _, stats = loss_module(hidden, ids, mask, pred)
         for h, (n, ce, t1, t5) in enumerate(stats):
             sums[4 * h] += n
             sums[4 * h + 1] += ce * n
@@ -171,22 +180,37 @@ def evaluate_heads(target, loss_module: DraftLoss, examples: list[dict], batch_s
     }
 
 
-def _hidden(target, ids, attn, keys: list[int], cache: dict | None) -> torch.Tensor:
-    """Target hidden states for a batch; with a cache, each example's rows are computed once."""
+def target_predictions(target, hidden: torch.Tensor, rows_per_chunk: int = 4) -> torch.Tensor:
+    """The target's greedy token per position ([B,T]) from its final hidden states, a few rows at
+    a time (full-vocabulary logits of a whole batch would be the largest tensor of the step)."""
+    head = target.get_output_embeddings()
+    with torch.no_grad():
+        return torch.cat([head(h).argmax(-1) for h in hidden.split(rows_per_chunk)])
+
+
+def _target_outputs(target, ids, attn, keys: list[int], cache: dict | None,
+                    predictions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Target hidden states for a batch, and its greedy predictions when asked (labels=target);
+    with a cache, each example's rows are computed once."""
     if cache is None or any(k not in cache for k in keys):
         with torch.no_grad():
             hidden = target_hidden(target, ids, attn)
+            pred = target_predictions(target, hidden) if predictions else None
         if cache is not None:
             lengths = attn.sum(1).tolist()
             for row, (key, n) in enumerate(zip(keys, lengths)):
-                cache[key] = hidden[row, : int(n)].detach().clone()
-        return hidden
+                cache[key] = (hidden[row, : int(n)].detach().clone(), None if pred is None else pred[row, : int(n)].clone())
+        return hidden, pred
     t = ids.shape[1]
-    rows = []
-    for key in keys:
-        h = cache[key]
-        rows.append(F.pad(h, (0, 0, 0, t - h.shape[0])) if h.shape[0] < t else h[:t])
-    return torch.stack(rows)
+
+    def padded(x: torch.Tensor) -> torch.Tensor:  # rows to the batch's length (right padding)
+        if x.shape[0] >= t:
+            return x[:t]
+        return F.pad(x, (0, 0, 0, t - x.shape[0])) if x.dim() == 2 else F.pad(x, (0, t - x.shape[0]))
+
+    hidden = torch.stack([padded(cache[k][0]) for k in keys])
+    pred = torch.stack([padded(cache[k][1]) for k in keys]) if predictions else None
+    return hidden, pred
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -223,6 +247,8 @@ def _config_key(drafter_cfg: DrafterConfig, trainer_cfg: DraftTrainerConfig) -> 
     for k in ("max_steps", "log_every", "eval_every", "save_every", "eval_batch_size", "cache_hidden", "cache_hidden_max_gb",
               "cpu_threads"):
         t.pop(k, None)
+    if t.get("labels") == "data":  # the default: checkpoints from before the option still resume
+        t.pop("labels")
     return {"drafter": dataclasses.asdict(drafter_cfg), "trainer": t}
 
 
@@ -256,6 +282,8 @@ def validate_trainer_config(t: DraftTrainerConfig) -> None:
         raise PlmtoolError(f"trainer.cpu_threads must be >= 0 (0 = torch's default), got {t.cpu_threads}")
     if t.lr <= 0:
         raise PlmtoolError(f"trainer.lr must be > 0, got {t.lr}")
+    if t.labels not in LABEL_SOURCES:
+        raise PlmtoolError(f"trainer.labels must be one of {', '.join(LABEL_SOURCES)}, got '{t.labels}'")
 
 
 def split_heldout(examples: list, heldout: int, seed: int) -> tuple[list, list]:
@@ -292,6 +320,7 @@ def train_drafter(target_model, tokenizer, drafter_cfg, trainer_cfg, conversatio
     if precision == "auto":
         precision = "bf16" if device.startswith("cuda") else "fp32"
     torch.manual_seed(trainer_cfg.seed)
+    predictions = trainer_cfg.labels == "target"
 
     target_model.eval()
     target_model.requires_grad_(False)
@@ -359,7 +388,7 @@ def train_drafter(target_model, tokenizer, drafter_cfg, trainer_cfg, conversatio
         if not heldout:
             return {}
         res = evaluate_heads(target_model, loss_module, heldout, trainer_cfg.eval_batch_size, pad_id, device, precision,
-                             hidden_cache, key_offset=len(train_set))
+                             hidden_cache, key_offset=len(train_set), predictions=predictions)
         log.info("step %d held-out top-1 per head: %s", at_step, res["top1"])
         log_metrics({"step": at_step, "eval": res})
         history["eval"].append({"step": at_step, **res})
@@ -389,8 +418,8 @@ def train_drafter(target_model, tokenizer, drafter_cfg, trainer_cfg, conversatio
             ids, attn, mask = collate([train_set[i] for i in idx], pad_id)
             ids, attn, mask = ids.to(device), attn.to(device), mask.to(device)
             with _autocast(device, precision):
-                hidden = _hidden(target_model, ids, attn, idx, hidden_cache)
-                loss, stats = model_for_step(hidden, ids, mask)
+                hidden, pred = _target_outputs(target_model, ids, attn, idx, hidden_cache, predictions)
+                loss, stats = model_for_step(hidden, ids, mask, pred)
             (loss / trainer_cfg.grad_accum).backward()
             step_loss += float(loss.detach()) / trainer_cfg.grad_accum
             for h, (n, ce, t1, _) in enumerate(stats):
@@ -445,6 +474,7 @@ def train_drafter(target_model, tokenizer, drafter_cfg, trainer_cfg, conversatio
             "curve": history["loss"],
         },
         "eval_history": history["eval"],
+        "labels": trainer_cfg.labels,
         "steps": trainer_cfg.max_steps,
         "wall_time_s": round(wall, 2),
         "precision": precision,
