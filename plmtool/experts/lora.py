@@ -6,11 +6,14 @@ parameters require grad); evaluation can mix adapters per sample (`adapter_names
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import math
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,6 +22,7 @@ import torch
 
 from plmtool.errors import PlmtoolError
 from plmtool.experts.tokenize import IGNORE, collate
+from plmtool.io import atomic_write
 
 log = logging.getLogger("plmtool")
 BASE = "__base__"  # peft's name for "no adapter" in mixed batches
@@ -82,66 +86,290 @@ def assistant_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, head = getattr(base, "model", None), base.get_output_embeddings()
     if decoder is None or head is None or getattr(base.config, "final_logit_softcapping", None):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
         if pos.numel() == 0:
             return logits.sum() * 0.0
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).index_select(0, pos).float(), target)
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+    # use_cache=False: a training forward has no use for a key/value cache (it would copy every layer's K and V)
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[:, :-1]
     if pos.numel() == 0:  # nothing to learn in this batch (prompts filled the window)
         return hidden.sum() * 0.0
     picked = hidden.reshape(-1, hidden.size(-1)).index_select(0, pos)
     return torch.nn.functional.cross_entropy(head(picked).float(), target)
 
 
-def train_adapter(model, name: str, encoded: Sequence[dict[str, Any]], pad_id: int, lr: float = 2e-4, epochs: float = 1.0,
-                  batch_size: int = 8, grad_accum: int = 1, max_steps: int | None = None, warmup_ratio: float = 0.03, warmup_steps: int = 0,
-                  weight_decay: float = 0.0, grad_clip: float = 1.0, seed: int = 0, bf16: bool = False,
-                  log_every: int = 10) -> dict[str, Any]:
-    """Train adapter `name` on `encoded` for `epochs` passes; returns timing and loss stats."""
-    from plmtool.progress import track
+CHECKPOINT_VERSION = 1
 
-    if len(encoded) == 0:
-        raise PlmtoolError(f"adapter '{name}': no training samples")
-    model.set_adapter(name)
-    params = _only_trainable(model, name)
-    per_step = batch_size * grad_accum
-    steps = max(1, math.ceil(len(encoded) * epochs / per_step))
+
+def _wall_clock() -> float:
+    """The clock a deadline is compared with (one place, so tests can move time forward)."""
+    return time.time()
+
+
+def _schedule(n: int, epochs: float, per_step: int, max_steps: int | None, warmup_ratio: float,
+              warmup_steps: int) -> tuple[int, bool, int]:
+    """(optimizer steps, whether max_steps cut them, warm-up steps)."""
+    steps = max(1, math.ceil(n * epochs / per_step))
     capped = bool(max_steps and steps > max_steps)
     if capped:
         steps = int(max_steps)
     # warm-up scales with each adapter's own step count unless a fixed number is asked for
     warmup = min(int(warmup_steps), steps) if warmup_steps else int(round(steps * warmup_ratio))
+    return steps, capped, warmup
 
-    def lr_at(step: int) -> float:  # linear warm-up, cosine decay to 0
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
-    rng = np.random.default_rng(seed)
+def _lr_factor(warmup: int, steps: int, step: int) -> float:
+    """Linear warm-up, cosine decay to 0."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+class _DataOrder:
+    """Reshuffled passes over the samples, `k` indices at a time.
+
+    Its state (the generator and what is left of the current pass) goes into checkpoints, so a
+    resumed run draws exactly the batches the uninterrupted run would have drawn.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.rng, self.rest = n, np.random.default_rng(seed), []
+
+    def take(self, k: int) -> list[int]:
+        if len(self.rest) < k:
+            self.rest += self.rng.permutation(self.n).tolist()
+        idx, self.rest = self.rest[:k], self.rest[k:]
+        return idx
+
+    def state(self) -> dict[str, Any]:
+        # the generator state holds 128-bit integers: kept as JSON text
+        return {"generator": json.dumps(self.rng.bit_generator.state), "rest": list(self.rest)}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = json.loads(state["generator"])
+        self.rest = list(state["rest"])
+
+
+def torch_rng_state() -> dict[str, Any]:
+    """The global torch generators (LoRA dropout and adapter initialisation draw from them)."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_torch_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _data_digest(encoded: Sequence[dict[str, Any]]) -> str:
+    """Fingerprint of the training samples in their order (the data order indexes into it)."""
+    h = hashlib.sha256()
+    for e in encoded:
+        for key in ("input_ids", "labels"):
+            a = np.asarray(e[key], dtype=np.int64)
+            h.update(len(a).to_bytes(8, "little"))
+            h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _adapter_digest(model, name: str, named: Sequence[tuple[str, torch.nn.Parameter]]) -> dict[str, Any]:
+    """The LoRA settings that shape the training (rank, scale, dropout, targets) and the parameter shapes."""
+    cfg = model.peft_config[name]
+    targets = cfg.target_modules if isinstance(cfg.target_modules, str) else sorted(cfg.target_modules)
+    shapes = ";".join(f"{n}:{tuple(p.shape)}" for n, p in named)
+    return {"r": cfg.r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "target_modules": targets,
+            "parameters": hashlib.sha256(shapes.encode()).hexdigest()}
+
+
+class _Clock:
+    """Seconds of training: device work included (synchronised at each stop), checkpoint writing not."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.seconds, self.t0 = cuda, 0.0, 0.0
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - self.t0
+
+
+class _LossLog:
+    """Logs the mean training loss every `every` steps without stalling the device.
+
+    `.item()` at a log step would wait for all queued steps and leave the device idle while the
+    host prepares the next batch; instead the window's mean is copied to pinned host memory
+    without blocking and printed at the next log step (or at the end), when the copy is long done.
+    """
+
+    def __init__(self, name: str, steps: int, every: int, cuda: bool):
+        self.name, self.steps, self.every, self.pending = name, steps, every, None
+        # one pinned buffer, reused: flush() has waited for the previous copy before the next one
+        self.host = torch.empty((), dtype=torch.float32, pin_memory=True) if cuda and every else None
+
+    def step(self, done: int, losses: list[torch.Tensor]) -> None:
+        if not self.every or done % self.every or not losses:
+            return
+        self.flush()
+        mean = torch.stack(losses[-self.every:]).mean()
+        ready = None
+        if self.host is not None:
+            self.host.copy_(mean, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            mean = self.host
+        self.pending = (done, mean, ready)
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        done, mean, ready = self.pending
+        if ready is not None:
+            ready.synchronize()
+        log.info("%s step %d/%d loss %.4f", self.name, done, self.steps, float(mean))
+        self.pending = None
+
+
+@dataclass
+class _Progress:
+    """Where a unit's training stands: what a checkpoint records besides the model and optimizer."""
+
+    step: int = 0
+    first: int = 0  # the step this call started from
+    earlier_losses: list[float] = field(default_factory=list)  # per-step losses of earlier calls
+    losses: list[torch.Tensor] = field(default_factory=list)  # this call's, on the device until read
+    tokens: int = 0
+    earlier_seconds: float = 0.0
+    checkpoint_s: float = 0.0
+    pieces: list[dict[str, Any]] = field(default_factory=list)  # earlier calls: steps [from, to], seconds, device
+
+    def all_losses(self) -> list[float]:
+        mine = torch.stack(self.losses).float().cpu().tolist() if self.losses else []
+        return self.earlier_losses + mine
+
+    def with_piece(self, seconds: float, device: str) -> list[dict[str, Any]]:
+        if self.step == self.first:
+            return list(self.pieces)
+        return [*self.pieces, {"steps": [self.first, self.step], "seconds": round(seconds, 3), "device": device}]
+
+
+def _save_checkpoint(path: Path, hparams: dict[str, Any], prog: _Progress, seconds: float, device: str,
+                     named, opt, sched, order: _DataOrder) -> None:
+    t = time.perf_counter()
+    state = {"version": CHECKPOINT_VERSION, "hparams": hparams, "step": prog.step, "tokens": prog.tokens,
+             "seconds": prog.earlier_seconds + seconds, "checkpoint_s": prog.checkpoint_s,
+             "pieces": prog.with_piece(seconds, device), "losses": torch.tensor(prog.all_losses(), dtype=torch.float64),
+             "adapter": {n: p.detach().cpu().clone() for n, p in named}, "optimizer": opt.state_dict(),
+             "scheduler": sched.state_dict(), "data_order": order.state(), "torch_rng": torch_rng_state()}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    prog.checkpoint_s += time.perf_counter() - t
+
+
+def _load_checkpoint(path: Path, hparams: dict[str, Any]) -> dict[str, Any]:
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    if ck.get("version") != CHECKPOINT_VERSION:
+        raise PlmtoolError(f"checkpoint {path} has format version {ck.get('version')}, expected {CHECKPOINT_VERSION}: "
+                           "delete it to train from scratch")
+    saved = ck["hparams"]
+    diff = [f"{k}: {saved.get(k)!r} there, {hparams.get(k)!r} now" for k in sorted(set(saved) | set(hparams))
+            if saved.get(k) != hparams.get(k)]
+    if diff:
+        raise PlmtoolError(f"checkpoint {path} was written with other hyper-parameters or data ({'; '.join(diff)}): "
+                           "delete it (or give another checkpoint path) to train from scratch")
+    return ck
+
+
+def _restore(ck: dict[str, Any], named, opt, sched, order: _DataOrder) -> _Progress:
+    with torch.no_grad():
+        for n, p in named:
+            p.copy_(ck["adapter"][n])
+    opt.load_state_dict(ck["optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    order.load(ck["data_order"])
+    # dropout continues with the random numbers the uninterrupted run would have drawn
+    set_torch_rng_state(ck["torch_rng"])
+    return _Progress(step=ck["step"], first=ck["step"], earlier_losses=ck["losses"].tolist(), tokens=ck["tokens"],
+                     earlier_seconds=ck["seconds"], checkpoint_s=ck["checkpoint_s"], pieces=list(ck["pieces"]))
+
+
+def _device_batch(encoded: Sequence[dict[str, Any]], idx: list[int], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    b = collate([encoded[i] for i in idx], pad_id)
+    b["pos"], b["target"] = labelled_positions(b["labels"])
+    del b["labels"]
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in b.items()}
+    # pinned host memory + non_blocking: the copies queue behind the running step instead of
+    # waiting for it, so the host prepares step t+1 while the device computes step t
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in b.items()}
+
+
+def train_adapter(model, name: str, encoded: Sequence[dict[str, Any]], pad_id: int, lr: float = 2e-4, epochs: float = 1.0,
+                  batch_size: int = 8, grad_accum: int = 1, max_steps: int | None = None, warmup_ratio: float = 0.03, warmup_steps: int = 0,
+                  weight_decay: float = 0.0, grad_clip: float = 1.0, seed: int = 0, bf16: bool = False,
+                  log_every: int = 10, checkpoint: str | Path | None = None, checkpoint_every: int = 0,
+                  deadline: float | None = None) -> dict[str, Any]:
+    """Train adapter `name` on `encoded` for `epochs` passes; returns timing and loss stats.
+
+    With `checkpoint` (a file path) the training can be resumed: the adapter's trainable weights,
+    optimizer, scheduler, data order, torch generators, per-step losses and training seconds are
+    written there atomically every `checkpoint_every` steps (0: not in between), when `deadline`
+    (a `time.time()` value) has passed, and at the end. A later call with the same path, adapter,
+    data and hyper-parameters continues from it and ends where an uninterrupted run would; a
+    finished checkpoint is loaded without training. A checkpoint of other hyper-parameters or data
+    raises PlmtoolError. A call stopped by the deadline returns `finished` False and `steps_done`
+    < `steps`. `seconds` sums the training time of all calls (checkpoint writing excluded).
+    """
+    from plmtool.progress import track
+
+    if len(encoded) == 0:
+        raise PlmtoolError(f"adapter '{name}': no training samples")
+    if deadline is not None and checkpoint is None:
+        raise PlmtoolError(f"adapter '{name}': a deadline needs a checkpoint to save the unfinished training to")
+    model.set_adapter(name)
+    params = _only_trainable(model, name)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    steps, capped, warmup = _schedule(len(encoded), epochs, batch_size * grad_accum, max_steps, warmup_ratio, warmup_steps)
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
+    device_name = torch.cuda.get_device_name(device) if cuda else device.type
     # fused: one kernel for the whole adapter's update instead of a few per parameter tensor
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=cuda)
-    order: list[int] = []
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(_lr_factor, warmup, steps))
+    order = _DataOrder(len(encoded), seed)
+    prog, path, hparams = _Progress(), None, {}
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        hparams = {"adapter": name, "samples": len(encoded), "data_sha256": _data_digest(encoded), "pad_id": pad_id,
+                   "lr": lr, "epochs": epochs, "batch_size": batch_size, "grad_accum": grad_accum, "max_steps": max_steps,
+                   "steps": steps, "warmup": warmup, "weight_decay": weight_decay, "grad_clip": grad_clip, "seed": seed,
+                   "bf16": bf16, "lora": _adapter_digest(model, name, named)}
+        if path.is_file():
+            prog = _restore(_load_checkpoint(path, hparams), named, opt, sched, order)
+            log.info("%s: resuming at step %d/%d from %s", name, prog.step, steps, path)
+    loss_log = _LossLog(name, steps, log_every, cuda)
+    clock = _Clock(cuda)
+
+    def save() -> None:
+        _save_checkpoint(path, hparams, prog, clock.seconds, device_name, named, opt, sched, order)
+
     model.train()
-    losses, tokens = [], 0
-    if cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for step in track(range(steps), f"training {name}", total=steps):
+    clock.start()
+    for step in track(range(prog.step, steps), f"training {name}", total=steps - prog.step):
+        if deadline is not None and _wall_clock() >= deadline:
+            break
         opt.zero_grad(set_to_none=True)
         step_loss = torch.zeros((), device=device)
         for _ in range(grad_accum):
-            if len(order) < batch_size:
-                order += rng.permutation(len(encoded)).tolist()
-            idx, order = order[:batch_size], order[batch_size:]
-            b = collate([encoded[i] for i in idx], pad_id)
-            b["pos"], b["target"] = labelled_positions(b["labels"])
-            tokens += sum(len(encoded[i]["input_ids"]) for i in idx)
-            # pinned host memory + non_blocking: the copies queue behind the running step instead of
-            # waiting for it, so the host prepares step t+1 while the device computes step t
-            b = {k: (v.pin_memory() if cuda else v).to(device, non_blocking=cuda) for k, v in b.items() if k != "labels"}
+            idx = order.take(batch_size)
+            b = _device_batch(encoded, idx, pad_id, device)
+            prog.tokens += sum(len(encoded[i]["input_ids"]) for i in idx)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = assistant_loss(model, b["input_ids"], b["attention_mask"], positions=(b["pos"], b["target"]))
             (loss / grad_accum).backward()
@@ -150,19 +378,35 @@ def train_adapter(model, name: str, encoded: Sequence[dict[str, Any]], pad_id: i
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
         sched.step()
-        losses.append(step_loss)  # kept on the device: read back only when logging and at the end
-        if log_every and (step + 1) % log_every == 0:
-            log.info("%s step %d/%d loss %.4f", name, step + 1, steps, torch.stack(losses[-log_every:]).mean().item())
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+        prog.losses.append(step_loss)  # kept on the device: read back when logging, checkpointing and at the end
+        prog.step = step + 1
+        loss_log.step(prog.step, prog.losses)
+        if path is not None and checkpoint_every and prog.step % checkpoint_every == 0 and prog.step < steps:
+            clock.stop()
+            save()
+            clock.start()
+    clock.stop()
+    loss_log.flush()
+    if path is not None and (prog.step > prog.first or not path.is_file()):
+        save()
     model.eval()
     for p in params:
         p.requires_grad_(False)
-    losses = torch.stack(losses).float().cpu().tolist()
+    return _train_stats(name, len(encoded), epochs, steps, capped, prog, clock.seconds, device_name, path is not None)
+
+
+def _train_stats(name: str, samples: int, epochs: float, steps: int, capped: bool, prog: _Progress, seconds: float,
+                 device: str, checkpointed: bool) -> dict[str, Any]:
+    losses = prog.all_losses()
+    finished = prog.step == steps
     tail = losses[-max(1, len(losses) // 10):]
-    return {"adapter": name, "samples": len(encoded), "epochs": epochs, "steps": steps, "capped_by_max_steps": capped,
-            "train_tokens": tokens, "seconds": round(seconds, 3), "first_loss": losses[0], "final_loss": float(np.mean(tail))}
+    stats = {"adapter": name, "samples": samples, "epochs": epochs, "steps": steps, "capped_by_max_steps": capped,
+             "train_tokens": prog.tokens, "seconds": round(prog.earlier_seconds + seconds, 3),
+             "first_loss": losses[0] if losses else None, "final_loss": float(np.mean(tail)) if finished else None,
+             "finished": finished, "steps_done": prog.step}
+    if checkpointed:
+        stats.update(pieces=prog.with_piece(seconds, device), checkpoint_s=round(prog.checkpoint_s, 3))
+    return stats
 
 
 def save_adapter(model, name: str, target: str | Path, meta: dict[str, Any]) -> None:
