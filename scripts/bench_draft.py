@@ -277,6 +277,9 @@ def run(args) -> None:
                                                "drafter_graph": e.drafter_graph,
                                                "drafter_compiled": e.drafter_compiled,
                                                "static_drafter": e.drafter_step is not None,
+                                               # greedy steps verified, committed and drafted on the device
+                                               "greedy_loop": None if e.greedy_loop is None else
+                                               ("graphs" if e.greedy_loop.graphs else "eager"),
                                                # relative errors of the compiled step's self-check, per step size
                                                "target_step_check": {str(p.n): {q: round(v, 5) for q, v in p.check_errors.items()}
                                                                      for p in (e.plain_step, e.tree_step) if p is not None}}

@@ -708,3 +708,81 @@ def test_program_times_cover_every_program_and_leave_the_caches_empty(target):
     assert engine.runner.length == 0 and engine.drafter_step.cache.length == 0
     prompt = [7, 1, 8, 2]
     assert engine.generate(prompt, max_new_tokens=10).tokens == plain_greedy(target, prompt, 10)
+
+
+# ----------------------------------------------------------------------------- greedy loop on the device
+
+
+@pytest.mark.parametrize("kind", ["amphista", "medusa"])
+def test_greedy_loop_equals_the_general_loop_and_leaves_the_same_caches(target, monkeypatch, kind):
+    """The device-side greedy step (verify, commit, draft without host decisions) emits what the
+    general loop emits, step for step, stops where it stops, and leaves the same target cache."""
+    drafter = _real_drafter(target, kind, seed=3)
+    tree = resolve_tree(TREES["wide"], 3)
+    lean = SpeculativeEngine(target, drafter, tree=tree, max_len=96)
+    monkeypatch.setenv("PLMTOOL_GREEDY_LOOP", "0")
+    general = SpeculativeEngine(target, drafter, tree=tree, max_len=96)
+    assert lean.greedy_loop is not None and general.greedy_loop is None
+    for prompt in prompts(5, seed=21):
+        ref = plain_greedy(target, prompt, 30)
+        stop = ref[12]
+        for gen in (GenerationConfig(max_new_tokens=30), GenerationConfig(max_new_tokens=30, stop_token_ids=[stop])):
+            a, b = lean.generate(prompt, gen), general.generate(prompt, gen)
+            assert a.tokens == b.tokens == ref[: len(a.tokens)] and a.finish_reason == b.finish_reason
+            assert a.accept_lengths == b.accept_lengths
+            assert lean.runner.length == general.runner.length >= len(prompt) + len(a.tokens) - 1
+            for x, y in zip(lean.runner.cache.committed(), general.runner.cache.committed()):
+                torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+            if kind == "amphista" and a.steps:  # the drafter has read every committed position (the general
+                # loop skips the drafter step after the last verification; the device loop has run it)
+                cache = lean.drafter_step.cache
+                assert cache.length == int(cache.start) == lean.runner.length
+
+
+class _Replay:
+    """A CPU stand-in for a captured CUDA graph: replay reruns the function into the captured outputs."""
+
+    def __init__(self, run, out):
+        self.run, self.out = run, out
+
+    def replay(self):
+        res = self.run()
+        if isinstance(res, torch.Tensor):
+            self.out.copy_(res)
+        elif res is not None:
+            for o, r in zip(self.out, res):
+                o.copy_(r)
+
+
+def _fake_capture(run, pool=None, before=lambda: None, warmups=2):
+    before()
+    out = run()
+    out = out.clone() if isinstance(out, torch.Tensor) else (None if out is None else tuple(t.clone() for t in out))
+    return _Replay(run, out), out
+
+
+def test_greedy_loop_with_captured_programs_keeps_its_state_on_the_device(target, monkeypatch):
+    """The replay path: four programs launched in a row with no host value in between (the tree
+    step's start and tokens, the drafter's inputs and count all written on the device), each
+    replay recomputing into its captured outputs as a CUDA graph does. Same output as plain greedy."""
+    from plmtool.draft.decoding import greedy_loop
+
+    monkeypatch.setattr(greedy_loop, "capture_graph", _fake_capture)
+    drafter = _real_drafter(target, "amphista", seed=5)
+    engine = SpeculativeEngine(target, drafter, tree=resolve_tree(TREES["auto"], 3), max_len=96)
+    step, program = engine.tree_step, engine.drafter_step
+    # the programs as captured: replays run at the full attention span, read only their buffers
+    step.graph, step.out = _fake_capture(lambda: step._run(engine.max_len))
+    step._addresses = step._address_signature()
+    program.graph, program.out = _fake_capture(lambda: program._run())
+    program._addresses = program._address_signature()
+    program._reset_cache()
+    engine.greedy_loop = greedy_loop.GreedyTreeLoop(engine.runner, engine.tree, step, program, cuda_graphs=True)
+    assert engine.greedy_loop.graphs
+    host_fills = []
+    monkeypatch.setattr(step.start, "fill_", lambda v: host_fills.append(v) or torch.Tensor.fill_(step.start, v))
+    for prompt in prompts(4, seed=5):
+        host_fills.clear()
+        out = engine.generate(prompt, max_new_tokens=30)
+        assert out.tokens == plain_greedy(target, prompt, 30)
+        assert len(host_fills) == 1  # the committed length is set once per request, then advanced on the device

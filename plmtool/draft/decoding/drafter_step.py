@@ -154,6 +154,16 @@ class DrafterProgram:
         return None
 
     # ------------------------------------------------------------------ use
+    def launch(self) -> torch.Tensor:
+        """Step with `count` and the inputs already written on the device by an earlier program;
+        the caller checks the cache's room and advances its host-side length (it knows the count)."""
+        if self.graph is None:
+            return self._run()
+        if self._address_signature() != self._addresses:
+            raise RuntimeError("a buffer of the captured drafter step was re-created after capture; refusing to replay")
+        self.graph.replay()
+        return self.out
+
     def __call__(self, count: int) -> torch.Tensor:
         # Host-side checks of everything the step indexes with (cheap: host ints). On a GPU an
         # out-of-range count or cache slot would not raise here but fault inside the replay.

@@ -16,19 +16,23 @@ bonus token; the token produced by the prefill is not a step (plain decoding: ex
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import torch
 
-from plmtool.draft.decoding.device import check_device, variable_shape_attention
+from plmtool.draft.decoding.device import check_device, synchronize, variable_shape_attention
 from plmtool.draft.decoding.drafter_step import DrafterProgram
+from plmtool.draft.decoding.greedy_loop import GreedyTreeLoop
 from plmtool.draft.decoding.switches import allowed
 from plmtool.draft.decoding.target import StepProgram, TargetRunner
 from plmtool.draft.decoding.tree import Tree, make_tree
 from plmtool.draft.decoding.verify import Verdict, filter_probs, greedy_verify, sample_verify, typical_verify
 from plmtool.errors import PlmtoolError
+
+log = logging.getLogger("plmtool")
 
 ACCEPTANCE = ("lossless", "typical")
 
@@ -124,6 +128,15 @@ class SpeculativeEngine:
             self.drafter_step = DrafterProgram(drafter, dcache, int(self.tree.paths.shape[1]), self.runner.hidden_size,
                                                self.device, self.runner.dtype, use_drafter_graph,
                                                compile=allowed("PLMTOOL_COMPILE", compile))
+        # greedy decoding with a fixed-shape drafter step: verification, commit and drafting on
+        # the device, no host decision between the programs (greedy_loop.py)
+        self.greedy_loop: GreedyTreeLoop | None = None
+        if self.drafter_step is not None and allowed("PLMTOOL_GREEDY_LOOP", True):
+            try:
+                self.greedy_loop = GreedyTreeLoop(self.runner, self.tree, self.tree_step, self.drafter_step, use_graphs)
+            except Exception as e:  # capture unsupported here: the general loop decodes greedily too
+                log.warning("device-side greedy loop disabled (%s: %s); using the general loop", type(e).__name__, e)
+                synchronize()
         # graphs in use only where every program captured
         self.cuda_graphs = self.plain_step.graph is not None and (self.tree_step is None or self.tree_step.graph is not None)
         self.compiled = self.plain_step.compiled and (self.tree_step is None or self.tree_step.compiled)
@@ -234,6 +247,9 @@ class SpeculativeEngine:
             check_device("the drafter prefill")
             tokens = torch.empty(tree.n, dtype=torch.long, device=self.device)
             nxt = torch.empty(1, max_depth + 1, dtype=torch.long, device=self.device)
+        if gen.temperature == 0 and self.greedy_loop is not None:
+            yield from self._greedy(heads, token, gen, result, stops)
+            return
         # Host reads per step: only the verdict (greedy: one transfer holding the accepted node,
         # its tokens and the bonus token); everything else stays on the device.
         while True:
@@ -279,6 +295,20 @@ class SpeculativeEngine:
                     with variable_shape_attention():
                         heads = drafter.step(hidden.index_select(0, accepted_path).unsqueeze(0), nxt[:, :n], dcache)
                     check_device("the eager drafter step")
+
+    def _greedy(self, heads: torch.Tensor, token: int, gen: GenerationConfig, result: GenerationResult, stops: set[int]):
+        loop = self.greedy_loop
+        assert loop is not None
+        with torch.inference_mode():
+            loop.begin(heads, token)
+        while True:
+            with torch.inference_mode():
+                _, bonus, path = loop.step()
+            kept, done = self._emit(path[1:] + [bonus], gen, result, stops)
+            result.accept_lengths.append(len(kept))
+            yield kept, result
+            if done:
+                return
 
     def _verify(self, tree: Tree, tokens: torch.Tensor, logits: torch.Tensor, gen: GenerationConfig, cpu_gen) -> Verdict:
         if gen.temperature == 0:

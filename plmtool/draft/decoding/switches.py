@@ -5,6 +5,8 @@
     PLMTOOL_STATIC_DRAFTER=0  no fixed-shape drafter step at all: the drafter's variable-shape
                               eager `step` with a fresh cache per request
     PLMTOOL_COMPILE=0         never torch.compile the target step
+    PLMTOOL_GREEDY_LOOP=0     greedy decoding takes the general loop (verdict read before the
+                              host launches compaction and drafting) instead of greedy_loop.py
     PLMTOOL_SYNC_CHECK=1      synchronise after every graph replay and eager drafter step, so a
                               device fault is reported by the program that caused it (slower)
 

@@ -303,6 +303,19 @@ class StepProgram:
                 return f"the step wrote {name} outside its slots"
         return None
 
+    def launch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replay the captured step on what its buffers hold (`tokens`, `start` written on the
+        device by the previous program); for loops that keep the step's inputs on the device."""
+        if self._address_signature() != self._addresses:
+            raise RuntimeError("a buffer of the captured target step (KV cache or static input) was re-created "
+                               "after capture; refusing to replay")
+        self.graph.replay()
+        return self.out
+
+    def eager(self, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step run eagerly on its buffers, attending to slots [0, span)."""
+        return self._run(span)
+
     def __call__(self, tokens: torch.Tensor, start: int):
         r = self.runner
         if start + self.n > r.max_len:
