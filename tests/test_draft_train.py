@@ -46,7 +46,9 @@ def test_target_labels_are_the_targets_greedy_prediction_of_token_t_plus_2_plus_
     with torch.no_grad():
         greedy = target(input_ids=ids, attention_mask=attn).logits.argmax(-1)  # greedy[t] guesses ids[t+1]
         pred = target_predictions(target, target_hidden(target, ids, attn), rows_per_chunk=2)
-    assert torch.equal(pred, greedy)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as in bf16 training: labels stay the fp32 target's
+            pred_autocast = target_predictions(target, target_hidden(target, ids, attn).float())
+    assert torch.equal(pred, greedy) and torch.equal(pred_autocast, greedy)
     for k in range(3):
         valid, labels = head_targets(ids, mask, k, pred)
         assert torch.equal(valid, head_targets(ids, mask, k)[0])  # same supervised positions
@@ -69,6 +71,10 @@ def test_training_on_target_labels_reports_accuracy_against_them(tmp_path, tok):
     assert m["labels"] == "target" and len(m["heads"]["top1"]) == 2
     with pytest.raises(PlmtoolError, match="trainer.labels must be one of data, target"):
         _train(tok, target, tmp_path / "bad", 2, labels="joint")
+    # a run dir trained on the data's tokens does not resume with target labels, and says why
+    _train(tok, target, tmp_path / "d", 4, labels="data")
+    with pytest.raises(PlmtoolError, match="trainer.labels: None there, 'target' now"):
+        _train(tok, target, tmp_path / "d", 6, labels="target")
 
 
 def test_assistant_mask_covers_replies_only(tok):
@@ -145,7 +151,7 @@ def test_every_head_and_component_receives_gradient(tok, kind):
 
 def _train(tok, target, out, steps, **trainer):
     cfg = DraftTrainerConfig(**{"max_steps": steps, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "log_every": 2,
-                                "eval_every": 1000, "save_every": 4, **trainer})
+                                "eval_every": 1000, "save_every": 4, "labels": "data", **trainer})
     return train_drafter(target, tok, DrafterConfig(kind="amphista", num_heads=2), cfg, tiny_conversations(20), out,
                          DraftDataConfig(heldout=4, max_seq_len=96))
 

@@ -184,8 +184,11 @@ def target_predictions(target, hidden: torch.Tensor, rows_per_chunk: int = 4) ->
     """The target's greedy token per position ([B,T]) from its final hidden states, a few rows at
     a time (full-vocabulary logits of a whole batch would be the largest tensor of the step)."""
     head = target.get_output_embeddings()
-    with torch.no_grad():
-        return torch.cat([head(h).argmax(-1) for h in hidden.split(rows_per_chunk)])
+    # in the target's own precision, not the training autocast: the labels must be the tokens the
+    # target picks when it decodes in its dtype (bf16 logits of an fp32 target flip near-ties)
+    device_type = hidden.device.type if hidden.device.type in ("cuda", "cpu") else "cpu"
+    with torch.no_grad(), torch.autocast(device_type=device_type, enabled=False):
+        return torch.cat([head(h.to(head.weight.dtype)).argmax(-1) for h in hidden.split(rows_per_chunk)])
 
 
 def _target_outputs(target, ids, attn, keys: list[int], cache: dict | None,
@@ -247,7 +250,7 @@ def _config_key(drafter_cfg: DrafterConfig, trainer_cfg: DraftTrainerConfig) -> 
     for k in ("max_steps", "log_every", "eval_every", "save_every", "eval_batch_size", "cache_hidden", "cache_hidden_max_gb",
               "cpu_threads"):
         t.pop(k, None)
-    if t.get("labels") == "data":  # the default: checkpoints from before the option still resume
+    if t.get("labels") == "data":  # how checkpoints from before the option were trained: they still resume
         t.pop("labels")
     return {"drafter": dataclasses.asdict(drafter_cfg), "trainer": t}
 
@@ -359,7 +362,11 @@ def train_drafter(target_model, tokenizer, drafter_cfg, trainer_cfg, conversatio
     if ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
         if state["config"] != key:
-            raise PlmtoolError(f"{ckpt_path} was written with a different drafter/trainer config; use a new run dir")
+            diff = [f"{part}.{k}: {state['config'].get(part, {}).get(k)!r} there, {key[part].get(k)!r} now"
+                    for part in key for k in sorted(set(key[part]) | set(state["config"].get(part, {})))
+                    if state["config"].get(part, {}).get(k) != key[part].get(k)]
+            raise PlmtoolError(f"{ckpt_path} was written with a different drafter/trainer config "
+                               f"({'; '.join(diff)}); use a new run dir")
         drafter.load_state_dict(state["drafter"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -371,8 +378,10 @@ def train_drafter(target_model, tokenizer, drafter_cfg, trainer_cfg, conversatio
     hidden_cache: dict | None = {} if trainer_cfg.cache_hidden else None
     if hidden_cache is not None:
         tokens = sum(len(e["input_ids"]) for e in examples)
-        itemsize = 2 if precision == "bf16" or next(target_model.parameters()).dtype in (torch.bfloat16, torch.float16) else 4
-        gb = tokens * dims["hidden_size"] * itemsize / 2**30
+        # hidden states come out in the target's dtype (autocast does not change the final norm's
+        # output), plus one int64 label per token with labels=target
+        itemsize = next(target_model.parameters()).element_size()
+        gb = tokens * (dims["hidden_size"] * itemsize + (8 if predictions else 0)) / 2**30
         if gb > trainer_cfg.cache_hidden_max_gb:
             log.info("not caching hidden states: %.1f GB > trainer.cache_hidden_max_gb=%.1f", gb, trainer_cfg.cache_hidden_max_gb)
             hidden_cache = None

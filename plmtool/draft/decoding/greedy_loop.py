@@ -47,11 +47,22 @@ class GreedyTreeLoop:
         self.host = torch.zeros(self.verdict.shape, dtype=torch.long, pin_memory=self.cuda)
         self.depth_of = [0] + [len(c) for c in tree.choices]  # host copy of tree.depth
         self.commit_graph = self.draft_graph = None
+        self.ready = torch.cuda.Event() if self.cuda else None
+        self._addresses: tuple[int, ...] = ()
         if cuda_graphs and tree_step.graph is not None and program.graph is not None:
             start = tree_step.start
             self.commit_graph, _ = capture_graph(lambda: self._commit(*tree_step.out), before=lambda: start.fill_(0))
             self.draft_graph, _ = capture_graph(lambda: self._draft(program.out))
             start.fill_(0)
+            self._addresses = self._address_signature()
+
+    def _address_signature(self) -> tuple[int, ...]:
+        """Addresses of what `commit` and `draft` read or write besides the other programs' own
+        buffers (those check themselves): a replay after one was re-created would touch freed memory."""
+        t, p = self.tree, self.program
+        tensors = [t.parent, t.paths, t.depth, t.candidate_index, self.verdict, *self.tree_step.out, p.out,
+                   p.hidden, p.next_tokens, p.count, self.runner.cache.k, self.runner.cache.v]
+        return tuple(x.data_ptr() for x in tensors)
 
     @property
     def graphs(self) -> bool:
@@ -101,17 +112,18 @@ class GreedyTreeLoop:
         if length + n > runner.max_len or (dcache is not None and dcache.length + program.n > dcache.max_len):
             raise RuntimeError(f"speculative step past the context of {runner.max_len} tokens")
         if self.graphs:
+            if self._address_signature() != self._addresses:
+                raise RuntimeError("a buffer of the captured greedy step was re-created after capture; refusing to replay")
             self.tree_step.launch()
             self.commit_graph.replay()
             self.host.copy_(self.verdict, non_blocking=self.cuda)
-            ready = torch.cuda.Event() if self.cuda else None
-            if ready is not None:
-                ready.record()
+            if self.ready is not None:  # on the engine's device, whichever device is current
+                self.ready.record(torch.cuda.current_stream(self.verdict.device))
             program.launch()
             self.draft_graph.replay()
             check_device("the greedy speculative step")
-            if ready is not None:
-                ready.synchronize()  # the verdict only: the drafter and the drafting run on meanwhile
+            if self.ready is not None:
+                self.ready.synchronize()  # the verdict only: the drafter and the drafting run on meanwhile
         else:
             tree = self.tree_step
             self._commit(*(tree.launch() if tree.graph is not None else tree.eager(length + n)))
