@@ -786,3 +786,19 @@ def test_greedy_loop_with_captured_programs_keeps_its_state_on_the_device(target
         out = engine.generate(prompt, max_new_tokens=30)
         assert out.tokens == plain_greedy(target, prompt, 30)
         assert len(host_fills) == 1  # the committed length is set once per request, then advanced on the device
+
+
+def test_greedy_loop_after_an_abandoned_stream_and_a_sampled_request(target):
+    """One engine serving what a server sends it: a stream its client dropped after two steps, a
+    sampled request (general loop), then greedy requests (device loop) that must start clean."""
+    drafter = _real_drafter(target, "amphista", seed=7)
+    engine = SpeculativeEngine(target, drafter, tree=resolve_tree(TREES["wide"], 3), max_len=96)
+    first, second = prompts(2, seed=31)
+    stream = engine.stream(first, max_new_tokens=30)
+    for _ in range(3):
+        next(stream)
+    stream.close()
+    engine.generate(second, GenerationConfig(max_new_tokens=20, temperature=0.8, seed=1))
+    for prompt in (first, second):
+        for n in (1, 2, 30):
+            assert engine.generate(prompt, max_new_tokens=n).tokens == plain_greedy(target, prompt, n)

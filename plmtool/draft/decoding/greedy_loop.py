@@ -30,7 +30,7 @@ from plmtool.draft.decoding.device import capture_graph, check_device
 from plmtool.draft.decoding.drafter_step import DrafterProgram
 from plmtool.draft.decoding.target import StepProgram, TargetRunner
 from plmtool.draft.decoding.tree import Tree
-from plmtool.draft.decoding.verify import _deepest
+from plmtool.draft.decoding.verify import greedy_accepted_node
 
 
 class GreedyTreeLoop:
@@ -72,9 +72,7 @@ class GreedyTreeLoop:
     def _commit(self, logits: torch.Tensor, hidden: torch.Tensor) -> None:
         tree, tokens, p, d = self.tree, self.tree_step.tokens[0], self.program, self.max_depth
         pred = logits.argmax(dim=-1)
-        match = tokens == pred.index_select(0, tree.parent)
-        match[:1].fill_(True)
-        best = _deepest(tree, match).view(1)
+        best = greedy_accepted_node(tree, tokens, pred)  # the general loop's rule, on the device
         path = tree.paths.index_select(0, best)[0]  # [d + 1], padded past the node's depth
         length = tree.depth.index_select(0, best) + 1  # [1]
         bonus = pred.index_select(0, best)

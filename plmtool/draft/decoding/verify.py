@@ -35,6 +35,14 @@ class Verdict:
     path_tokens: list[int] | None = None  # tokens of the accepted nodes, root first (None: not read back)
 
 
+def greedy_accepted_node(tree: Tree, tokens: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """The accepted node ([1], on the device) given the target's argmax per node: the deepest node
+    whose every token equals the argmax at its parent."""
+    match = tokens == pred.index_select(0, tree.parent)
+    match[:1].fill_(True)
+    return _deepest(tree, match).view(1)
+
+
 def _deepest(tree: Tree, ok_node: torch.Tensor) -> torch.Tensor:
     """Deepest node whose every node on its path is ok (root always ok); first such node on ties."""
     ok_path = ok_node[tree.paths] | (torch.arange(tree.paths.shape[1], device=ok_node.device) > tree.depth.view(-1, 1))
@@ -46,9 +54,7 @@ def _deepest(tree: Tree, ok_node: torch.Tensor) -> torch.Tensor:
 def greedy_verify(tree: Tree, tokens: torch.Tensor, logits: torch.Tensor) -> Verdict:
     """tokens [n] (node tokens, root first), logits [n, V] from the tree forward."""
     pred = logits.argmax(dim=-1)
-    match = tokens == pred[tree.parent]
-    match[:1].fill_(True)
-    best = _deepest(tree, match).view(1)
+    best = greedy_accepted_node(tree, tokens, pred)
     # one device->host transfer per step: the node, the bonus token and the path's tokens (indexing
     # with a 0-dim tensor would read it on the host: index_select keeps it on the device)
     path_nodes = tree.paths.index_select(0, best)[0]
