@@ -154,9 +154,17 @@ class DrafterProgram:
         return None
 
     # ------------------------------------------------------------------ use
+    def check_room(self) -> None:
+        """Raise unless the cache has room for a step's N rows (checked on the host: past the end
+        the replay would not raise but write out of bounds on a GPU)."""
+        cache = self.cache
+        if cache is not None and cache.length + self.n > cache.max_len:
+            raise ValueError(f"drafter cache full: {cache.length} + {self.n} > {cache.max_len}")
+
     def launch(self) -> torch.Tensor:
         """Step with `count` and the inputs already written on the device by an earlier program;
-        the caller checks the cache's room and advances its host-side length (it knows the count)."""
+        the caller checks the room (`check_room`) and advances the cache's host-side length (it
+        knows the count)."""
         if self.graph is None:
             return self._run()
         if self._address_signature() != self._addresses:
@@ -170,9 +178,8 @@ class DrafterProgram:
         count = int(count)
         if not 1 <= count <= self.n:
             raise ValueError(f"drafter step count {count} outside 1..{self.n}")
+        self.check_room()
         cache = self.cache
-        if cache is not None and cache.length + self.n > cache.max_len:
-            raise ValueError(f"drafter cache full: {cache.length} + {self.n} > {cache.max_len}")
         self.count.fill_(count)
         if self.graph is not None:
             if self._address_signature() != self._addresses:

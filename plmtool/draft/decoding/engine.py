@@ -245,11 +245,12 @@ class SpeculativeEngine:
             with variable_shape_attention():
                 heads = drafter.step(hidden.unsqueeze(0), nxt, dcache)  # [1, K, V] (prefill: eager)
             check_device("the drafter prefill")
-            tokens = torch.empty(tree.n, dtype=torch.long, device=self.device)
-            nxt = torch.empty(1, max_depth + 1, dtype=torch.long, device=self.device)
         if gen.temperature == 0 and self.greedy_loop is not None:
             yield from self._greedy(heads, token, gen, result, stops)
             return
+        with torch.inference_mode():
+            tokens = torch.empty(tree.n, dtype=torch.long, device=self.device)
+            nxt = torch.empty(1, max_depth + 1, dtype=torch.long, device=self.device)
         # Host reads per step: only the verdict (greedy: one transfer holding the accepted node,
         # its tokens and the bonus token); everything else stays on the device.
         while True:

@@ -30,7 +30,7 @@ from plmtool.draft.decoding.device import capture_graph, check_device
 from plmtool.draft.decoding.drafter_step import DrafterProgram
 from plmtool.draft.decoding.target import StepProgram, TargetRunner
 from plmtool.draft.decoding.tree import Tree
-from plmtool.draft.decoding.verify import greedy_accepted_node
+from plmtool.draft.decoding.verify import greedy_accepted_node, tree_depth
 
 
 class GreedyTreeLoop:
@@ -45,7 +45,6 @@ class GreedyTreeLoop:
         self.verdict = torch.zeros(self.max_depth + 3, dtype=torch.long, device=dev)
         self.cuda = dev.type == "cuda"
         self.host = torch.zeros(self.verdict.shape, dtype=torch.long, pin_memory=self.cuda)
-        self.depth_of = [0] + [len(c) for c in tree.choices]  # host copy of tree.depth
         self.commit_graph = self.draft_graph = None
         self.ready = torch.cuda.Event() if self.cuda else None
         self._addresses: tuple[int, ...] = ()
@@ -106,9 +105,9 @@ class GreedyTreeLoop:
         nodes' tokens root first). Advances the host-side lengths of both caches."""
         runner, program, n = self.runner, self.program, self.tree_step.n
         length = runner.length
-        dcache = program.cache
-        if length + n > runner.max_len or (dcache is not None and dcache.length + program.n > dcache.max_len):
-            raise RuntimeError(f"speculative step past the context of {runner.max_len} tokens")
+        # both caches' room, before anything is launched
+        self.tree_step.check_room(length)
+        program.check_room()
         if self.graphs:
             if self._address_signature() != self._addresses:
                 raise RuntimeError("a buffer of the captured greedy step was re-created after capture; refusing to replay")
@@ -128,8 +127,8 @@ class GreedyTreeLoop:
             self.host.copy_(self.verdict)
             self._draft(program.launch())
         node, bonus, *path = self.host.tolist()
-        accepted = self.depth_of[node] + 1
+        accepted = tree_depth(self.tree, node) + 1
         runner.cache.length = length + accepted
-        if dcache is not None:
-            dcache.length += accepted
+        if program.cache is not None:
+            program.cache.length += accepted
         return accepted, bonus, path[:accepted]

@@ -316,10 +316,15 @@ class StepProgram:
         """The step run eagerly on its buffers, attending to slots [0, span)."""
         return self._run(span)
 
+    def check_room(self, start: int) -> None:
+        """Raise unless a step from slot `start` fits the cache (checked on the host: the replay
+        would write out of bounds instead of raising)."""
+        if start + self.n > self.runner.max_len:
+            raise PlmtoolError(f"sequence would exceed the engine's context of {self.runner.max_len} tokens")
+
     def __call__(self, tokens: torch.Tensor, start: int):
         r = self.runner
-        if start + self.n > r.max_len:
-            raise PlmtoolError(f"sequence would exceed the engine's context of {r.max_len} tokens")
+        self.check_room(start)
         if start < 0 or tokens.numel() != self.n:
             raise ValueError(f"step of {self.n} nodes called with {tokens.numel()} tokens at slot {start}")
         self.tokens.copy_(tokens.view(1, -1))
