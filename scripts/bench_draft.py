@@ -234,34 +234,31 @@ def run(args) -> None:
             if k in methods_wanted:
                 setups[k] = setup_drafter(dtype_model, p, tree_spec[k], cal, args.max_len, args.tree_accuracy)
                 engines[k] = drafter_engine(setups[k].drafter, setups[k].tree)
-        if args.tree_ablation and trees is None:
-            # the same drafters with trees built from the other accuracy table (marginal:
-            # independent heads, Medusa's assumption; conditional: given the accepted prefix),
-            # the tree builder's A/B in the same run
+
+        def variants(suffix: str, nodes: int, table: str) -> list[str]:
+            """The trained drafters again, as methods `<kind><suffix>`, with `nodes`-node trees
+            built from accuracy table `table` (marginal or conditional)."""
             from plmtool.draft.decoding.benchmark import DrafterSetup
             from plmtool.draft.decoding.tree import resolve_tree
 
-            other = "conditional" if args.tree_accuracy == "marginal" else "marginal"
-            for k in [k for k in setups if setups[k].measured is not None]:
-                s = setups[k]
-                acc = getattr(s.measured, other)
-                tree = resolve_tree(f"auto:{args.tree_nodes}", s.drafter.num_heads, acc)
-                name = f"{k}_{other}_tree"
-                setups[name] = DrafterSetup(k, s.drafter, tree, acc, s.checkpoint, s.measured)
-                engines[name] = drafter_engine(s.drafter, tree)
-                methods_wanted = methods_wanted + [name]
-        for nodes in (_sizes(args.extra_trees) if trees is None else []):
-            # the same drafters with larger (or smaller) trees from the same accuracy table
-            from plmtool.draft.decoding.benchmark import DrafterSetup
-            from plmtool.draft.decoding.tree import resolve_tree
-
+            names = []
             for k in [k for k in ckpts if k in setups and setups[k].measured is not None]:
                 s = setups[k]
-                tree = resolve_tree(f"auto:{nodes}", s.drafter.num_heads, s.rank_accuracy)
-                name = f"{k}_tree{nodes}"
-                setups[name] = DrafterSetup(k, s.drafter, tree, s.rank_accuracy, s.checkpoint, s.measured)
-                engines[name] = drafter_engine(s.drafter, tree)
-                methods_wanted = methods_wanted + [name]
+                acc = getattr(s.measured, table)
+                tree = resolve_tree(f"auto:{nodes}", s.drafter.num_heads, acc)
+                setups[k + suffix] = DrafterSetup(k, s.drafter, tree, acc, s.checkpoint, s.measured)
+                engines[k + suffix] = drafter_engine(s.drafter, tree)
+                names.append(k + suffix)
+            return names
+
+        if trees is None:
+            if args.tree_ablation:
+                # the tree builder's A/B in the same run: trees from the other accuracy table
+                # (marginal: independent heads, Medusa's assumption; conditional: given the prefix)
+                other = "conditional" if args.tree_accuracy == "marginal" else "marginal"
+                methods_wanted = methods_wanted + variants(f"_{other}_tree", args.tree_nodes, other)
+            for nodes in _sizes(args.extra_trees):  # larger (or smaller) trees from the same table
+                methods_wanted = methods_wanted + variants(f"_tree{nodes}", nodes, args.tree_accuracy)
         methods = {}
         for name in methods_wanted:
             if name in engines:
