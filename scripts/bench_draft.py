@@ -259,6 +259,16 @@ def run(args) -> None:
                 methods_wanted = methods_wanted + variants(f"_{other}_tree", args.tree_nodes, other)
             for nodes in _sizes(args.extra_trees):  # larger (or smaller) trees from the same table
                 methods_wanted = methods_wanted + variants(f"_tree{nodes}", nodes, args.tree_accuracy)
+        ablate = [k for k in args.prefill_ablation.split(",") if k.strip()]
+        if ablate and graphs:
+            # the padded prefill graphs' A/B in the same run: the same engines with eager prefills
+            for k in [k for k in ablate if k in engines and k in methods_wanted]:
+                base = engines[k]
+                engines[k + "_eager_prefill"] = SpeculativeEngine(
+                    dtype_model, base.drafter, None if base.tree is None else setups[k].tree, max_len=args.max_len,
+                    runner=runner, cuda_graphs=graphs, drafter_graph=bool(args.drafter_graph), compile=compile,
+                    static_drafter=bool(args.static_drafter), prefill_graphs=False)
+                methods_wanted = methods_wanted + [k + "_eager_prefill"]
         methods = {}
         for name in methods_wanted:
             if name in engines:
@@ -275,6 +285,7 @@ def run(args) -> None:
                                                "drafter_compiled": e.drafter_compiled,
                                                "static_drafter": e.drafter_step is not None,
                                                # greedy steps verified, committed and drafted on the device
+                                               "prefill_graphs": e.prefill_graphs,
                                                "greedy_loop": None if e.greedy_loop is None else
                                                ("graphs" if e.greedy_loop.graphs else "eager"),
                                                # relative errors of the compiled step's self-check, per step size
@@ -371,6 +382,8 @@ def program_times(engines: dict, methods: dict) -> dict:
     """Where each method's step time goes: its captured programs timed alone, against the time per
     step measured in the benchmark (1000 * accepted per step / total tokens per s over all
     questions); the rest is host work, the device waiting for it, and the prefills (amortised).
+    `decode_step_ms` leaves out each question's time to its first token (the target's prefill);
+    the drafter's prefill, which runs after the first token, stays in it.
     A compiled drafter step is also timed uncompiled (eager capture) for comparison."""
     from plmtool.draft.decoding.drafter_step import DrafterProgram
     from plmtool.draft.decoding.step_timing import drafter_program_time, engine_program_times, rest_of_step
@@ -388,6 +401,10 @@ def program_times(engines: dict, methods: dict) -> dict:
         if m and m.get("tokens_per_s_total"):
             t["measured_step_ms"] = round(1000 * m["mean_accepted"] / m["tokens_per_s_total"], 4)
             t["host_and_other_ms"] = round(rest_of_step(t, t["measured_step_ms"]), 4)
+            if m.get("decode_time_s") and m.get("steps"):  # the same without the prefills (to the first token)
+                t["decode_step_ms"] = round(1000 * m["decode_time_s"] / m["steps"], 4)
+                t["host_after_prefill_ms"] = round(rest_of_step(t, t["decode_step_ms"]), 4)
+                t["first_token_ms"] = round(m["first_token_ms"], 3)
         out[name] = t
     log.info("program times (ms): %s", out)
     return out
@@ -470,6 +487,9 @@ def main() -> None:
     pr.add_argument("--extra-trees", default="",
                     help="comma-separated node budgets: every drafter also decodes with trees of these sizes "
                          "(methods <kind>_tree<N>), from the same accuracy table")
+    pr.add_argument("--prefill-ablation", default="",
+                    help="comma-separated methods (e.g. ar,amphista_tree256) to decode also with eager prefills "
+                         "(methods <name>_eager_prefill), where prefills are graphs")
     pr.add_argument("--labels", default="data", choices=["data", "target"],
                     help="what the heads learn (trainer.labels): the data's tokens or the target's own greedy "
                          "predictions; 'data' by default here so that the commands of runs 1-8 reproduce")

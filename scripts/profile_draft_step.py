@@ -48,6 +48,9 @@ def main() -> None:
                    help="time N generations whose prompts all have lengths no method has seen (first-call costs "
                         "per prompt shape: attention plans, allocator) instead of repeating one prompt")
     p.add_argument("--cudnn-sdpa", type=int, default=1, help="0: disable cuDNN attention in SDPA")
+    p.add_argument("--prefill-lengths", default="",
+                   help="comma-separated prompt lengths: time the target's prefill at each (padded graphs and eager) "
+                        "and each drafter's prefill (eager), milliseconds, median of 5 (`prefill_ms` in the report)")
     args = p.parse_args()
 
     import torch
@@ -123,9 +126,53 @@ def main() -> None:
             "programs_ms": programs, "rest_ms": round(rest_of_step(programs, step_ms), 4),
             "cuda_graphs": engine.cuda_graphs, "drafter_graph": engine.drafter_graph,
             "drafter_compiled": getattr(engine, "drafter_compiled", False)}
+        if args.prefill_lengths:
+            report["kinds"][kind]["prefill_ms"] = prefill_times(engine, [int(x) for x in args.prefill_lengths.split(",")], sync)
         print(kind, json.dumps(report["kinds"][kind]), flush=True)
         print(table[:6000], flush=True)
     (out / "profile.json").write_text(json.dumps(report, indent=1))
+
+
+def prefill_times(engine, lengths: list[int], sync, reps: int = 5) -> dict:
+    """ms per prefill of `n`-token prompts: the target's (through the padded graphs where the
+    runner has them, and eagerly) and, with a drafter, the drafter's over the prompt (eager, what
+    the engine runs before the first speculative step)."""
+    import torch
+
+    from plmtool.draft.decoding.device import variable_shape_attention
+
+    runner, out = engine.runner, {}
+
+    def median_ms(fn) -> float:
+        times = []
+        for _ in range(reps):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(1000 * (time.perf_counter() - t0))
+        return round(statistics.median(times), 3)
+
+    with torch.inference_mode():
+        for n in lengths:
+            prompt = [int(t) for t in torch.randint(0, runner.vocab_size, (n,))]
+            row = {"target_eager": median_ms(lambda: runner.prefill(prompt, graphs=False))}
+            if runner.prefill_graphs is not None:
+                row["target_graphs"] = median_ms(lambda: runner.prefill(prompt, graphs=True))
+            if engine.drafter is not None:
+                _, hidden = runner.prefill(prompt)
+                nxt = torch.tensor([prompt[1:] + [0]], device=runner.device)
+                cache = engine.drafter.new_cache(1, runner.max_len, runner.device, runner.dtype)
+
+                def drafter_prefill():
+                    engine.drafter.crop_cache(cache, 0)
+                    with variable_shape_attention():
+                        engine.drafter.step(hidden.unsqueeze(0), nxt, cache)
+
+                row["drafter_eager"] = median_ms(drafter_prefill)
+            out[str(n)] = row
+    runner.reset()
+    return out
 
 
 if __name__ == "__main__":

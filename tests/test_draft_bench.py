@@ -45,6 +45,11 @@ def test_bench_writes_report_and_spec_bench_answers(monkeypatch, tmp_path, tiny_
         c = lines[0]["choices"][0]
         assert {"turns", "decoding_steps", "new_tokens", "wall_time", "accept_lengths"} <= set(c)
     assert report["methods"]["ar"]["mean_accepted"] == 1.0
+    # time to the first token: engines report it, below their whole time per question; generate() does not
+    for name in ("ar", "medusa", "amphista"):
+        m = report["methods"][name]
+        assert 0 < m["first_token_ms"] < 1000 * m["wall_time_s"] / m["questions"]
+    assert report["methods"]["hf_generate"]["first_token_ms"] is None
     assert report["identical_to_ar"] is True
     assert report["speedups"]["amphista"]["ar"] > 0 and "hf_generate" in report["speedups"]["ar"]
     assert report["trees"]["amphista"]["nodes"] == 9

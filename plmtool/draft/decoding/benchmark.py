@@ -125,13 +125,20 @@ def calibration_sequences(engine: SpeculativeEngine, prompts: Sequence[list[int]
 class Decoded:
     tokens: list[int]
     accept_lengths: list[int] = field(default_factory=list)
+    first_token_s: float | None = None  # from the call to the first token on the host (the prefill)
 
 
 def engine_method(engine: SpeculativeEngine, max_new: int, stops: Sequence[int]) -> Callable[..., Decoded]:
     def run(prompt: list[int], max_new_tokens: int | None = None) -> Decoded:
         gen = GenerationConfig(max_new_tokens=max_new_tokens or max_new, stop_token_ids=list(stops))
-        out = engine.generate(prompt, gen)
-        return Decoded(out.tokens, out.accept_lengths)
+        t0 = time.perf_counter()
+        first, out = None, None
+        # the first token is read on the host (a device sync), so this time is the whole prefill
+        for _, out in engine.stream(prompt, gen):
+            if first is None:
+                first = time.perf_counter() - t0
+        assert out is not None
+        return Decoded(out.tokens, out.accept_lengths, first)
 
     return run
 
@@ -347,6 +354,7 @@ def _timed(fn, qs, device, runs, progress, name, deadline) -> list[dict]:
             "question_id": q["question_id"], "category": q["category"], "tokens": out.tokens,
             "new_tokens": len(out.tokens), "wall_time": t, "times": times,
             "tokens_per_s": len(out.tokens) / t if t > 0 else 0.0, "accept_lengths": out.accept_lengths,
+            "first_token_s": out.first_token_s,  # of the last run
         })
     return recs
 
@@ -373,13 +381,19 @@ def summarize(records: dict[str, list[dict]]) -> dict[str, Any]:
         cats: dict[str, list[dict]] = {}
         for r in recs:
             cats.setdefault(r["category"], []).append(r)
+        firsts = [r["first_token_s"] for r in recs if r.get("first_token_s") is not None]
         methods[name] = {
             "questions": len(recs),
+            # time to the first token (the prompt's prefill), mean over questions; engines only
+            "first_token_ms": 1000 * statistics.mean(firsts) if firsts else None,
             "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in recs),
             "tokens_per_s_total": sum(r["new_tokens"] for r in recs) / max(sum(r["wall_time"] for r in recs), 1e-9),
             "mean_accepted": accepted / steps if steps else 1.0,
             "new_tokens": sum(r["new_tokens"] for r in recs),
             "wall_time_s": sum(r["wall_time"] for r in recs),
+            "steps": steps,
+            # the time after the first token (the decoding steps), where the first token's time is known
+            "decode_time_s": sum(r["wall_time"] - r["first_token_s"] for r in recs) if len(firsts) == len(recs) else None,
             "identical_to_ar": not diverged,
             "divergent_questions": len(diverged),
             "divergences": diverged,
@@ -428,11 +442,14 @@ def render_markdown(report: dict[str, Any]) -> str:
 
     methods = report["methods"]
     bases = [b for b in BASELINES if b in methods]
-    head = ["method", "questions", "tokens/s", "mean accepted"] + [f"× {b}" for b in bases] + ["identical to ar", "divergent q."]
+    head = (["method", "questions", "tokens/s", "mean accepted", "first token ms"] + [f"× {b}" for b in bases]
+            + ["identical to ar", "divergent q."])
     rows = []
     for name, m in methods.items():
         sp = report.get("speedups", {}).get(name, {})
-        rows.append([name, m["questions"], round(m["tokens_per_s"], 2), round(m["mean_accepted"], 3)]
+        first = m.get("first_token_ms")
+        rows.append([name, m["questions"], round(m["tokens_per_s"], 2), round(m["mean_accepted"], 3),
+                     "" if first is None else round(first, 2)]
                     + [round(sp[b], 3) if b in sp else ("1" if b == name else "") for b in bases]
                     + ["yes" if m["identical_to_ar"] else "no", m["divergent_questions"]])
     info = report.get("setup", {})

@@ -86,14 +86,16 @@ class SpeculativeEngine:
 
     def __init__(self, model, drafter=None, tree: Sequence[Sequence[int]] | None = None, max_len: int = 2048,
                  cuda_graphs: bool | str = "auto", static_drafter: bool = True, compile: bool = False,
-                 runner: TargetRunner | None = None, drafter_graph: bool | None = None):
+                 runner: TargetRunner | None = None, drafter_graph: bool | None = None, prefill_graphs: bool = True):
         """`compile`: capture torch.compile'd target and drafter steps (each checked against eager,
         else eager capture); only with CUDA graphs. With a shared `runner` it applies to the drafter
         step only (the runner was built compiled or not). `runner`: share one target runner (its KV cache) between
         engines of the same model that never decode concurrently. `drafter_graph`: capture the
         drafter step as a CUDA graph (None: whenever the target steps are captured).
         PLMTOOL_CUDA_GRAPHS=0 / PLMTOOL_DRAFTER_GRAPH=0 turn graphs off from the environment,
-        PLMTOOL_STATIC_DRAFTER=0 the fixed-shape drafter step (back to the drafter's eager `step`)."""
+        PLMTOOL_STATIC_DRAFTER=0 the fixed-shape drafter step (back to the drafter's eager `step`).
+        `prefill_graphs`: prefill through the runner's padded prefill graphs (`prefill.py`; only with
+        CUDA graphs; PLMTOOL_PREFILL_GRAPHS=0 turns them off), else eagerly."""
         if runner is not None and runner.model is not model:
             raise ValueError("the shared runner belongs to another model")
         self.runner = runner if runner is not None else TargetRunner(model, max_len, compile=compile)
@@ -107,6 +109,9 @@ class SpeculativeEngine:
         use_graphs = allowed("PLMTOOL_CUDA_GRAPHS", use_graphs)
         use_drafter_graph = allowed("PLMTOOL_DRAFTER_GRAPH", use_graphs if drafter_graph is None else (use_graphs and drafter_graph))
         pool = None  # each step program keeps its own graph memory: programs never share outputs
+        self.use_prefill_graphs = allowed("PLMTOOL_PREFILL_GRAPHS", prefill_graphs)
+        if use_graphs and self.use_prefill_graphs:
+            self.runner.enable_prefill_graphs()  # padded prompt lengths, one replay per prefill (prefill.py)
         one = make_tree([])
         self.plain_step = StepProgram(self.runner, one.depth, one.ancestors, use_graphs, pool)
         self.tree: Tree | None = None
@@ -141,6 +146,7 @@ class SpeculativeEngine:
         self.cuda_graphs = self.plain_step.graph is not None and (self.tree_step is None or self.tree_step.graph is not None)
         self.compiled = self.plain_step.compiled and (self.tree_step is None or self.tree_step.compiled)
         self.drafter_graph = self.drafter_step is not None and self.drafter_step.graph is not None
+        self.prefill_graphs = self.use_prefill_graphs and self.runner.prefill_graphs is not None
         self.drafter_compiled = self.drafter_step is not None and self.drafter_step.compiled
 
     @property
@@ -207,11 +213,9 @@ class SpeculativeEngine:
     def _loop(self, prompt: list[int], gen: GenerationConfig, result: GenerationResult, cpu_gen, stops: set[int]):
         runner = self.runner
         with torch.inference_mode():
-            runner.reset()
-            with variable_shape_attention():
-                logits, hidden = runner.extend(prompt)
+            logits, hidden = runner.prefill(prompt, graphs=self.use_prefill_graphs)
             check_device("the target prefill")
-            token = self._choose(logits[-1], gen, cpu_gen)
+            token = self._choose(logits, gen, cpu_gen)
         kept, done = self._emit([token], gen, result, stops)
         yield kept, result
         if done:

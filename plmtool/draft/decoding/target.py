@@ -23,7 +23,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from plmtool.draft.decoding.device import capture_graph, check_device, relative_error, synchronize
+from plmtool.draft.decoding.device import capture_graph, check_device, relative_error, synchronize, variable_shape_attention
 from plmtool.draft.decoding.kv_cache import StaticKVCache
 from plmtool.draft.decoding.switches import allowed, sync_check
 from plmtool.errors import PlmtoolError
@@ -129,6 +129,7 @@ class TargetRunner:
         # the compiled layer step specialises per step shape (1 node, the tree's n nodes);
         # PLMTOOL_COMPILE=0 turns it off without code changes
         self.compiled_forward = self._compiled if allowed("PLMTOOL_COMPILE", compile) else None
+        self.prefill_graphs = None  # PrefillGraphs, from enable_prefill_graphs()
 
     @property
     def length(self) -> int:
@@ -148,6 +149,12 @@ class TargetRunner:
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor, span: int,
                  layer_step=None):
+        hidden = self.hidden_states(ids, positions, slots, mask, span, layer_step)
+        return self.lm_head(hidden), hidden
+
+    def hidden_states(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
+                      span: int, layer_step=None) -> torch.Tensor:
+        """The forward without the vocabulary projection: the final-norm output [n, H]."""
         layer_step = layer_step or decoder_layer_step
         x = self.embed(ids)
         cos, sin = self.rotary(x, positions)
@@ -157,11 +164,34 @@ class TargetRunner:
         fmask = mask if g == 1 else mask.repeat(1, 1, g, 1)
         for i, layer in enumerate(self.layers):
             x = layer_step(self, layer, x, cos, sin, self.cache.k[i], self.cache.v[i], slots, fmask, span)
-        hidden = self.norm(x)
-        return self.lm_head(hidden)[0], hidden[0]
+        return self.norm(x)[0]
 
     def _compiled(self, ids, positions, slots, mask, span):
         return self._forward(ids, positions, slots, mask, span, layer_step=_compiled_layer_step())
+
+    @torch.no_grad()
+    def prefill(self, prompt: list[int], graphs: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reset the cache and run the prompt: (logits of its last token [V], hidden states [n, H]).
+        With `graphs`, replays a padded prefill (`enable_prefill_graphs`) where one was captured."""
+        self.reset()
+        if graphs and self.prefill_graphs is not None:
+            return self.prefill_graphs(prompt)
+        with variable_shape_attention():
+            logits, hidden = self.extend(prompt)
+        return logits[-1], hidden
+
+    def enable_prefill_graphs(self) -> None:
+        """Capture the prefill for a ladder of padded prompt lengths (once per runner; engines that
+        share the runner share them). Logs and keeps the eager prefill where capture fails."""
+        if self.prefill_graphs is None:
+            from plmtool.draft.decoding.prefill import PrefillGraphs
+
+            try:
+                self.prefill_graphs = PrefillGraphs(self)
+            except Exception as e:  # capture unsupported here: prefills stay eager
+                log.warning("prefill CUDA graphs disabled (%s: %s); prefilling eagerly", type(e).__name__, e)
+                self.reset()
+                synchronize()
 
     @torch.no_grad()
     def extend(self, ids: list[int] | torch.Tensor):
