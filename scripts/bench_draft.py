@@ -182,7 +182,7 @@ def run(args) -> None:
                                  batch_size=args.batch, eval_every=max(args.steps // 4, 1),
                                  # resumable every 250 steps: a command cut by its time limit loses little
                                  save_every=min(250, args.steps), log_every=50,
-                                 cache_hidden=True, seed=0, labels=args.labels)
+                                 cache_hidden=True, cache_hidden_max_gb=args.cache_gb, seed=0, labels=args.labels)
     dcfg = DraftDataConfig(max_seq_len=args.seq_len, heldout=args.heldout, min_assistant_tokens=8)
     kinds = {
         "medusa": DrafterConfig(kind="medusa", num_heads=args.heads, medusa_num_layers=1, share_lm_head=False),
@@ -286,6 +286,7 @@ def run(args) -> None:
                                                "static_drafter": e.drafter_step is not None,
                                                # greedy steps verified, committed and drafted on the device
                                                "prefill_graphs": e.prefill_graphs,
+                                               "drafter_prefill_graphs": e.drafter_prefill_graphs,
                                                "greedy_loop": None if e.greedy_loop is None else
                                                ("graphs" if e.greedy_loop.graphs else "eager"),
                                                # relative errors of the compiled step's self-check, per step size
@@ -487,6 +488,10 @@ def main() -> None:
     pr.add_argument("--extra-trees", default="",
                     help="comma-separated node budgets: every drafter also decodes with trees of these sizes "
                          "(methods <kind>_tree<N>), from the same accuracy table")
+    pr.add_argument("--cache-gb", type=float, default=8.0,
+                    help="trainer.cache_hidden_max_gb: keep the target's hidden states (and labels) of every training "
+                         "conversation on the device after their first use when they fit this many GB (epochs 2+ then "
+                         "skip the target's forward)")
     pr.add_argument("--prefill-ablation", default="",
                     help="comma-separated methods (e.g. ar,amphista_tree256) to decode also with eager prefills "
                          "(methods <name>_eager_prefill), where prefills are graphs")

@@ -1,5 +1,6 @@
 """Padded prefills (prefill.py): the padded forward equals the plain one; the self-check rejects a
-prefill whose padding leaks; engines decode the same tokens through it."""
+prefill whose padding leaks; engines decode the same tokens through it. The same for the drafter's
+padded prefill (DrafterPrefills): same heads and drafter cache as the eager `step` prefill."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 
 from draft_decoding_helpers import RandomDrafter, plain_greedy, tiny_llama
 from plmtool.draft.decoding import GenerationConfig, SpeculativeEngine
-from plmtool.draft.decoding.prefill import PrefillGraphs, bucket_lengths
+from plmtool.draft.decoding.drafter_step import DrafterProgram
+from plmtool.draft.decoding.prefill import DrafterPrefills, PrefillGraphs, bucket_lengths, drafter_prefills, lengths_up_to
 from plmtool.draft.decoding.target import TargetRunner
 from plmtool.errors import PlmtoolError
 
@@ -113,3 +115,160 @@ def test_engine_decodes_the_same_through_padded_prefills(target, drafted):
     finally:
         PrefillGraphs.__call__ = original
     assert calls == [1, 7, 16, 30]  # the flagged engine only
+
+
+# ----------------------------------------------------------------------------- the drafter's prefill
+
+DRAFTERS = {"amphista": ("amphista", {}), "amphista-stateless": ("amphista", {"use_staged_adaptation": False}),
+            "medusa": ("medusa", {})}
+TREE = [[0], [1], [0, 0], [0, 1], [0, 0, 0]]
+
+
+def _drafter(target, name: str, seed: int = 0):
+    from plmtool.draft.config import DrafterConfig
+    from plmtool.draft.drafter import build_drafter
+
+    kind, overrides = DRAFTERS[name]
+    drafter = build_drafter(DrafterConfig(kind=kind, num_heads=3, **overrides), target=target)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # random values in the zero-initialised branches: every path does work
+        for p in drafter.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return drafter.eval()
+
+
+def _step_program(drafter, max_len: int) -> DrafterProgram:
+    """What the engine builds: the fixed-shape drafter step over one engine-lifetime cache."""
+    with torch.no_grad():
+        cache = drafter.new_cache(1, max_len, torch.device("cpu"), torch.float32)
+    return DrafterProgram(drafter, cache, 4, 32, torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("name", list(DRAFTERS))
+def test_padded_drafter_prefill_equals_the_eager_step(target, name):
+    """For prompts at and between the ladder's lengths, the padded drafter prefill (run eagerly)
+    returns the heads of the eager `drafter.step` prefill and leaves the same drafter cache: the
+    prompt's slots, the host-side length and the device-side start, even after a longer prompt
+    had dirtied the slots past it."""
+    drafter = _drafter(target, name)
+    step = _step_program(drafter, 64)
+    prefills = DrafterPrefills(step, bucket_lengths(64), cuda_graphs=False)
+    assert prefills.lengths == [16, 24, 32, 48, 64] and max(prefills.check_errors.values()) < 1e-5
+    runner = TargetRunner(target, 64)
+    g = torch.Generator().manual_seed(1)
+    for n in (1, 5, 16, 17, 23, 24, 40, 63):
+        prompt = torch.randint(0, 64, (n + 1,), generator=g).tolist()
+        runner.reset()
+        _, hidden = runner.extend(prompt[:n])
+        nxt = prompt[1:]
+        ref_cache = drafter.new_cache(1, 64)
+        with torch.no_grad():
+            ref = drafter.step(hidden.unsqueeze(0), torch.tensor([nxt]), ref_cache)
+        drafter.crop_cache(step.cache, 0)
+        prefills(torch.randn(60, 32), list(range(60)))  # a longer request before this one
+        drafter.crop_cache(step.cache, 0)
+        heads = prefills(hidden, nxt)
+        torch.testing.assert_close(heads, ref, rtol=1e-5, atol=1e-5)
+        if step.cache is None:  # Medusa: stateless
+            continue
+        assert int(step.cache.start) == int(ref_cache.start)
+        if name == "amphista":
+            assert step.cache.length == ref_cache.length == int(step.cache.start) == n
+        for got, want in zip(step.cache.layers, ref_cache.layers):
+            torch.testing.assert_close(got.k[..., :n, :], want.k[..., :n, :], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got.v[..., :n, :], want.v[..., :n, :], rtol=1e-5, atol=1e-5)
+
+
+def test_padded_drafter_prefill_refuses_what_it_cannot_do(target):
+    drafter = _drafter(target, "amphista")
+    step = _step_program(drafter, 32)
+    prefills = DrafterPrefills(step, [8, 16], cuda_graphs=False)
+    with pytest.raises(PlmtoolError, match="17 tokens outside the prefill lengths 1..16"):
+        prefills(torch.randn(17, 32), list(range(17)))
+    prefills(torch.randn(3, 32), [1, 2, 3])
+    with pytest.raises(RuntimeError, match="empty drafter cache"):
+        prefills(torch.randn(3, 32), [1, 2, 3])
+    with pytest.raises(ValueError, match="outside 1..32"):
+        DrafterPrefills(step, [16, 64], cuda_graphs=False)
+    assert lengths_up_to(96, 80) == [16, 24, 32, 48, 64, 96] and lengths_up_to(2048, 100) == [16, 24, 32, 48, 64, 96, 128]
+
+
+@pytest.mark.parametrize("name", ["amphista", "medusa"])
+@pytest.mark.parametrize("shift", [-1, 1])
+def test_drafter_prefill_self_check_catches_an_off_by_one_count(target, monkeypatch, caplog, name, shift):
+    """A padded prefill that takes one row too many or too few (the count off by one) fails the
+    self-check against the eager step; the engine is then left with the eager prefill."""
+    original = DrafterProgram.__call__
+
+    def off_by_one(self, count):
+        return original(self, min(max(count + shift, 1), self.n))
+
+    step = _step_program(_drafter(target, name), 64)
+    monkeypatch.setattr(DrafterProgram, "__call__", off_by_one)
+    with pytest.raises(RuntimeError, match="padded drafter prefill of length 16 differs"):
+        DrafterPrefills(step, bucket_lengths(64), cuda_graphs=False)
+    with caplog.at_level(logging.WARNING, logger="plmtool"):
+        assert drafter_prefills(step, bucket_lengths(64), cuda_graphs=False) is None
+    assert "drafter prefill CUDA graphs disabled" in caplog.text
+    if step.cache is not None:
+        assert step.cache.length == 0 and int(step.cache.start) == 0
+
+
+class _Replay:
+    """A CPU stand-in for a captured CUDA graph: replay reruns the function into the captured output."""
+
+    def __init__(self, run, out):
+        self.run, self.out = run, out
+
+    def replay(self):
+        self.out.copy_(self.run())
+
+
+def _fake_capture(run, pool=None, before=lambda: None, warmups=2):
+    before()
+    out = run().clone()
+    return _Replay(run, out), out
+
+
+@pytest.mark.parametrize("name", list(DRAFTERS))
+@pytest.mark.parametrize("replayed", [False, True])
+def test_engine_decodes_the_same_through_padded_drafter_prefills(target, monkeypatch, name, replayed):
+    """Greedy decoding (device loop and general loop) and sampling through the padded drafter
+    prefill equal the eager drafter prefill, step for step, and greedy equals plain greedy; the
+    engine's prefill flag and PLMTOOL_PREFILL_GRAPHS=0 turn it off. `replayed`: the prefills as
+    captured (stand-in graphs that recompute into their captured outputs, one pool for all)."""
+    from plmtool.draft.decoding import drafter_step
+
+    if replayed:
+        monkeypatch.setattr(drafter_step, "capture_graph", _fake_capture)
+        monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    calls = []
+    original = DrafterPrefills.__call__
+    monkeypatch.setattr(DrafterPrefills, "__call__", lambda self, h, t: calls.append(h.shape[0]) or original(self, h, t))
+    drafter = _drafter(target, name, seed=2)
+    padded = SpeculativeEngine(target, drafter, TREE, max_len=96)
+    eager = SpeculativeEngine(target, drafter, TREE, max_len=96, prefill_graphs=False)
+    monkeypatch.setenv("PLMTOOL_PREFILL_GRAPHS", "0")
+    off = SpeculativeEngine(target, drafter, TREE, max_len=96)
+    monkeypatch.delenv("PLMTOOL_PREFILL_GRAPHS")
+    # on the CPU no drafter step is captured, so no engine builds them itself: attach them
+    assert padded.drafter_prefills is None and not off.use_prefill_graphs
+    lengths = lengths_up_to(96, 96 - 1 - padded.tree.n)
+    for engine in (padded, eager, off):
+        engine.drafter_prefills = DrafterPrefills(engine.drafter_step, lengths, cuda_graphs=replayed)
+        assert all((p.graph is not None) == replayed for p in engine.drafter_prefills.programs.values())
+    calls.clear()  # the self-checks' prefills
+    g = torch.Generator().manual_seed(3)
+    for n in (1, 7, 16, 17, 30):
+        prompt = torch.randint(3, 64, (n,), generator=g).tolist()
+        want = plain_greedy(target, prompt, 12)
+        for gen in (GenerationConfig(max_new_tokens=12), GenerationConfig(max_new_tokens=12, temperature=0.7, seed=n)):
+            a, b, c = (e.generate(prompt, gen) for e in (padded, eager, off))
+            assert a.tokens == b.tokens == c.tokens and a.accept_lengths == b.accept_lengths == c.accept_lengths
+            if gen.temperature == 0:
+                assert a.tokens == want
+    assert calls == [1, 1, 7, 7, 16, 16, 17, 17, 30, 30]  # the flagged engine only, greedy and sampled
+    # the general loop (greedy, read the verdict first) through the padded prefill too
+    padded.greedy_loop = None
+    assert padded.generate([5, 9, 11], max_new_tokens=12).tokens == plain_greedy(target, [5, 9, 11], 12)

@@ -35,11 +35,19 @@ class DrafterProgram:
     """
 
     def __init__(self, drafter, cache: Any, n: int, hidden_size: int, device: torch.device, dtype: torch.dtype,
-                 cuda_graph: bool = False, compile: bool = False):
-        self.drafter, self.cache, self.n = drafter, cache, n
-        self.hidden = torch.zeros(1, n, hidden_size, device=device, dtype=dtype)
-        self.next_tokens = torch.zeros(1, n, dtype=torch.long, device=device)
-        self.count = torch.ones((), dtype=torch.long, device=device)
+                 cuda_graph: bool = False, compile: bool = False, buffers: tuple | None = None, pool=None,
+                 name: str = "drafter step"):
+        """`buffers`: (hidden [1,n,H], next_tokens [1,n], count) to use instead of new ones (the
+        padded drafter prefills of prefill.py give views of one buffer to all their lengths);
+        `pool`: the CUDA graph memory pool to capture into (None: a pool of its own); `name`: what
+        errors and device-fault reports call this program."""
+        self.drafter, self.cache, self.n, self.name, self.pool = drafter, cache, n, name, pool
+        if buffers is not None:
+            self.hidden, self.next_tokens, self.count = buffers
+        else:
+            self.hidden = torch.zeros(1, n, hidden_size, device=device, dtype=dtype)
+            self.next_tokens = torch.zeros(1, n, dtype=torch.long, device=device)
+            self.count = torch.ones((), dtype=torch.long, device=device)
         self.graph = None
         self.out: torch.Tensor | None = None
         self.compiled = False  # the captured graph runs the torch.compile'd step
@@ -51,8 +59,7 @@ class DrafterProgram:
         for compiled in ([True] if compile else []) + [False]:
             try:
                 with torch.no_grad():
-                    self._capture(compiled)
-                    self._addresses = self._address_signature()
+                    self.capture(compiled)
                     problem = self._self_check(compiled)
                 if problem:
                     raise RuntimeError(problem)
@@ -87,7 +94,13 @@ class DrafterProgram:
 
     def _capture(self, compiled: bool = False) -> None:
         self.count.fill_(self.n)
-        self.graph, self.out = capture_graph(lambda: self._run(compiled), before=lambda: self._set_start(0))
+        self.graph, self.out = capture_graph(lambda: self._run(compiled), self.pool, before=lambda: self._set_start(0))
+
+    def capture(self, compiled: bool = False) -> None:
+        """Capture the step (from an empty cache) and record the addresses the graph is bound to;
+        no self-check: the constructor runs its own, the padded drafter prefills theirs."""
+        self._capture(compiled)
+        self._addresses = self._address_signature()
 
     def _address_signature(self) -> tuple[int, ...]:
         """Addresses of every persistent tensor the graph reads or writes: a replay after one of
@@ -167,29 +180,31 @@ class DrafterProgram:
         knows the count)."""
         if self.graph is None:
             return self._run()
-        if self._address_signature() != self._addresses:
-            raise RuntimeError("a buffer of the captured drafter step was re-created after capture; refusing to replay")
+        self._check_addresses()
         self.graph.replay()
         return self.out
+
+    def _check_addresses(self) -> None:
+        if self._address_signature() != self._addresses:
+            raise RuntimeError(f"a buffer of the captured {self.name} was re-created after capture; refusing to replay")
 
     def __call__(self, count: int) -> torch.Tensor:
         # Host-side checks of everything the step indexes with (cheap: host ints). On a GPU an
         # out-of-range count or cache slot would not raise here but fault inside the replay.
         count = int(count)
         if not 1 <= count <= self.n:
-            raise ValueError(f"drafter step count {count} outside 1..{self.n}")
+            raise ValueError(f"{self.name} count {count} outside 1..{self.n}")
         self.check_room()
         cache = self.cache
         self.count.fill_(count)
         if self.graph is not None:
-            if self._address_signature() != self._addresses:
-                raise RuntimeError("a buffer of the captured drafter step was re-created after capture; refusing to replay")
+            self._check_addresses()
             self.graph.replay()
             out = self.out
-            check_device("the drafter step graph replay")
+            check_device(f"the {self.name} graph replay")
         else:
             out = self._run()
-            check_device("the eager drafter step")
+            check_device(f"the eager {self.name}")
         if cache is not None:
             cache.length += count  # host bookkeeping; step_static advanced cache.start on the device
         return out

@@ -26,6 +26,7 @@ import torch
 from plmtool.draft.decoding.device import check_device, synchronize, variable_shape_attention
 from plmtool.draft.decoding.drafter_step import DrafterProgram
 from plmtool.draft.decoding.greedy_loop import GreedyTreeLoop
+from plmtool.draft.decoding.prefill import DrafterPrefills, drafter_prefills, lengths_up_to
 from plmtool.draft.decoding.switches import allowed
 from plmtool.draft.decoding.target import StepProgram, TargetRunner
 from plmtool.draft.decoding.tree import Tree, make_tree
@@ -95,7 +96,8 @@ class SpeculativeEngine:
         PLMTOOL_CUDA_GRAPHS=0 / PLMTOOL_DRAFTER_GRAPH=0 turn graphs off from the environment,
         PLMTOOL_STATIC_DRAFTER=0 the fixed-shape drafter step (back to the drafter's eager `step`).
         `prefill_graphs`: prefill through the runner's padded prefill graphs (`prefill.py`; only with
-        CUDA graphs; PLMTOOL_PREFILL_GRAPHS=0 turns them off), else eagerly."""
+        CUDA graphs; PLMTOOL_PREFILL_GRAPHS=0 turns them off), else eagerly; the drafter's prefill
+        likewise (padded drafter prefill graphs where the drafter step is captured)."""
         if runner is not None and runner.model is not model:
             raise ValueError("the shared runner belongs to another model")
         self.runner = runner if runner is not None else TargetRunner(model, max_len, compile=compile)
@@ -142,11 +144,19 @@ class SpeculativeEngine:
             except Exception as e:  # capture unsupported here: the general loop decodes greedily too
                 log.warning("device-side greedy loop disabled (%s: %s); using the general loop", type(e).__name__, e)
                 synchronize()
+        # the drafter's prefill padded to the same ladder, one replay per request over the drafter
+        # step's cache; only where that step is captured (an eager padded prefill saves nothing)
+        self.drafter_prefills: DrafterPrefills | None = None
+        if self.use_prefill_graphs and self.drafter_step is not None and self.drafter_step.graph is not None:
+            # the longest prompt check_request lets through: room for one new token and the tree
+            longest = self.max_len - 1 - self.tree.n
+            self.drafter_prefills = drafter_prefills(self.drafter_step, lengths_up_to(self.max_len, longest))
         # graphs in use only where every program captured
         self.cuda_graphs = self.plain_step.graph is not None and (self.tree_step is None or self.tree_step.graph is not None)
         self.compiled = self.plain_step.compiled and (self.tree_step is None or self.tree_step.compiled)
         self.drafter_graph = self.drafter_step is not None and self.drafter_step.graph is not None
         self.prefill_graphs = self.use_prefill_graphs and self.runner.prefill_graphs is not None
+        self.drafter_prefill_graphs = self.drafter_prefills is not None and self.drafter_prefills.cuda_graphs
         self.drafter_compiled = self.drafter_step is not None and self.drafter_step.compiled
 
     @property
@@ -245,9 +255,14 @@ class SpeculativeEngine:
                 drafter.crop_cache(dcache, 0)
             else:
                 dcache = drafter.new_cache(1, self.max_len, self.device, runner.dtype)
-            nxt = torch.tensor([prompt[1:] + [token]], device=self.device)
-            with variable_shape_attention():
-                heads = drafter.step(hidden.unsqueeze(0), nxt, dcache)  # [1, K, V] (prefill: eager)
+            if self.use_prefill_graphs and self.drafter_prefills is not None:
+                # padded to the ladder, one replay over `program.cache` (prefill.py); leaves the
+                # cache as the eager prefill does: host-side length and device-side start n
+                heads = self.drafter_prefills(hidden, prompt[1:] + [token])  # [1, K, V]
+            else:
+                nxt = torch.tensor([prompt[1:] + [token]], device=self.device)
+                with variable_shape_attention():
+                    heads = drafter.step(hidden.unsqueeze(0), nxt, dcache)  # [1, K, V] (prefill: eager)
             check_device("the drafter prefill")
         if gen.temperature == 0 and self.greedy_loop is not None:
             yield from self._greedy(heads, token, gen, result, stops)

@@ -7,8 +7,8 @@
     PLMTOOL_COMPILE=0         never torch.compile the target step
     PLMTOOL_GREEDY_LOOP=0     greedy decoding takes the general loop (verdict read before the
                               host launches compaction and drafting) instead of greedy_loop.py
-    PLMTOOL_PREFILL_GRAPHS=0  prompts are prefilled eagerly instead of through the padded
-                              prefill graphs (prefill.py)
+    PLMTOOL_PREFILL_GRAPHS=0  prompts are prefilled eagerly (the target's and the drafter's
+                              prefill) instead of through the padded prefill graphs (prefill.py)
     PLMTOOL_SYNC_CHECK=1      synchronise after every graph replay and eager drafter step, so a
                               device fault is reported by the program that caused it (slower)
 
