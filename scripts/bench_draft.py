@@ -260,7 +260,7 @@ def run(args) -> None:
             for nodes in _sizes(args.extra_trees):  # larger (or smaller) trees from the same table
                 methods_wanted = methods_wanted + variants(f"_tree{nodes}", nodes, args.tree_accuracy)
         ablate = [k for k in args.prefill_ablation.split(",") if k.strip()]
-        if ablate and graphs:
+        if ablate and graphs and device == "cuda":
             # the padded prefill graphs' A/B in the same run: the same engines with eager prefills
             for k in [k for k in ablate if k in engines and k in methods_wanted]:
                 base = engines[k]
