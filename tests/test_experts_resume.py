@@ -211,3 +211,55 @@ def test_bench_run_killed_then_stopped_by_its_time_budget_resumes_to_the_same_lo
     assert [p["steps"] for p in full["pieces"]] == [[0, 5], [5, 12]]
     assert full["final_loss"] == ref["units"]["full"]["train"]["final_loss"]
     assert second["train_seconds"]["full"] == full["seconds"]
+
+
+def test_train_command_killed_mid_unit_resumes_to_the_same_adapter(tmp_path, tiny_llama_dir, monkeypatch):
+    """`plmtool experts train` killed inside a unit resumes it from the unit's last checkpoint
+    (every trainer.save_every steps) and ends with the adapter an uninterrupted job trains."""
+    from safetensors.torch import load_file
+    from test_experts_model import plmtool, write_fixture
+
+    monkeypatch.setenv("PLMTOOL_CACHE", str(tmp_path / "cache"))
+    common = [f"model.name_or_path={tiny_llama_dir}", "model.device=cpu", "model.dtype=float32"]
+    d = tmp_path / "D"
+    assert plmtool("experts", "redistribute", "experiment=smoke", *common, f"experts.data={write_fixture(tmp_path / 't.jsonl', 8)}",
+                   "experts.limit=null", "experts.heldout=0.2", "experts.budget=0.5", "experts.floor=2",
+                   f"hydra.run.dir={d}") in (0, None)
+    job = [*common, f"experts.redistribution={d}", "experts.baseline=random", "trainer.batch_size=2", "trainer.epochs=2",
+           "trainer.save_every=1", "trainer.log_every=1"]
+    # the uninterrupted job, into its own adapters directory
+    assert plmtool("experts", "train", "experiment=smoke", *job, f"experts.adapters_dir={tmp_path / 'whole'}",
+                   f"hydra.run.dir={tmp_path / 'E0'}") in (0, None)
+    whole = json.loads((tmp_path / "E0" / "report.json").read_text())["train"]["random"]
+    assert whole["steps"] >= 6
+
+    calls = iter(range(10**9))
+    real_loss = lora.assistant_loss
+
+    def dies_at_step_4(*a, **k):
+        if next(calls) == 3:
+            raise RuntimeError("killed")
+        return real_loss(*a, **k)
+
+    monkeypatch.setattr(lora, "assistant_loss", dies_at_step_4)
+    assert plmtool("experts", "train", "experiment=smoke", *job, f"hydra.run.dir={tmp_path / 'E1'}") not in (0, None)
+    (ckpt,) = (d / "adapters" / "checkpoints").glob("random-*.pt")
+    assert torch.load(ckpt, weights_only=False)["step"] == 3
+    assert not (d / "adapters" / "random" / "adapter_config.json").exists()  # no adapter from a killed job
+
+    monkeypatch.setattr(lora, "assistant_loss", real_loss)
+    assert plmtool("experts", "train", "experiment=smoke", *job, f"hydra.run.dir={tmp_path / 'E2'}") in (0, None)
+    resumed = json.loads((tmp_path / "E2" / "report.json").read_text())["train"]["random"]
+    assert [p["steps"] for p in resumed["pieces"]] == [[0, 3], [3, whole["steps"]]]
+    assert resumed["final_loss"] == pytest.approx(whole["final_loss"], rel=1e-6)
+    assert not ckpt.exists()  # removed once the adapter is saved
+    a = load_file(d / "adapters" / "random" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "whole" / "random" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # the unit's adapter does not depend on the job: trained among all units it is the same
+    everything = [a for a in job if not a.startswith("experts.baseline")]
+    assert plmtool("experts", "train", "experiment=smoke", *everything, f"experts.adapters_dir={tmp_path / 'all'}",
+                   f"hydra.run.dir={tmp_path / 'E3'}") in (0, None)
+    c = load_file(tmp_path / "all" / "random" / "adapter_model.safetensors")
+    assert all(torch.equal(c[k], b[k]) for k in b)

@@ -10,7 +10,9 @@ same budget per sample):
 Adapters are saved under `adapters_dir` (default `<redistribution>/adapters`) with a fingerprint
 of everything that determines them, so independent jobs (`experts.expert_index=0,1,2 -m`, a Slurm
 array) fill the same directory and a later `experts.mode=assemble` run evaluates them; a run that
-finds an adapter with the same fingerprint reuses it (resume).
+finds an adapter with the same fingerprint reuses it (resume). A unit killed while training resumes
+from its last checkpoint (`adapters_dir/checkpoints/<unit>-<fingerprint>.pt`, written every
+`trainer.save_every` steps, removed once the adapter is saved) and ends as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
 
 from plmtool.errors import PlmtoolError
 from plmtool.experts.losses import encoded_losses, mean_loss
@@ -83,6 +87,16 @@ def _fingerprint(unit: str, ids: list[str], o: Any, trainer: Any, model_id: str,
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
+def unit_seed(seed: int, unit: str) -> int:
+    """The seed of unit `unit`'s random stream: a function of the run's seed and the unit's name only."""
+    return (seed * 1_000_003 + zlib.crc32(unit.encode())) % 2**63
+
+
+def checkpoint_path(adapters: Path, unit: str, fingerprint: str) -> Path:
+    """Where unit `unit` keeps its training state until its adapter is saved."""
+    return adapters / "checkpoints" / f"{unit}-{fingerprint}.pt"
+
+
 def _targets(o: Any):
     t = list(o.lora.target_modules)
     return "all-linear" if t == ["all-linear"] else t
@@ -122,13 +136,21 @@ def run(o: Any, trainer: Any, run_dir: Path, seed: int, load: Callable[[], tuple
         if u in jobs and not fresh:
             if not data[u]:
                 raise PlmtoolError(f"{u}: empty training shard")
+            # the unit's own random stream (adapter initialisation, then LoRA dropout): the same
+            # adapter whether the unit trains alone (a multirun / Slurm array job) or after others
+            torch.manual_seed(unit_seed(seed, u))
             model = add_adapters(model, [u], cfg)
             enc = [encode(tok, s["messages"], max_len, mpl) for s in data[u]]
+            # a killed job resumes mid-unit: the training state every trainer.save_every steps, in a
+            # file named by the unit's fingerprint (other settings never meet this checkpoint)
+            ckpt = checkpoint_path(adapters, u, fps[u])
             stats = train_adapter(model, u, enc, pad, lr=trainer.lr, epochs=trainer.epochs, batch_size=trainer.batch_size,
                                   grad_accum=trainer.grad_accum, max_steps=trainer.max_steps, weight_decay=trainer.weight_decay,
                                   warmup_steps=getattr(trainer, "warmup_steps", 0) or 0,
-                                  grad_clip=trainer.grad_clip, seed=seed, bf16=bf16, log_every=trainer.log_every)
+                                  grad_clip=trainer.grad_clip, seed=seed, bf16=bf16, log_every=trainer.log_every,
+                                  checkpoint=ckpt, checkpoint_every=int(getattr(trainer, "save_every", 0) or 0))
             save_adapter(model, u, path, {"fingerprint": fps[u], "stats": stats})
+            ckpt.unlink(missing_ok=True)  # the saved adapter is the result now
             train_stats[u] = {**stats, "reused": False}
         elif fresh or (saved is not None and u not in jobs and o.mode in ("assemble", "generate")):
             # assemble / generate use what the jobs trained, whatever their settings (recorded)
