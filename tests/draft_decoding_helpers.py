@@ -129,3 +129,18 @@ class OracleDrafter(nn.Module):
             else:
                 logits[k, tok] = 10.0
         return logits.unsqueeze(0).to(hidden.dtype)
+
+
+def perturbed_drafter(target, kind: str, seed: int = 0, **overrides):
+    """A real plmtool drafter (3 heads) on `target` with random values added to every trainable
+    weight, so the zero-initialised branches do work too."""
+    from plmtool.draft.config import DrafterConfig
+    from plmtool.draft.drafter import build_drafter
+
+    drafter = build_drafter(DrafterConfig(kind=kind, num_heads=3, **overrides), target=target)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in drafter.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return drafter.eval()

@@ -180,3 +180,56 @@ def test_interleaved_benchmark_survives_warmup_errors_and_stops_cleanly_on_a_dev
     assert run_benchmark({"ar": ok, "faulty": dies_in_warmup}, questions, torch.device("cpu"), runs=1, warmup=1,
                          errors=errors, interleave=True) == {}
     assert errors["faulty"].startswith(DEVICE_FAULT)
+
+
+# ----------------------------------------------------------------------------- scripts/bench_draft.py
+
+
+def _bench_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_draft.py"
+    spec = importlib.util.spec_from_file_location("bench_draft", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_script_reads_plain_and_compressed_data(tmp_path):
+    import gzip
+    import lzma
+
+    bench = _bench_script()
+    data = {"conversations": [[{"role": "user", "content": "héllo"}, {"role": "assistant", "content": "hi"}]], "questions": []}
+    text = json.dumps(data).encode("utf-8")
+    (tmp_path / "d.json").write_bytes(text)
+    (tmp_path / "d.json.gz").write_bytes(gzip.compress(text))
+    (tmp_path / "d.json.xz").write_bytes(lzma.compress(text))
+    for name in ("d.json", "d.json.gz", "d.json.xz"):
+        assert bench._load_data(str(tmp_path / name)) == data, name
+
+
+def test_bench_script_reuses_only_a_finished_drafter_of_the_same_config(tmp_path):
+    import dataclasses
+
+    import torch
+
+    from plmtool.draft.config import DraftTrainerConfig
+    from plmtool.draft.train import CHECKPOINT, _config_key
+
+    bench = _bench_script()
+    cfg, trainer = DrafterConfig(kind="amphista", num_heads=3), DraftTrainerConfig(max_steps=6, labels="target")
+    run = tmp_path / "amphista"
+    assert not bench._finished(run, cfg, trainer)  # nothing there
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "train_metrics.json").write_text("{}")
+    torch.save({"step": 4, "config": _config_key(cfg, trainer)}, run / CHECKPOINT)
+    assert not bench._finished(run, cfg, trainer)  # stopped at step 4 of 6: resumed, not reused
+    torch.save({"step": 6, "config": _config_key(cfg, trainer)}, run / CHECKPOINT)
+    assert bench._finished(run, cfg, trainer)
+    assert not bench._finished(run, cfg, dataclasses.replace(trainer, lr=5e-4))
+    assert not bench._finished(run, cfg, dataclasses.replace(trainer, labels="data"))
+    assert not bench._finished(run, dataclasses.replace(cfg, num_heads=4), trainer)
+    # logging and caching settings do not make it another run
+    assert bench._finished(run, cfg, dataclasses.replace(trainer, log_every=1, cache_hidden_max_gb=40.0))

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from draft_decoding_helpers import OracleDrafter, RandomDrafter, plain_greedy, tiny_llama
+from draft_decoding_helpers import OracleDrafter, RandomDrafter, perturbed_drafter, plain_greedy, tiny_llama
 from plmtool.draft.decoding import GenerationConfig, SpeculativeEngine, build_tree, make_tree, resolve_tree, validate_tree
 from plmtool.draft.decoding.target import TargetRunner
 from plmtool.draft.decoding.tree import expected_accept_length
@@ -311,19 +311,6 @@ def test_speculative_step_reads_the_device_once(target):
 # ----------------------------------------------------------------------------- fixed-shape drafter step
 
 
-def _real_drafter(target, kind: str, seed: int, **overrides):
-    from plmtool.draft.config import DrafterConfig
-    from plmtool.draft.drafter import build_drafter
-
-    drafter = build_drafter(DrafterConfig(kind=kind, num_heads=3, **overrides), target=target)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # random values in the zero-initialised branches: every path does work
-        for p in drafter.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.2)
-    return drafter.eval()
-
-
 @pytest.mark.parametrize("kind,overrides", [("amphista", {}), ("amphista", {"use_staged_adaptation": False}),
                                             ("amphista", {"stage_layers": [1, 2, 1], "stage_heads": [1, 1, 1]}),
                                             ("medusa", {})])
@@ -331,7 +318,7 @@ def test_static_drafter_step_equals_eager_step_and_plain_greedy(target, kind, ov
     """The fixed-shape drafter step (the one captured as a CUDA graph on GPUs) drafts exactly what
     the eager step drafts (same accepted lengths), and the output stays plain greedy, over many
     prompts and trees, with one engine (and one drafter cache) serving request after request."""
-    drafter = _real_drafter(target, kind, seed=len(overrides))
+    drafter = perturbed_drafter(target, kind, seed=len(overrides))
     for tree_name in ("chain", "wide", "auto"):
         tree = resolve_tree(TREES[tree_name], 3)
         static = SpeculativeEngine(target, drafter, tree=tree, max_len=96)
@@ -369,7 +356,7 @@ def test_drafter_graph_self_check_keeps_good_and_rejects_wrong_replays(target, m
         self.graph = _FakeGraph(self, corrupt, compiled)
 
     monkeypatch.setattr(DrafterProgram, "_capture", fake_capture)
-    drafter = _real_drafter(target, "amphista", seed=3)
+    drafter = perturbed_drafter(target, "amphista", seed=3)
     engine = SpeculativeEngine(target, drafter, tree=TREES["wide"], max_len=96)
     cache = drafter.new_cache(1, 96)
     with caplog.at_level("WARNING", logger="plmtool"):
@@ -394,7 +381,7 @@ def test_compiled_drafter_step_is_checked_against_eager(target, monkeypatch, cap
         monkeypatch.setattr(drafter_step.torch, "compile", lambda fn, **kw: (lambda *a: fn(*a) + 1.0))
     else:
         monkeypatch.setattr(drafter_step.torch, "compile", lambda fn, **kw: fn)
-    drafter = _real_drafter(target, "amphista", seed=4)
+    drafter = perturbed_drafter(target, "amphista", seed=4)
     engine = SpeculativeEngine(target, drafter, tree=TREES["wide"], max_len=96)
     with caplog.at_level("WARNING", logger="plmtool"):
         program = DrafterProgram(drafter, drafter.new_cache(1, 96), engine.drafter_step.n, 32, torch.device("cpu"),
@@ -413,7 +400,7 @@ def test_compiled_drafter_step_matches_the_eager_step(target, kind):
     and writes the drafter cache exactly as the eager step does."""
     from plmtool.draft.decoding.drafter_step import DrafterProgram
 
-    drafter = _real_drafter(target, kind, seed=6)
+    drafter = perturbed_drafter(target, kind, seed=6)
     cache = drafter.new_cache(1, 48)
     program = DrafterProgram(drafter, cache, 4, 32, torch.device("cpu"), torch.float32)
     g = torch.Generator().manual_seed(7)
@@ -468,7 +455,7 @@ def test_compiled_target_step_is_checked_against_eager(target, monkeypatch, capl
         runner.compiled_forward = lambda *a: (lambda out: (out[0] + 1.0, out[1]))(runner.forward(*a))
     else:
         runner.compiled_forward = runner.forward
-    drafter = _real_drafter(target, "amphista", seed=5)
+    drafter = perturbed_drafter(target, "amphista", seed=5)
     engine = SpeculativeEngine(target, drafter, tree=TREES["wide"], runner=runner, cuda_graphs=False)
     with caplog.at_level("WARNING", logger="plmtool"):
         engine.plain_step = StepProgram(runner, engine.plain_step.depth, engine.plain_step.ancestors, cuda_graph=True)
@@ -607,7 +594,7 @@ def test_drafter_step_rejects_counts_and_cache_slots_it_would_index_out_of_range
     GPU an out-of-range count or cache slot would fault inside the (replayed) kernels instead."""
     from plmtool.draft.decoding.drafter_step import DrafterProgram
 
-    drafter = _real_drafter(target, "amphista", seed=7)
+    drafter = perturbed_drafter(target, "amphista", seed=7)
     cache = drafter.new_cache(1, 16)
     program = DrafterProgram(drafter, cache, 4, 32, torch.device("cpu"), torch.float32)
     for bad in (0, 5, -1):
@@ -627,7 +614,7 @@ def test_a_replay_after_a_buffer_was_recreated_is_refused(target, monkeypatch):
     from plmtool.draft.decoding.target import StepProgram
 
     monkeypatch.setattr(DrafterProgram, "_capture", _fake_drafter_capture)
-    drafter = _real_drafter(target, "amphista", seed=8)
+    drafter = perturbed_drafter(target, "amphista", seed=8)
     cache = drafter.new_cache(1, 32)
     program = DrafterProgram(drafter, cache, 3, 32, torch.device("cpu"), torch.float32, cuda_graph=True)
     assert program.graph is not None
@@ -663,7 +650,7 @@ def test_environment_switches_turn_compile_and_graphs_off(target, monkeypatch):
     assert allowed("PLMTOOL_DRAFTER_GRAPH", True)
     monkeypatch.setenv("PLMTOOL_DRAFTER_GRAPH", "off")
     assert env_flag("PLMTOOL_DRAFTER_GRAPH") is False and not allowed("PLMTOOL_DRAFTER_GRAPH", True)
-    drafter = _real_drafter(target, "amphista", seed=9)
+    drafter = perturbed_drafter(target, "amphista", seed=9)
     monkeypatch.setenv("PLMTOOL_STATIC_DRAFTER", "0")  # back to the variable-shape eager step
     engine = SpeculativeEngine(target, drafter, tree=TREES["wide"], max_len=64)
     assert engine.drafter_step is None
@@ -687,7 +674,7 @@ def test_prefills_run_without_cudnn_attention(target, monkeypatch):
             return fn(*a, **k)
         return wrapped
 
-    drafter = _real_drafter(target, "amphista", seed=12)
+    drafter = perturbed_drafter(target, "amphista", seed=12)
     engine = SpeculativeEngine(target, drafter, tree=TREES["wide"], max_len=96)
     monkeypatch.setattr(engine.runner, "extend", record("target", engine.runner.extend))
     monkeypatch.setattr(AmphistaDrafter, "step", record("drafter", AmphistaDrafter.step))
@@ -701,7 +688,7 @@ def test_prefills_run_without_cudnn_attention(target, monkeypatch):
 def test_program_times_cover_every_program_and_leave_the_caches_empty(target):
     from plmtool.draft.decoding.step_timing import engine_program_times
 
-    drafter = _real_drafter(target, "amphista", seed=13)
+    drafter = perturbed_drafter(target, "amphista", seed=13)
     engine = SpeculativeEngine(target, drafter, tree=TREES["wide"], max_len=96)
     times = engine_program_times(engine, reps=3)
     assert set(times) == {"target_1_node_ms", "target_tree_ms", "drafter_ms"} and all(v > 0 for v in times.values())
@@ -717,7 +704,7 @@ def test_program_times_cover_every_program_and_leave_the_caches_empty(target):
 def test_greedy_loop_equals_the_general_loop_and_leaves_the_same_caches(target, monkeypatch, kind):
     """The device-side greedy step (verify, commit, draft without host decisions) emits what the
     general loop emits, step for step, stops where it stops, and leaves the same target cache."""
-    drafter = _real_drafter(target, kind, seed=3)
+    drafter = perturbed_drafter(target, kind, seed=3)
     tree = resolve_tree(TREES["wide"], 3)
     lean = SpeculativeEngine(target, drafter, tree=tree, max_len=96)
     monkeypatch.setenv("PLMTOOL_GREEDY_LOOP", "0")
@@ -768,7 +755,7 @@ def test_greedy_loop_with_captured_programs_keeps_its_state_on_the_device(target
     from plmtool.draft.decoding import greedy_loop
 
     monkeypatch.setattr(greedy_loop, "capture_graph", _fake_capture)
-    drafter = _real_drafter(target, "amphista", seed=5)
+    drafter = perturbed_drafter(target, "amphista", seed=5)
     engine = SpeculativeEngine(target, drafter, tree=resolve_tree(TREES["auto"], 3), max_len=96)
     step, program = engine.tree_step, engine.drafter_step
     # the programs as captured: replays run at the full attention span, read only their buffers
@@ -791,7 +778,7 @@ def test_greedy_loop_with_captured_programs_keeps_its_state_on_the_device(target
 def test_greedy_loop_after_an_abandoned_stream_and_a_sampled_request(target):
     """One engine serving what a server sends it: a stream its client dropped after two steps, a
     sampled request (general loop), then greedy requests (device loop) that must start clean."""
-    drafter = _real_drafter(target, "amphista", seed=7)
+    drafter = perturbed_drafter(target, "amphista", seed=7)
     engine = SpeculativeEngine(target, drafter, tree=resolve_tree(TREES["wide"], 3), max_len=96)
     first, second = prompts(2, seed=31)
     stream = engine.stream(first, max_new_tokens=30)

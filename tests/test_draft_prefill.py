@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 
-from draft_decoding_helpers import RandomDrafter, plain_greedy, tiny_llama
+from draft_decoding_helpers import RandomDrafter, perturbed_drafter, plain_greedy, tiny_llama
 from plmtool.draft.decoding import GenerationConfig, SpeculativeEngine
 from plmtool.draft.decoding.drafter_step import DrafterProgram
 from plmtool.draft.decoding.prefill import DrafterPrefills, PrefillGraphs, bucket_lengths, drafter_prefills, lengths_up_to
@@ -125,17 +125,8 @@ TREE = [[0], [1], [0, 0], [0, 1], [0, 0, 0]]
 
 
 def _drafter(target, name: str, seed: int = 0):
-    from plmtool.draft.config import DrafterConfig
-    from plmtool.draft.drafter import build_drafter
-
     kind, overrides = DRAFTERS[name]
-    drafter = build_drafter(DrafterConfig(kind=kind, num_heads=3, **overrides), target=target)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # random values in the zero-initialised branches: every path does work
-        for p in drafter.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.2)
-    return drafter.eval()
+    return perturbed_drafter(target, kind, seed, **overrides)
 
 
 def _step_program(drafter, max_len: int) -> DrafterProgram:
