@@ -259,7 +259,11 @@ def run(args) -> None:
                 methods_wanted = methods_wanted + variants(f"_{other}_tree", args.tree_nodes, other)
             for nodes in _sizes(args.extra_trees):  # larger (or smaller) trees from the same table
                 methods_wanted = methods_wanted + variants(f"_tree{nodes}", nodes, args.tree_accuracy)
-        ablate = [k for k in args.prefill_ablation.split(",") if k.strip()]
+        ablate = [k.strip() for k in args.prefill_ablation.split(",") if k.strip()]
+        unknown = [k for k in ablate if k not in engines or k not in methods_wanted]
+        if unknown:  # a warning, not an exit: the drafters of this command are already trained
+            log.warning("--prefill-ablation: %s not among this run's engines (%s); ignored", ", ".join(unknown),
+                        ", ".join(k for k in engines if k in methods_wanted))
         if ablate and graphs and device == "cuda":
             # the padded prefill graphs' A/B in the same run: the same engines with eager prefills
             for k in [k for k in ablate if k in engines and k in methods_wanted]:

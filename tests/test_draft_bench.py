@@ -49,6 +49,7 @@ def test_bench_writes_report_and_spec_bench_answers(monkeypatch, tmp_path, tiny_
     for name in ("ar", "medusa", "amphista"):
         m = report["methods"][name]
         assert 0 < m["first_token_ms"] < 1000 * m["wall_time_s"] / m["questions"]
+        assert 0 < m["decode_time_s"] < m["wall_time_s"]
     assert report["methods"]["hf_generate"]["first_token_ms"] is None
     assert report["identical_to_ar"] is True
     assert report["speedups"]["amphista"]["ar"] > 0 and "hf_generate" in report["speedups"]["ar"]

@@ -106,6 +106,9 @@ def test_engine_decodes_the_same_through_padded_prefills(target, drafted):
         tree = [[0], [1], [0, 0], [0, 0, 0]] if drafted else None
         engine = SpeculativeEngine(target, drafter, tree, runner=runner)
         eager = SpeculativeEngine(target, drafter, tree, runner=runner, prefill_graphs=False)
+        # on the CPU no engine prefills through them (no CUDA graphs): turned on by hand here
+        assert not engine.use_prefill_graphs
+        engine.use_prefill_graphs = True
         g = torch.Generator().manual_seed(3)
         for n in (1, 7, 16, 30):
             prompt = torch.randint(3, 64, (n,), generator=g).tolist()
@@ -226,8 +229,8 @@ def _fake_capture(run, pool=None, before=lambda: None, warmups=2):
 @pytest.mark.parametrize("replayed", [False, True])
 def test_engine_decodes_the_same_through_padded_drafter_prefills(target, monkeypatch, name, replayed):
     """Greedy decoding (device loop and general loop) and sampling through the padded drafter
-    prefill equal the eager drafter prefill, step for step, and greedy equals plain greedy; the
-    engine's prefill flag and PLMTOOL_PREFILL_GRAPHS=0 turn it off. `replayed`: the prefills as
+    prefill equal the eager drafter prefill, step for step, and greedy equals plain greedy; only
+    the engine whose prefill flag is on calls it. `replayed`: the prefills as
     captured (stand-in graphs that recompute into their captured outputs, one pool for all)."""
     from plmtool.draft.decoding import drafter_step
 
@@ -240,11 +243,11 @@ def test_engine_decodes_the_same_through_padded_drafter_prefills(target, monkeyp
     drafter = _drafter(target, name, seed=2)
     padded = SpeculativeEngine(target, drafter, TREE, max_len=96)
     eager = SpeculativeEngine(target, drafter, TREE, max_len=96, prefill_graphs=False)
-    monkeypatch.setenv("PLMTOOL_PREFILL_GRAPHS", "0")
     off = SpeculativeEngine(target, drafter, TREE, max_len=96)
-    monkeypatch.delenv("PLMTOOL_PREFILL_GRAPHS")
-    # on the CPU no drafter step is captured, so no engine builds them itself: attach them
-    assert padded.drafter_prefills is None and not off.use_prefill_graphs
+    # on the CPU no drafter step is captured, so no engine builds them itself: attach them, and
+    # turn them on where a CUDA engine would (the switch itself: test_prefill_graphs_switch)
+    assert padded.drafter_prefills is None and not padded.use_prefill_graphs
+    padded.use_prefill_graphs = True
     lengths = lengths_up_to(96, 96 - 1 - padded.tree.n)
     for engine in (padded, eager, off):
         engine.drafter_prefills = DrafterPrefills(engine.drafter_step, lengths, cuda_graphs=replayed)
@@ -263,3 +266,14 @@ def test_engine_decodes_the_same_through_padded_drafter_prefills(target, monkeyp
     # the general loop (greedy, read the verdict first) through the padded prefill too
     padded.greedy_loop = None
     assert padded.generate([5, 9, 11], max_new_tokens=12).tokens == plain_greedy(target, [5, 9, 11], 12)
+
+
+def test_prefill_graphs_switch(monkeypatch):
+    """Padded prefills only with CUDA graphs, unless the engine argument or the environment says no."""
+    from plmtool.draft.decoding.engine import prefill_graphs_on
+
+    assert prefill_graphs_on(True, True) and not prefill_graphs_on(True, False) and not prefill_graphs_on(False, True)
+    monkeypatch.setenv("PLMTOOL_PREFILL_GRAPHS", "0")
+    assert not prefill_graphs_on(True, True)
+    monkeypatch.setenv("PLMTOOL_PREFILL_GRAPHS", "1")  # the environment never forces it on
+    assert prefill_graphs_on(True, True) and not prefill_graphs_on(True, False)

@@ -247,12 +247,15 @@ def test_train_command_killed_mid_unit_resumes_to_the_same_adapter(tmp_path, tin
     assert torch.load(ckpt, weights_only=False)["step"] == 3
     assert not (d / "adapters" / "random" / "adapter_config.json").exists()  # no adapter from a killed job
 
+    # a checkpoint of earlier settings of the unit: never loaded, removed with this one
+    stale = ckpt.with_name("random-0123456789abcdef.pt")
+    stale.write_bytes(b"old")
     monkeypatch.setattr(lora, "assistant_loss", real_loss)
     assert plmtool("experts", "train", "experiment=smoke", *job, f"hydra.run.dir={tmp_path / 'E2'}") in (0, None)
     resumed = json.loads((tmp_path / "E2" / "report.json").read_text())["train"]["random"]
     assert [p["steps"] for p in resumed["pieces"]] == [[0, 3], [3, whole["steps"]]]
     assert resumed["final_loss"] == pytest.approx(whole["final_loss"], rel=1e-6)
-    assert not ckpt.exists()  # removed once the adapter is saved
+    assert not ckpt.exists() and not stale.exists()  # removed once the adapter is saved
     a = load_file(d / "adapters" / "random" / "adapter_model.safetensors")
     b = load_file(tmp_path / "whole" / "random" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -83,7 +83,9 @@ def _fingerprint(unit: str, ids: list[str], o: Any, trainer: Any, model_id: str,
     keys = ("lr", "epochs", "batch_size", "grad_accum", "max_steps", "warmup_steps", "weight_decay", "grad_clip", "precision")
     blob = json.dumps({"unit": unit, "ids": hashlib.sha1("\n".join(ids).encode()).hexdigest(), "lora": lora,
                        "trainer": {k: getattr(trainer, k, None) for k in keys}, "model": model_id, "seed": seed,
-                       "max_len": max_len, "max_prompt_len": mpl}, sort_keys=True, default=str)
+                       "max_len": max_len, "max_prompt_len": mpl,
+                       # adapters initialised from the unit's own stream (unit_seed), not the process's
+                       "seeding": "per-unit"}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -95,6 +97,12 @@ def unit_seed(seed: int, unit: str) -> int:
 def checkpoint_path(adapters: Path, unit: str, fingerprint: str) -> Path:
     """Where unit `unit` keeps its training state until its adapter is saved."""
     return adapters / "checkpoints" / f"{unit}-{fingerprint}.pt"
+
+
+def _drop_checkpoints(adapters: Path, unit: str) -> None:
+    """Remove every training checkpoint of `unit` (this run's and those of settings since changed)."""
+    for old in (adapters / "checkpoints").glob(f"{unit}-*.pt"):
+        old.unlink(missing_ok=True)
 
 
 def _targets(o: Any):
@@ -150,13 +158,15 @@ def run(o: Any, trainer: Any, run_dir: Path, seed: int, load: Callable[[], tuple
                                   grad_clip=trainer.grad_clip, seed=seed, bf16=bf16, log_every=trainer.log_every,
                                   checkpoint=ckpt, checkpoint_every=int(getattr(trainer, "save_every", 0) or 0))
             save_adapter(model, u, path, {"fingerprint": fps[u], "stats": stats})
-            ckpt.unlink(missing_ok=True)  # the saved adapter is the result now
+            _drop_checkpoints(adapters, u)  # the saved adapter is the result now
             train_stats[u] = {**stats, "reused": False}
         elif fresh or (saved is not None and u not in jobs and o.mode in ("assemble", "generate")):
             # assemble / generate use what the jobs trained, whatever their settings (recorded)
             if not fresh:
                 log.warning("adapter %s was trained with other settings than this run's; using it as is", u)
             model = load_adapter(model, u, path)
+            if fresh:  # left by a job that died between saving the adapter and removing it
+                _drop_checkpoints(adapters, u)
             train_stats[u] = {**saved["stats"], "reused": True, "settings_match": fresh}
         elif o.expert_index is None and o.baseline is None:
             why = "was trained with other settings" if saved else "is missing"

@@ -341,20 +341,24 @@ def _timed(fn, qs, device, runs, progress, name, deadline) -> list[dict]:
         if deadline is not None and time.perf_counter() > deadline and recs:
             log.warning("%s: time budget reached after %d questions", name, len(recs))
             break
-        times, out = [], None
+        times, firsts, out = [], [], None
         for _ in range(max(runs, 1)):
             _sync(device)
             t0 = time.perf_counter()
             out = fn(q["prompt_ids"])
             _sync(device)
             times.append(time.perf_counter() - t0)
+            firsts.append(out.first_token_s)
         assert out is not None
         t = statistics.median(times)
+        timed_first = all(f is not None for f in firsts)
         recs.append({
             "question_id": q["question_id"], "category": q["category"], "tokens": out.tokens,
             "new_tokens": len(out.tokens), "wall_time": t, "times": times,
             "tokens_per_s": len(out.tokens) / t if t > 0 else 0.0, "accept_lengths": out.accept_lengths,
-            "first_token_s": out.first_token_s,  # of the last run
+            # medians over the runs: time to the first token, and the time after it (the steps)
+            "first_token_s": statistics.median(firsts) if timed_first else None,
+            "decode_time": statistics.median(w - f for w, f in zip(times, firsts)) if timed_first else None,
         })
     return recs
 
@@ -393,7 +397,7 @@ def summarize(records: dict[str, list[dict]]) -> dict[str, Any]:
             "wall_time_s": sum(r["wall_time"] for r in recs),
             "steps": steps,
             # the time after the first token (the decoding steps), where the first token's time is known
-            "decode_time_s": sum(r["wall_time"] - r["first_token_s"] for r in recs) if len(firsts) == len(recs) else None,
+            "decode_time_s": sum(r["decode_time"] for r in recs) if len(firsts) == len(recs) else None,
             "identical_to_ar": not diverged,
             "divergent_questions": len(diverged),
             "divergences": diverged,

@@ -79,6 +79,13 @@ class GenerationResult:
         return {"steps": self.steps, "mean_accepted": round(self.mean_accepted, 4), "accept_lengths": list(self.accept_lengths)}
 
 
+def prefill_graphs_on(cuda_graphs: bool, wanted: bool) -> bool:
+    """Whether an engine prefills through padded graphs: only with CUDA graphs, when wanted and
+    not turned off by PLMTOOL_PREFILL_GRAPHS=0 (an engine without graphs never replays the ones
+    another engine captured on a shared runner)."""
+    return cuda_graphs and allowed("PLMTOOL_PREFILL_GRAPHS", wanted)
+
+
 class SpeculativeEngine:
     """Plain or speculative generation for one target (and optionally one drafter), batch 1.
 
@@ -111,8 +118,8 @@ class SpeculativeEngine:
         use_graphs = allowed("PLMTOOL_CUDA_GRAPHS", use_graphs)
         use_drafter_graph = allowed("PLMTOOL_DRAFTER_GRAPH", use_graphs if drafter_graph is None else (use_graphs and drafter_graph))
         pool = None  # each step program keeps its own graph memory: programs never share outputs
-        self.use_prefill_graphs = allowed("PLMTOOL_PREFILL_GRAPHS", prefill_graphs)
-        if use_graphs and self.use_prefill_graphs:
+        self.use_prefill_graphs = prefill_graphs_on(use_graphs, prefill_graphs)
+        if self.use_prefill_graphs:
             self.runner.enable_prefill_graphs()  # padded prompt lengths, one replay per prefill (prefill.py)
         one = make_tree([])
         self.plain_step = StepProgram(self.runner, one.depth, one.ancestors, use_graphs, pool)
@@ -227,6 +234,8 @@ class SpeculativeEngine:
             check_device("the target prefill")
             token = self._choose(logits, gen, cpu_gen)
         kept, done = self._emit([token], gen, result, stops)
+        # `hidden` may be a view into the prefill graphs' memory, read by the drafter's prefill
+        # after this yield: safe because an engine (and a shared runner) decodes one stream at a time
         yield kept, result
         if done:
             return

@@ -130,6 +130,7 @@ class TargetRunner:
         # PLMTOOL_COMPILE=0 turns it off without code changes
         self.compiled_forward = self._compiled if allowed("PLMTOOL_COMPILE", compile) else None
         self.prefill_graphs = None  # PrefillGraphs, from enable_prefill_graphs()
+        self.prefill_graphs_failed = False
 
     @property
     def length(self) -> int:
@@ -183,13 +184,14 @@ class TargetRunner:
     def enable_prefill_graphs(self) -> None:
         """Capture the prefill for a ladder of padded prompt lengths (once per runner; engines that
         share the runner share them). Logs and keeps the eager prefill where capture fails."""
-        if self.prefill_graphs is None:
+        if self.prefill_graphs is None and not self.prefill_graphs_failed:
             from plmtool.draft.decoding.prefill import PrefillGraphs
 
             try:
                 self.prefill_graphs = PrefillGraphs(self)
             except Exception as e:  # capture unsupported here: prefills stay eager
                 log.warning("prefill CUDA graphs disabled (%s: %s); prefilling eagerly", type(e).__name__, e)
+                self.prefill_graphs_failed = True  # engines sharing this runner do not try again
                 self.reset()
                 synchronize()
 
