@@ -27,6 +27,7 @@ Runs without Hydra: plain imports of plmtool modules. Two sub-commands:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import json
 import logging
@@ -196,7 +197,16 @@ def run(args) -> None:
         if _finished(work / kind, cfg, trainer):  # in an earlier command with this --work: skip the re-tokenizing
             metrics = json.loads((work / kind / "train_metrics.json").read_text())
         else:
+            if args.train_budget_s:  # what is left of the command's training budget, checkpointed at its end
+                left = args.train_budget_s - (time.perf_counter() - t_start)
+                trainer = dataclasses.replace(trainer, max_time_s=max(left, 1.0))
             metrics = train_drafter(model, tok, cfg, trainer, convs, work / kind, data_cfg=dcfg)
+        if not metrics.get("finished", True):  # (runs trained before the time budget have no such key)
+            report["training"][kind] = metrics
+            save()
+            log.warning("%s stopped at step %d of %d by --train-budget-s; rerun the same command (same --work) to resume",
+                        kind, metrics["steps_done"], metrics["steps"])
+            return
         ckpts[kind] = str(work / kind / "drafter")
         report["training"][kind] = {k: v for k, v in metrics.items() if k not in ("eval_history",)}
         report["training"][kind]["seconds"] = round(time.perf_counter() - t0, 1)
@@ -492,6 +502,11 @@ def main() -> None:
     pr.add_argument("--extra-trees", default="",
                     help="comma-separated node budgets: every drafter also decodes with trees of these sizes "
                          "(methods <kind>_tree<N>), from the same accuracy table")
+    pr.add_argument("--train-budget-s", type=float, default=0.0,
+                    help="a training budget in seconds since the command's start: a drafter's training loop stops "
+                         "with a checkpoint once it is used up (tokenizing the drafter's data before its loop comes on "
+                         "top), the report is written and the command exits; the same command (same --work) resumes "
+                         "(0: no budget)")
     pr.add_argument("--cache-gb", type=float, default=8.0,
                     help="trainer.cache_hidden_max_gb: keep the target's hidden states (and labels) of every training "
                          "conversation on the device after their first use when they fit this many GB (epochs 2+ then "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -203,6 +204,34 @@ def test_resume_continues_from_the_saved_step(tmp_path, tok, monkeypatch):
         _train(tok, target, tmp_path / "b", 10, lr=1e-2)
 
 
+def test_time_limit_checkpoints_and_the_rerun_finishes_the_same_drafter(tmp_path, tok, monkeypatch):
+    """trainer.max_time_s stops training with a checkpoint of the step it reached; the same call
+    again resumes and ends with the drafter an uninterrupted run trains."""
+    import plmtool.draft.train as train_mod
+
+    target = tiny_target(len(tok))
+    straight = _train(tok, target, tmp_path / "a", 10)
+    ref = load_drafter(tmp_path / "a" / "drafter").state_dict()
+    real = train_mod._out_of_time
+    assert not real(time.perf_counter(), 50, "cpu", 1) and real(time.perf_counter() - 51, 50, "cpu", 1)
+    checks = iter(range(10**6))
+    monkeypatch.setattr(train_mod, "_out_of_time", lambda *a: next(checks) == 3)  # time is up after step 4
+    part = _train(tok, target, tmp_path / "b", 10, max_time_s=50)
+    assert {k: v for k, v in part.items() if k != "wall_time_s"} == {
+        "kind": "amphista", "finished": False, "steps_done": 4, "steps": 10,
+        "checkpoint": str(tmp_path / "b" / "checkpoints" / "last.pt")}
+    assert torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False)["step"] == 4
+    assert not (tmp_path / "b" / "drafter").exists()  # no drafter from an unfinished run
+    monkeypatch.setattr(train_mod, "_out_of_time", real)
+    done = _train(tok, target, tmp_path / "b", 10, max_time_s=50)  # the limit is not part of the run's config
+    assert done["finished"] and done["heads"]["top1"] == straight["heads"]["top1"]
+    got = load_drafter(tmp_path / "b" / "drafter").state_dict()
+    for k in ref:
+        assert torch.allclose(ref[k], got[k], atol=1e-5), k
+    with pytest.raises(PlmtoolError, match="max_time_s must be >= 0"):
+        _train(tok, target, tmp_path / "c", 10, max_time_s=-1)
+
+
 def test_command_end_to_end(tmp_path, tok):
     from hydra import compose, initialize_config_dir
 
@@ -231,6 +260,22 @@ def test_command_end_to_end(tmp_path, tok):
         medusa = compose(config_name="draft_train", overrides=[*overrides, "draft=medusa"])
     report = run(medusa, tmp_path / "medusa")
     assert report["drafter"] == "medusa" and (tmp_path / "medusa" / "medusa_export" / "medusa_lm_head.safetensors").is_file()
+
+    # a time limit: a report that says so, no stage marked done; the same command then finishes
+    import plmtool.draft.train as train_mod
+    from plmtool.commands.draft_train import render
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        limited = compose(config_name="draft_train", overrides=[*overrides, "trainer.max_time_s=30"])
+    real = train_mod._out_of_time
+    train_mod._out_of_time = lambda *a: True
+    try:
+        paused = run(limited, tmp_path / "limited")
+    finally:
+        train_mod._out_of_time = real
+    assert not paused["finished"] and paused["steps_done"] == 1 and "Rerun the same command to resume" in render(paused)
+    finished = run(limited, tmp_path / "limited")
+    assert finished["finished"] and finished["steps"] == 6 and "Held-out accuracy" in render(finished)
 
     # bad input is one clear error, before any model loads
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

@@ -85,6 +85,8 @@ def run(cfg: DictConfig, run_dir: Path) -> Report:
     else:
         metrics = train_drafter(model, tokenizer, cfg.draft, cfg.trainer, conversations, run_dir, cfg.data,
                                 base_model_info={"name_or_path": cfg.model.name_or_path})
+        if not metrics["finished"]:  # stopped by trainer.max_time_s: the same command resumes
+            return {"model": cfg.model.name_or_path, "drafter": metrics["kind"], **metrics}
         stages.mark("train", metrics)
     exported = None
     if cfg.draft.kind == "medusa" and cfg.export_medusa and not (run_dir / "medusa_export" / "config.json").is_file():
@@ -105,6 +107,10 @@ def run(cfg: DictConfig, run_dir: Path) -> Report:
 
 
 def render(report: Report) -> str:
+    if not report.get("finished", True):
+        return (f"# plmtool draft train: {report['drafter']} on {report['model']}\n\n"
+                f"Stopped by trainer.max_time_s after {report['steps_done']} of {report['steps']} steps "
+                f"({report['wall_time_s']} s); state in `{report['checkpoint']}`. Rerun the same command to resume.\n")
     heads = report["heads"]
     rows = [[k, heads["top1"][k], heads["top5"][k], heads["loss"][k], heads["tokens"][k]] for k in range(len(heads["top1"]))]
     loss = report["loss"]

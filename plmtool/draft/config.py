@@ -104,6 +104,9 @@ class DraftTrainerConfig:
     # CPU only: torch threads (0 = torch's default). On an oversubscribed CPU, 1 avoids OpenMP
     # threads waiting on each other at every small op (measured 20x faster on a loaded 2-core box).
     cpu_threads: int = 0
+    # stop after this many seconds of training (0: no limit): the state is checkpointed and the
+    # same command resumes it (a Slurm job's wall-clock limit, a benchmark's time budget)
+    max_time_s: float = 0.0
     seed: int = 0
 
 

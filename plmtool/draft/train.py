@@ -114,6 +114,17 @@ class DraftLoss(nn.Module):
 # ----------------------------------------------------------------------------- distributed
 
 
+def _out_of_time(start: float, limit_s: float, device: str, world: int) -> bool:
+    """Whether training has run `limit_s` seconds; under DDP every rank takes rank 0's answer (all
+    must stop at the same step)."""
+    over = float(time.perf_counter() - start >= limit_s)
+    if world > 1:
+        t = torch.tensor([over], device=device)
+        torch.distributed.broadcast(t, src=0)
+        over = float(t.item())
+    return over > 0
+
+
 def _dist_info() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -248,7 +259,7 @@ def _config_key(drafter_cfg: DrafterConfig, trainer_cfg: DraftTrainerConfig) -> 
     # what must match for a resume to be the same run (max_steps may grow, logging may change)
     t = dataclasses.asdict(trainer_cfg)
     for k in ("max_steps", "log_every", "eval_every", "save_every", "eval_batch_size", "cache_hidden", "cache_hidden_max_gb",
-              "cpu_threads"):
+              "cpu_threads", "max_time_s"):
         t.pop(k, None)
     if t.get("labels") == "data":  # how checkpoints from before the option were trained: they still resume
         t.pop("labels")
@@ -281,6 +292,8 @@ def validate_trainer_config(t: DraftTrainerConfig) -> None:
     for name in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_every", "save_every", "eval_batch_size"):
         if getattr(t, name) < 1:
             raise PlmtoolError(f"trainer.{name} must be >= 1, got {getattr(t, name)}")
+    if t.max_time_s < 0:
+        raise PlmtoolError(f"trainer.max_time_s must be >= 0 (0 = no limit), got {t.max_time_s}")
     if t.cpu_threads < 0:
         raise PlmtoolError(f"trainer.cpu_threads must be >= 0 (0 = torch's default), got {t.cpu_threads}")
     if t.lr <= 0:
@@ -459,6 +472,13 @@ def train_drafter(target_model, tokenizer, drafter_cfg, trainer_cfg, conversatio
             run_eval(done)
         if done % trainer_cfg.save_every == 0 and done != trainer_cfg.max_steps and is_main:
             _save_checkpoint(ckpt_path, drafter, optimizer, scheduler, done, key, history)
+        if trainer_cfg.max_time_s and done != trainer_cfg.max_steps and _out_of_time(start, trainer_cfg.max_time_s, device, world):
+            if is_main:
+                _save_checkpoint(ckpt_path, drafter, optimizer, scheduler, done, key, history)
+            log.warning("trainer.max_time_s=%g reached at step %d of %d: checkpoint %s; rerun the same command to resume",
+                        trainer_cfg.max_time_s, done, trainer_cfg.max_steps, ckpt_path)
+            return {"kind": drafter_cfg.kind, "finished": False, "steps_done": done, "steps": trainer_cfg.max_steps,
+                    "wall_time_s": round(time.perf_counter() - start, 2), "checkpoint": str(ckpt_path)}
     wall = time.perf_counter() - start
 
     final = run_eval(trainer_cfg.max_steps)
@@ -484,6 +504,7 @@ def train_drafter(target_model, tokenizer, drafter_cfg, trainer_cfg, conversatio
         },
         "eval_history": history["eval"],
         "labels": trainer_cfg.labels,
+        "finished": True,
         "steps": trainer_cfg.max_steps,
         "wall_time_s": round(wall, 2),
         "precision": precision,

@@ -101,8 +101,11 @@ def checkpoint_path(adapters: Path, unit: str, fingerprint: str) -> Path:
 
 def _drop_checkpoints(adapters: Path, unit: str) -> None:
     """Remove every training checkpoint of `unit` (this run's and those of settings since changed)."""
-    for old in (adapters / "checkpoints").glob(f"{unit}-*.pt"):
+    folder = adapters / "checkpoints"
+    for old in folder.glob(f"{unit}-*.pt"):
         old.unlink(missing_ok=True)
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def _targets(o: Any):
