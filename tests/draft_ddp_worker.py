@@ -28,8 +28,16 @@ def main(out: str) -> None:
                             drafter=drafter)
     rank = int(os.environ["RANK"])
     # every replica must hold the same weights after DDP's gradient averaging
-    torch.save({"world_size": metrics["world_size"], "top1": metrics["heads"]["top1"], "state": drafter.state_dict()},
-               Path(out) / f"rank{rank}.pt")
+    # a time limit: rank 0's clock decides for every rank (here the limits differ on purpose: a
+    # rank stopping alone would leave the other waiting in its next collective)
+    stops = {}
+    for name, limit_on_rank0 in (("rank0_in_time", 1e9), ("rank0_out_of_time", 1e-9)):
+        limited = DraftTrainerConfig(**{**vars(trainer), "max_time_s": limit_on_rank0 if rank == 0 else (1e-9 if limit_on_rank0 > 1 else 1e9)})
+        m = train_drafter(target, tok, DrafterConfig(kind="amphista", num_heads=2), limited, tiny_conversations(16),
+                          Path(out) / name, DraftDataConfig(heldout=4, max_seq_len=96))
+        stops[name] = (m["finished"], m.get("steps_done", m.get("steps")))
+    torch.save({"world_size": metrics["world_size"], "top1": metrics["heads"]["top1"], "state": drafter.state_dict(),
+                "stops": stops}, Path(out) / f"rank{rank}.pt")
 
 if __name__ == "__main__":
     main(sys.argv[1])

@@ -332,6 +332,8 @@ def test_ddp_under_torchrun_keeps_replicas_in_sync(tmp_path):
     assert (tmp_path / "drafter" / "drafter.safetensors").is_file()  # rank 0 wrote the checkpoint
     steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(x)]
     assert steps == [2, 4, 6]  # one writer: no duplicated records
+    # trainer.max_time_s under DDP: every rank stops (or goes on) with rank 0
+    assert r0["stops"] == r1["stops"] == {"rank0_in_time": (True, 6), "rank0_out_of_time": (False, 1)}
 
 
 def test_bf16_autocast_training_with_frozen_projection(tmp_path, tok):
