@@ -61,7 +61,8 @@ def build_server(cfg: DictConfig):
     server = Server(engine, tokenizer, model_id, s.max_tokens_default, s.acceptance, s.typical_epsilon, stops, kind)
     return server, {"model_id": model_id, "drafter": kind, "tree_nodes": tree_info, "max_len": engine.max_len,
                     "acceptance": s.acceptance if kind else None, "device": str(engine.device), "cuda_graphs": engine.cuda_graphs,
-                    "compiled": engine.compiled, "drafter_graph": engine.drafter_graph}
+                    "compiled": engine.compiled, "drafter_graph": engine.drafter_graph, "prefill_graphs": engine.prefill_graphs,
+                    "drafter_prefill_graphs": engine.drafter_prefill_graphs}
 
 
 def run(cfg: DictConfig, run_dir: Path) -> Report:
