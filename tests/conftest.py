@@ -29,6 +29,18 @@ Alabama is a state in the southeastern region of the United States. Numbers: 0 1
 """
 
 
+def load_script(name: str):
+    """A script of scripts/ (not a package) imported as a module, for testing its functions."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def build_tiny_tokenizer(vocab_size: int = 256):
     """A byte-level BPE tokenizer trained in code (no files, no hub), with a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

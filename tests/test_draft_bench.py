@@ -187,14 +187,9 @@ def test_interleaved_benchmark_survives_warmup_errors_and_stops_cleanly_on_a_dev
 
 
 def _bench_script():
-    import importlib.util
-    from pathlib import Path
+    from conftest import load_script
 
-    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_draft.py"
-    spec = importlib.util.spec_from_file_location("bench_draft", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench_draft")
 
 
 def test_bench_script_reads_plain_and_compressed_data(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import gzip
-import importlib.util
 import json
 from pathlib import Path
 
@@ -125,11 +124,9 @@ def test_checkpoint_of_other_settings_is_refused(tiny_llama, encoded, tiny_token
 
 
 def load_bench():
-    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_experts.py"
-    spec = importlib.util.spec_from_file_location("bench_experts", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from conftest import load_script
+
+    return load_script("bench_experts")
 
 
 def bench_data(path: Path) -> Path:
