@@ -50,7 +50,7 @@ def main() -> None:
     p.add_argument("--cudnn-sdpa", type=int, default=1, help="0: disable cuDNN attention in SDPA")
     p.add_argument("--prefill-lengths", default="",
                    help="comma-separated prompt lengths: time the target's prefill at each (padded graphs and eager) "
-                        "and each drafter's prefill (eager), milliseconds, median of 5 (`prefill_ms` in the report)")
+                        "and each drafter's prefill (eager, and padded where the engine pads it), milliseconds, median of 5 (`prefill_ms` in the report)")
     args = p.parse_args()
 
     import torch
@@ -135,8 +135,8 @@ def main() -> None:
 
 def prefill_times(engine, lengths: list[int], sync, reps: int = 5) -> dict:
     """ms per prefill of `n`-token prompts: the target's (through the padded graphs where the
-    runner has them, and eagerly) and, with a drafter, the drafter's over the prompt (eager, what
-    the engine runs before the first speculative step)."""
+    runner has them, and eagerly) and, with a drafter, the drafter's over the prompt (eagerly, and
+    padded as the engine runs it where the engine has padded drafter prefills)."""
     import torch
 
     from plmtool.draft.decoding.device import variable_shape_attention
@@ -170,6 +170,14 @@ def prefill_times(engine, lengths: list[int], sync, reps: int = 5) -> dict:
                         engine.drafter.step(hidden.unsqueeze(0), nxt, cache)
 
                 row["drafter_eager"] = median_ms(drafter_prefill)
+                padded = engine.drafter_prefills
+                if padded is not None:  # what the engine runs: the padded drafter prefill (graphs on CUDA)
+                    def drafter_padded():
+                        engine.drafter.crop_cache(padded.cache, 0)
+                        padded(hidden, nxt[0])
+
+                    row["drafter_graphs" if padded.cuda_graphs else "drafter_padded"] = median_ms(drafter_padded)
+                    engine.drafter.crop_cache(padded.cache, 0)
             out[str(n)] = row
     runner.reset()
     return out
