@@ -50,7 +50,8 @@ def main() -> None:
     p.add_argument("--cudnn-sdpa", type=int, default=1, help="0: disable cuDNN attention in SDPA")
     p.add_argument("--prefill-lengths", default="",
                    help="comma-separated prompt lengths: time the target's prefill at each (padded graphs and eager) "
-                        "and each drafter's prefill (eager, and padded where the engine pads it), milliseconds, median of 5 (`prefill_ms` in the report)")
+                        "and each drafter's prefill (eager, and padded where the engine pads it), milliseconds, "
+                        "median of 5 (`prefill_ms` in the report)")
     args = p.parse_args()
 
     import torch
