@@ -235,10 +235,10 @@ def run(args) -> None:
             tree_spec = {k: f"auto:{args.tree_nodes}" for k in ckpts}
         else:
             cal, tree_spec = [], trees
-        def drafter_engine(drafter, tree) -> SpeculativeEngine:
+        def drafter_engine(drafter, tree, prefill_graphs: bool = True) -> SpeculativeEngine:
             return SpeculativeEngine(dtype_model, drafter, tree, max_len=args.max_len, runner=runner, cuda_graphs=graphs,
                                      drafter_graph=bool(args.drafter_graph), compile=compile,
-                                     static_drafter=bool(args.static_drafter))
+                                     static_drafter=bool(args.static_drafter), prefill_graphs=prefill_graphs)
 
         for k, p in ckpts.items():
             if k in methods_wanted:
@@ -277,11 +277,9 @@ def run(args) -> None:
         if ablate and graphs and device == "cuda":
             # the padded prefill graphs' A/B in the same run: the same engines with eager prefills
             for k in [k for k in ablate if k in engines and k in methods_wanted]:
-                base = engines[k]
-                engines[k + "_eager_prefill"] = SpeculativeEngine(
-                    dtype_model, base.drafter, None if base.tree is None else setups[k].tree, max_len=args.max_len,
-                    runner=runner, cuda_graphs=graphs, drafter_graph=bool(args.drafter_graph), compile=compile,
-                    static_drafter=bool(args.static_drafter), prefill_graphs=False)
+                drafted = engines[k].drafter is not None
+                engines[k + "_eager_prefill"] = drafter_engine(engines[k].drafter, setups[k].tree if drafted else None,
+                                                               prefill_graphs=False)
                 methods_wanted = methods_wanted + [k + "_eager_prefill"]
         methods = {}
         for name in methods_wanted:
@@ -298,9 +296,9 @@ def run(args) -> None:
                                                "drafter_graph": e.drafter_graph,
                                                "drafter_compiled": e.drafter_compiled,
                                                "static_drafter": e.drafter_step is not None,
-                                               # greedy steps verified, committed and drafted on the device
                                                "prefill_graphs": e.prefill_graphs,
                                                "drafter_prefill_graphs": e.drafter_prefill_graphs,
+                                               # greedy steps verified, committed and drafted on the device
                                                "greedy_loop": None if e.greedy_loop is None else
                                                ("graphs" if e.greedy_loop.graphs else "eager"),
                                                # relative errors of the compiled step's self-check, per step size

@@ -36,6 +36,7 @@ import torch
 
 from plmtool.draft.decoding.device import capture_graph, relative_error, synchronize, variable_shape_attention
 from plmtool.draft.decoding.drafter_step import DrafterProgram
+from plmtool.draft.decoding.target import StepProgram
 from plmtool.errors import PlmtoolError
 
 log = logging.getLogger("plmtool")
@@ -73,10 +74,10 @@ def _padded_length(lengths: list[int], n: int) -> int:
 class PrefillGraphs:
     """Padded prefills of one runner: `logits_last, hidden = graphs(prompt)` from an empty cache."""
 
-    # the same bars as the step programs' self-check (target.StepProgram.CHECK_TOL*): a
-    # replay of eager kernels at a padded shape rounds like eager, up to GEMM tiling
-    CHECK_TOL = {torch.float32: 1e-3}
-    CHECK_TOL_HALF = 0.1
+    # the step programs' bars: a replay of eager kernels at a padded shape rounds like eager, up
+    # to GEMM tiling
+    CHECK_TOL = StepProgram.CHECK_TOL
+    CHECK_TOL_HALF = StepProgram.CHECK_TOL_HALF
 
     def __init__(self, runner, lengths: Sequence[int] | None = None, cuda_graphs: bool | None = None, check: bool = True):
         """`cuda_graphs=False` runs the same padded forward eagerly (what the CPU tests exercise)."""
@@ -176,10 +177,10 @@ class DrafterPrefills:
     layers) have no cache; their `step_static` reads only the last real row.
     """
 
-    # the target prefills' bars (PrefillGraphs.CHECK_TOL*): the reference is the unpadded eager
-    # step, so shapes, and with them GEMM tiling and the attention span, differ from the replay
-    CHECK_TOL = {torch.float32: 1e-3}
-    CHECK_TOL_HALF = 0.1
+    # the target prefills' bars: the reference is the unpadded eager step, so shapes, and with
+    # them GEMM tiling and the attention span, differ from the replay
+    CHECK_TOL = PrefillGraphs.CHECK_TOL
+    CHECK_TOL_HALF = PrefillGraphs.CHECK_TOL_HALF
 
     def __init__(self, step: DrafterProgram, lengths: Sequence[int], cuda_graphs: bool | None = None, check: bool = True):
         """`step`: the engine's drafter step program (its drafter, cache, dtype, device);
