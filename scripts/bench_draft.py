@@ -220,9 +220,10 @@ def run(args) -> None:
     stops = stop_token_ids(model, tok)
 
     def bench(label: str, dtype_model, methods_wanted: list[str], qs: list[dict], max_new: int, caps: dict,
-              deadline: float | None, compile: bool, trees: dict | None) -> dict:
+              deadline: float | None, compile: bool, trees: dict | None, dynamic: dict | None = None) -> dict:
         """One pass: engines of our methods share one target runner (one compile per step shape);
-        questions interleaved so every method decodes the same ones before the deadline."""
+        questions interleaved so every method decodes the same ones before the deadline. `trees`
+        (method -> paths) and `dynamic` (method -> pool report) repeat an earlier pass's trees."""
         t_setup = time.perf_counter()
         runner = TargetRunner(dtype_model, args.max_len, compile=compile)
         graphs = "auto" if args.cuda_graphs else False
@@ -235,20 +236,29 @@ def run(args) -> None:
             tree_spec = {k: f"auto:{args.tree_nodes}" for k in ckpts}
         else:
             cal, tree_spec = [], trees
-        def drafter_engine(drafter, tree, prefill_graphs: bool = True) -> SpeculativeEngine:
+        def drafter_engine(drafter, tree, prefill_graphs: bool = True, pool=None) -> SpeculativeEngine:
             return SpeculativeEngine(dtype_model, drafter, tree, max_len=args.max_len, runner=runner, cuda_graphs=graphs,
                                      drafter_graph=bool(args.drafter_graph), compile=compile,
-                                     static_drafter=bool(args.static_drafter), prefill_graphs=prefill_graphs)
+                                     static_drafter=bool(args.static_drafter), prefill_graphs=prefill_graphs,
+                                     dynamic_pool=pool)
 
         for k, p in ckpts.items():
-            if k in methods_wanted:
+            if k in methods_wanted or any(m.startswith(k + "_") for m in methods_wanted):
                 setups[k] = setup_drafter(dtype_model, p, tree_spec[k], cal, args.max_len, args.tree_accuracy)
                 engines[k] = drafter_engine(setups[k].drafter, setups[k].tree)
-
-        def variants(suffix: str, nodes: int, table: str) -> list[str]:
-            """The trained drafters again, as methods `<kind><suffix>`, with `nodes`-node trees
-            built from accuracy table `table` (marginal or conditional)."""
+        if trees is not None:  # the main pass's dynamic-tree methods again, with its trees and pools
             from plmtool.draft.decoding.benchmark import DrafterSetup
+
+            for name in [m for m in methods_wanted if m in (dynamic or {}) and m.split("_")[0] in setups]:
+                s, pool = setups[name.split("_")[0]], dynamic[name]["choices"]
+                setups[name] = DrafterSetup(s.name, s.drafter, trees[name], None, s.checkpoint, None, pool)
+                engines[name] = drafter_engine(s.drafter, trees[name], pool=pool)
+
+        def variants(suffix: str, nodes: int, table: str, pool: int = 0) -> list[str]:
+            """The trained drafters again, as methods `<kind><suffix>`, with `nodes`-node trees
+            built from accuracy table `table` (marginal or conditional); `pool` > 0: dynamic trees
+            of that many nodes picked per step from a pool of `pool` paths."""
+            from plmtool.draft.decoding.benchmark import DrafterSetup, dynamic_pool_paths
             from plmtool.draft.decoding.tree import resolve_tree
 
             names = []
@@ -256,8 +266,9 @@ def run(args) -> None:
                 s = setups[k]
                 acc = getattr(s.measured, table)
                 tree = resolve_tree(f"auto:{nodes}", s.drafter.num_heads, acc)
-                setups[k + suffix] = DrafterSetup(k, s.drafter, tree, acc, s.checkpoint, s.measured)
-                engines[k + suffix] = drafter_engine(s.drafter, tree)
+                paths = dynamic_pool_paths(pool, tree, s.drafter.num_heads, acc)
+                setups[k + suffix] = DrafterSetup(k, s.drafter, tree, acc, s.checkpoint, s.measured, paths)
+                engines[k + suffix] = drafter_engine(s.drafter, tree, pool=paths)
                 names.append(k + suffix)
             return names
 
@@ -269,6 +280,8 @@ def run(args) -> None:
                 methods_wanted = methods_wanted + variants(f"_{other}_tree", args.tree_nodes, other)
             for nodes in _sizes(args.extra_trees):  # larger (or smaller) trees from the same table
                 methods_wanted = methods_wanted + variants(f"_tree{nodes}", nodes, args.tree_accuracy)
+            for nodes, pool in _dynamic_sizes(args.dynamic_trees):  # per-step trees picked from a pool
+                methods_wanted = methods_wanted + variants(f"_dyn{nodes}", nodes, args.tree_accuracy, pool)
         ablate = [k.strip() for k in args.prefill_ablation.split(",") if k.strip()]
         unknown = [k for k in ablate if k not in engines or k not in methods_wanted]
         if unknown:  # a warning, not an exit: the drafters of this command are already trained
@@ -298,12 +311,15 @@ def run(args) -> None:
                                                "static_drafter": e.drafter_step is not None,
                                                "prefill_graphs": e.prefill_graphs,
                                                "drafter_prefill_graphs": e.drafter_prefill_graphs,
+                                               "dynamic_tree": e.dynamic,
                                                # greedy steps verified, committed and drafted on the device
                                                "greedy_loop": None if e.greedy_loop is None else
                                                ("graphs" if e.greedy_loop.graphs else "eager"),
                                                # relative errors of the compiled step's self-check, per step size
-                                               "target_step_check": {str(p.n): {q: round(v, 5) for q, v in p.check_errors.items()}
-                                                                     for p in (e.plain_step, e.tree_step) if p is not None}}
+                                               "target_step_check": {name + str(p.n): {q: round(v, 5) for q, v in p.check_errors.items()}
+                                                                     for name, p in (("", e.plain_step), ("", e.tree_step),
+                                                                                     ("dynamic_", e.dynamic_step))
+                                                                     if p is not None}}
                                            for k, e in engines.items()}},
                      "trees": {k: tree_report(s) for k, s in setups.items()}, "model": args.model, "skipped": errors}
         log.info("%s setup %.1fs: %s", label, res["setup"]["setup_s"], res["setup"]["engines"])
@@ -352,6 +368,7 @@ def run(args) -> None:
     elif args.fp32_questions:
         t0 = time.perf_counter()
         trees = {k: t["choices"] for k, t in main["trees"].items()}
+        dynamic = {k: t["dynamic_pool"] for k, t in main["trees"].items() if "dynamic_pool" in t}
         if cuda:
             del model
             torch.cuda.empty_cache()
@@ -359,10 +376,10 @@ def run(args) -> None:
             model32.requires_grad_(False)
         else:
             model32 = model
-        bench("fp32", model32, [m for m in ("ar", "hf_generate", "medusa", "amphista") if m in wanted],
+        bench("fp32", model32, [m for m in ("ar", "hf_generate", "medusa", "amphista") if m in wanted] + list(dynamic),
               prepared[: args.fp32_questions],
               args.fp32_max_new, {"hf_generate": args.fp32_hf_questions}, end, compile=False,
-              trees=trees)
+              trees=trees, dynamic=dynamic)
         phase("bench_fp32", t0)
     report["total_s"] = round(elapsed(), 1)
     save()
@@ -389,6 +406,15 @@ def _finished(path: Path, cfg, trainer) -> bool:
 
 def _sizes(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _dynamic_sizes(text: str) -> list[tuple[int, int]]:
+    """`N:M,...` -> [(nodes, pool paths)]; `N` alone means a pool of 4 N paths."""
+    out = []
+    for item in [x.strip() for x in text.split(",") if x.strip()]:
+        nodes, _, pool = item.partition(":")
+        out.append((int(nodes), int(pool) if pool else 4 * int(nodes)))
+    return out
 
 
 def program_times(engines: dict, methods: dict) -> dict:
@@ -500,6 +526,10 @@ def main() -> None:
     pr.add_argument("--extra-trees", default="",
                     help="comma-separated node budgets: every drafter also decodes with trees of these sizes "
                          "(methods <kind>_tree<N>), from the same accuracy table")
+    pr.add_argument("--dynamic-trees", default="",
+                    help="comma-separated N:M: every drafter also decodes with dynamic trees of N nodes picked at each "
+                         "greedy step from a pool of M paths (built like an auto tree of M nodes) by the drafter's "
+                         "probabilities (methods <kind>_dyn<N>; M defaults to 4 N)")
     pr.add_argument("--train-budget-s", type=float, default=0.0,
                     help="a training budget in seconds since the command's start: a drafter's training loop stops "
                          "with a checkpoint once it is used up (tokenizing the drafter's data before its loop comes on "

@@ -34,6 +34,9 @@ def _check_config(cfg: DictConfig) -> None:
     if b.questions != "mtbench" and not Path(b.questions).is_file():
         raise PlmtoolError(f"bench.questions: {b.questions} is neither 'mtbench' nor an existing question file")
     check_tree_accuracy(d.tree_accuracy)
+    from plmtool.draft.decoding.benchmark import check_dynamic_pool
+
+    check_dynamic_pool(d.dynamic_pool)
     for key in ("checkpoint", "medusa_checkpoint"):
         path = d.get(key)
         if path and not Path(path).is_dir():
@@ -95,7 +98,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Report:
             if not path:
                 continue
             spec = OmegaConf.to_container(spec) if not isinstance(spec, (str, type(None))) else spec
-            s = setup_drafter(model, path, spec, cal, b.max_len, d.tree_accuracy)
+            s = setup_drafter(model, path, spec, cal, b.max_len, d.tree_accuracy, d.dynamic_pool)
             if s.name in setups:
                 raise PlmtoolError(f"draft.checkpoint and draft.medusa_checkpoint are both {s.name} drafters")
             setups[s.name] = s
@@ -107,7 +110,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Report:
             methods[name] = hf_generate_method(model, b.max_new_tokens, stops, tokenizer.pad_token_id, static=name.endswith("static"))
         elif name in setups:
             engine = SpeculativeEngine(model, setups[name].drafter, setups[name].tree, max_len=b.max_len, cuda_graphs=graphs,
-                                       runner=runner, compile=bool(d.compile))
+                                       runner=runner, compile=bool(d.compile), dynamic_pool=setups[name].pool)
             engine.check_request(longest, b.max_new_tokens)
             methods[name] = engine_method(engine, b.max_new_tokens, stops)
         else:

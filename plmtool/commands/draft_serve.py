@@ -51,18 +51,18 @@ def build_server(cfg: DictConfig):
 
             prompts = [chat_prompt_ids(tokenizer, q["turns"][-1]) for q in load_mtbench()[: d.tree_calibration]]
             cal = calibration_sequences(plain, prompts, 64, stops)
-        setup = setup_drafter(model, d.checkpoint, spec, cal, s.max_len, d.tree_accuracy)
+        setup = setup_drafter(model, d.checkpoint, spec, cal, s.max_len, d.tree_accuracy, d.dynamic_pool)
         runner = plain.runner  # reuses the KV cache and any compiled step
         del plain
         engine = SpeculativeEngine(model, setup.drafter, setup.tree, max_len=s.max_len, cuda_graphs=graphs, runner=runner,
-                                   compile=bool(d.compile))
+                                   compile=bool(d.compile), dynamic_pool=setup.pool)
         kind, tree_info = setup.name, len(setup.tree) + 1
     model_id = s.model_id or str(cfg.model.name_or_path)
     server = Server(engine, tokenizer, model_id, s.max_tokens_default, s.acceptance, s.typical_epsilon, stops, kind)
     return server, {"model_id": model_id, "drafter": kind, "tree_nodes": tree_info, "max_len": engine.max_len,
                     "acceptance": s.acceptance if kind else None, "device": str(engine.device), "cuda_graphs": engine.cuda_graphs,
                     "compiled": engine.compiled, "drafter_graph": engine.drafter_graph, "prefill_graphs": engine.prefill_graphs,
-                    "drafter_prefill_graphs": engine.drafter_prefill_graphs}
+                    "drafter_prefill_graphs": engine.drafter_prefill_graphs, "dynamic_tree": engine.dynamic}
 
 
 def run(cfg: DictConfig, run_dir: Path) -> Report:

@@ -78,6 +78,7 @@ class DrafterSetup:
     rank_accuracy: list[list[float]] | None  # what the tree was built from (see accuracy.py)
     checkpoint: str
     measured: RankAccuracy | None = None
+    pool: list[list[int]] | None = None  # candidate paths of a dynamic tree (None: static tree)
 
 
 def load_checked_drafter(path: str, model):
@@ -90,10 +91,12 @@ def load_checked_drafter(path: str, model):
 
 
 def setup_drafter(model, path: str, tree_spec: Any, calibration: Sequence[tuple[list[int], list[int]]], max_len: int,
-                  tree_accuracy: str = "marginal") -> DrafterSetup:
+                  tree_accuracy: str = "marginal", dynamic_pool: int = 0) -> DrafterSetup:
     """Load a drafter for `model` and resolve its tree (auto trees use measured rank accuracies,
-    `tree_accuracy` says which: see accuracy.py)."""
+    `tree_accuracy` says which: see accuracy.py); `dynamic_pool` > 0: also the candidate pool of a
+    dynamic tree, that many paths built from the same accuracies (dynamic_tree.py)."""
     check_tree_accuracy(tree_accuracy)
+    check_dynamic_pool(dynamic_pool, tree_spec)
     from plmtool.draft.drafter import read_drafter_config
 
     kind = read_drafter_config(path)["kind"]
@@ -105,7 +108,29 @@ def setup_drafter(model, path: str, tree_spec: Any, calibration: Sequence[tuple[
         measured = measure_rank_accuracy(TargetRunner(model, max_len), drafter, calibration)
     acc = getattr(measured, tree_accuracy) if measured is not None else None
     tree = resolve_tree(tree_spec, drafter.num_heads, acc)
-    return DrafterSetup(kind, drafter, tree, acc, str(path), measured)
+    pool = dynamic_pool_paths(dynamic_pool, tree, drafter.num_heads, acc)
+    return DrafterSetup(kind, drafter, tree, acc, str(path), measured, pool)
+
+
+def check_dynamic_pool(size: int, tree_spec: Any = None) -> None:
+    if size < 0:
+        raise PlmtoolError(f"draft.dynamic_pool must be >= 0 (0 = static trees), got {size}")
+    if size and isinstance(tree_spec, str) and tree_spec.startswith("auto:"):
+        nodes = tree_spec.split(":", 1)[1]
+        if nodes.isdigit() and size < int(nodes):
+            raise PlmtoolError(f"draft.dynamic_pool={size} is smaller than the tree ({tree_spec}): "
+                               "the pool holds the paths each step's tree is picked from")
+
+
+def dynamic_pool_paths(size: int, tree: list[list[int]], num_heads: int,
+                       acc: Sequence[Sequence[float]] | None) -> list[list[int]] | None:
+    """The pool of a dynamic tree: the `size` best paths by `acc`, like an auto tree of that size
+    (None for size 0). Never smaller than the tree itself."""
+    if not size:
+        return None
+    if size < len(tree):
+        raise PlmtoolError(f"a dynamic tree's pool of {size} paths is smaller than its tree of {len(tree)}")
+    return resolve_tree(f"auto:{size}", num_heads, acc)
 
 
 def calibration_sequences(engine: SpeculativeEngine, prompts: Sequence[list[int]], max_new_tokens: int,
@@ -475,6 +500,8 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def tree_report(setup: DrafterSetup) -> dict[str, Any]:
     info = tree_summary(setup.tree)
+    if setup.pool is not None:  # greedy steps pick this many nodes per step from the pool
+        info["dynamic_pool"] = {**tree_summary(setup.pool), "choices": setup.pool}
     acc = setup.rank_accuracy or rank_accuracy_from_top1([0.5] * setup.drafter.num_heads)
     info["expected_accept_length"] = round(expected_accept_length(setup.tree, acc), 3)
     if setup.measured is not None:

@@ -31,6 +31,10 @@ class DecodeDraftConfig:
     # heads, Medusa's assumption) or its accuracy given its accepted prefix (conditional); on
     # SmolLM2 / MT-Bench both gave the same accepted length (docs/benchmarks/draft.md, run 8)
     tree_accuracy: str = "marginal"
+    # dynamic trees (EAGLE-2's idea): > 0 builds a pool of this many candidate paths (like an auto
+    # tree, from the same accuracies) and every greedy step decodes with the tree's number of nodes
+    # picked from it by the drafter's own probabilities at that step; 0 = the static tree
+    dynamic_pool: int = 0
     cuda_graphs: str = "auto"  # auto (on CUDA) | true | false
     # torch.compile the target step before capturing it (CUDA graphs only; checked against
     # eager at capture, eager capture on mismatch); compilation takes tens of seconds per shape

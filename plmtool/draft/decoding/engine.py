@@ -25,6 +25,7 @@ import torch
 
 from plmtool.draft.decoding.device import check_device, synchronize, variable_shape_attention
 from plmtool.draft.decoding.drafter_step import DrafterProgram
+from plmtool.draft.decoding.dynamic_tree import DynamicTree
 from plmtool.draft.decoding.greedy_loop import GreedyTreeLoop
 from plmtool.draft.decoding.prefill import DrafterPrefills, drafter_prefills, lengths_up_to
 from plmtool.draft.decoding.switches import allowed
@@ -94,7 +95,8 @@ class SpeculativeEngine:
 
     def __init__(self, model, drafter=None, tree: Sequence[Sequence[int]] | None = None, max_len: int = 2048,
                  cuda_graphs: bool | str = "auto", static_drafter: bool = True, compile: bool = False,
-                 runner: TargetRunner | None = None, drafter_graph: bool | None = None, prefill_graphs: bool = True):
+                 runner: TargetRunner | None = None, drafter_graph: bool | None = None, prefill_graphs: bool = True,
+                 dynamic_pool: Sequence[Sequence[int]] | None = None):
         """`compile`: capture torch.compile'd target and drafter steps (each checked against eager,
         else eager capture); only with CUDA graphs. With a shared `runner` it applies to the drafter
         step only (the runner was built compiled or not). `runner`: share one target runner (its KV cache) between
@@ -104,7 +106,10 @@ class SpeculativeEngine:
         PLMTOOL_STATIC_DRAFTER=0 the fixed-shape drafter step (back to the drafter's eager `step`).
         `prefill_graphs`: prefill through the runner's padded prefill graphs (`prefill.py`; only with
         CUDA graphs; PLMTOOL_PREFILL_GRAPHS=0 turns them off), else eagerly; the drafter's prefill
-        likewise (padded drafter prefill graphs where the drafter step is captured)."""
+        likewise (padded drafter prefill graphs where the drafter step is captured).
+        `dynamic_pool`: candidate paths of a dynamic tree (`dynamic_tree.py`): greedy steps then
+        decode with a tree of `tree`'s size picked from these paths by the drafter's probabilities at
+        every step; the static `tree` serves sampling (and greedy decoding if the device loop is off)."""
         if runner is not None and runner.model is not model:
             raise ValueError("the shared runner belongs to another model")
         self.runner = runner if runner is not None else TargetRunner(model, max_len, compile=compile)
@@ -132,6 +137,14 @@ class SpeculativeEngine:
             if self.tree.n + 1 > self.max_len:
                 raise PlmtoolError(f"tree of {self.tree.n} nodes does not fit the context of {self.max_len}")
             self.tree_step = StepProgram(self.runner, self.tree.depth, self.tree.ancestors, use_graphs, pool)
+        self.dynamic_tree: DynamicTree | None = None
+        self.dynamic_step: StepProgram | None = None
+        if drafter is not None and dynamic_pool is not None:
+            self.dynamic_tree = DynamicTree(dynamic_pool, self.tree.n, self.device, drafter.num_heads)
+            # its own program: the dynamic tree rewrites its step's mask and depths in place, which the
+            # static tree of the general loop must not see
+            self.dynamic_step = StepProgram(self.runner, self.dynamic_tree.depth, self.dynamic_tree.ancestors,
+                                            use_graphs, pool)
         # Drafters with a fixed-shape step (every plmtool drafter) run it through a DrafterProgram
         # over one engine-lifetime cache (captured as a CUDA graph on CUDA); others step eagerly
         # with a fresh cache per request.
@@ -139,15 +152,17 @@ class SpeculativeEngine:
         if drafter is not None and allowed("PLMTOOL_STATIC_DRAFTER", static_drafter) and hasattr(drafter, "step_static"):
             with torch.no_grad():
                 dcache = drafter.new_cache(1, self.max_len, self.device, self.runner.dtype)
-            self.drafter_step = DrafterProgram(drafter, dcache, int(self.tree.paths.shape[1]), self.runner.hidden_size,
+            rows = max(int(t.paths.shape[1]) for t in (self.tree, self.dynamic_tree) if t is not None)  # deepest path + 1
+            self.drafter_step = DrafterProgram(drafter, dcache, rows, self.runner.hidden_size,
                                                self.device, self.runner.dtype, use_drafter_graph,
                                                compile=allowed("PLMTOOL_COMPILE", compile))
         # greedy decoding with a fixed-shape drafter step: verification, commit and drafting on
         # the device, no host decision between the programs (greedy_loop.py)
         self.greedy_loop: GreedyTreeLoop | None = None
         if self.drafter_step is not None and allowed("PLMTOOL_GREEDY_LOOP", True):
+            tree, step = (self.tree, self.tree_step) if self.dynamic_tree is None else (self.dynamic_tree, self.dynamic_step)
             try:
-                self.greedy_loop = GreedyTreeLoop(self.runner, self.tree, self.tree_step, self.drafter_step, use_graphs)
+                self.greedy_loop = GreedyTreeLoop(self.runner, tree, step, self.drafter_step, use_graphs)
             except Exception as e:  # capture unsupported here: the general loop decodes greedily too
                 log.warning("device-side greedy loop disabled (%s: %s); using the general loop", type(e).__name__, e)
                 synchronize()
@@ -159,8 +174,11 @@ class SpeculativeEngine:
             longest = self.max_len - 1 - self.tree.n
             self.drafter_prefills = drafter_prefills(self.drafter_step, lengths_up_to(self.max_len, longest))
         # graphs in use only where every program captured
-        self.cuda_graphs = self.plain_step.graph is not None and (self.tree_step is None or self.tree_step.graph is not None)
-        self.compiled = self.plain_step.compiled and (self.tree_step is None or self.tree_step.compiled)
+        steps = [s for s in (self.plain_step, self.tree_step, self.dynamic_step) if s is not None]
+        self.cuda_graphs = all(s.graph is not None for s in steps)
+        self.compiled = all(s.compiled for s in steps)
+        # greedy requests decode with the dynamic tree (only through the device loop)
+        self.dynamic = self.greedy_loop is not None and self.greedy_loop.dynamic
         self.drafter_graph = self.drafter_step is not None and self.drafter_step.graph is not None
         self.prefill_graphs = self.use_prefill_graphs and self.runner.prefill_graphs is not None
         self.drafter_prefill_graphs = self.drafter_prefills is not None and self.drafter_prefills.cuda_graphs
@@ -314,8 +332,9 @@ class SpeculativeEngine:
                 n = verdict.length
                 if program is not None:
                     # fixed shapes: the whole padded path (rows past n are ignored by the step)
-                    torch.index_select(hidden, 0, path, out=program.hidden[0])
-                    torch.index_select(tokens, 0, path[1:], out=program.next_tokens[0, : max_depth])
+                    width = int(path.shape[0])  # may be less than the program's rows (a deeper dynamic tree)
+                    torch.index_select(hidden, 0, path, out=program.hidden[0, :width])
+                    torch.index_select(tokens, 0, path[1:], out=program.next_tokens[0, : width - 1])
                     program.next_tokens[0, n - 1 : n].fill_(token)
                     heads = program(n)
                 else:

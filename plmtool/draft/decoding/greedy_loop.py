@@ -14,7 +14,9 @@ index follows from it on the device. So a step is four programs, each a CUDA gra
            its device-side length advanced; the drafter's inputs (hidden states of the path, the
            token after each, their count) written in place;
   drafter  the drafter program (`DrafterProgram.launch`: the count is already on the device);
-  draft    top-k of the new heads into the tree program's token buffer, the bonus at the root.
+  draft    top-k of the new heads into the tree program's token buffer, the bonus at the root;
+           with a dynamic tree (`dynamic_tree.py`) it first picks this step's nodes from the
+           heads' probabilities and rewrites the tree's mask, depths and paths in place.
 
 The host copies the verdict back right after `commit` and emits its tokens while the device runs
 `drafter` and `draft`; between steps nothing waits on the host but the next four launches. The
@@ -28,21 +30,29 @@ import torch
 
 from plmtool.draft.decoding.device import capture_graph, check_device
 from plmtool.draft.decoding.drafter_step import DrafterProgram
+from plmtool.draft.decoding.dynamic_tree import DynamicTree
 from plmtool.draft.decoding.target import StepProgram, TargetRunner
 from plmtool.draft.decoding.tree import Tree
-from plmtool.draft.decoding.verify import greedy_accepted_node, tree_depth
+from plmtool.draft.decoding.verify import greedy_accepted_node
 
 
 class GreedyTreeLoop:
-    """Greedy speculative steps for one engine (its runner, tree program and drafter program)."""
+    """Greedy speculative steps for one engine (its runner, tree program and drafter program).
 
-    def __init__(self, runner: TargetRunner, tree: Tree, tree_step: StepProgram, program: DrafterProgram,
+    `tree` is a static `Tree` or a `DynamicTree` whose buffers `tree_step` reads (its depth and
+    ancestor mask are the tree step's)."""
+
+    def __init__(self, runner: TargetRunner, tree: Tree | DynamicTree, tree_step: StepProgram, program: DrafterProgram,
                  cuda_graphs: bool):
         self.runner, self.tree, self.tree_step, self.program = runner, tree, tree_step, program
-        self.max_depth = tree.max_depth
+        self.dynamic = isinstance(tree, DynamicTree)
+        if self.dynamic and not (tree_step.depth is tree.depth and tree_step.ancestors is tree.ancestors):
+            raise ValueError("the tree step of a dynamic tree must read the tree's own depth and mask buffers")
+        self.max_depth = int(tree.paths.shape[1]) - 1
         dev = runner.device
-        # node, bonus token, then the tokens of the node's path (root first, padded)
-        self.verdict = torch.zeros(self.max_depth + 3, dtype=torch.long, device=dev)
+        # node, accepted length (root included), bonus token, then the tokens of the node's path
+        # (root first, padded)
+        self.verdict = torch.zeros(self.max_depth + 4, dtype=torch.long, device=dev)
         self.cuda = dev.type == "cuda"
         self.host = torch.zeros(self.verdict.shape, dtype=torch.long, pin_memory=self.cuda)
         self.commit_graph = self.draft_graph = None
@@ -59,7 +69,9 @@ class GreedyTreeLoop:
         """Addresses of what `commit` and `draft` read or write besides the other programs' own
         buffers (those check themselves): a replay after one was re-created would touch freed memory."""
         t, p = self.tree, self.program
-        tensors = [t.parent, t.paths, t.depth, t.candidate_index, self.verdict, *self.tree_step.out, p.out,
+        tables = ([t.selected, t.position, t.ancestors, t.pool.depth, t.pool.parent, t.pool.paths, t.pool.ancestors,
+                   t.pool.candidate_index] if self.dynamic else [t.candidate_index])
+        tensors = [t.parent, t.paths, t.depth, *tables, self.verdict, *self.tree_step.out, p.out,
                    p.hidden, p.next_tokens, p.count, self.runner.cache.k, self.runner.cache.v]
         return tuple(x.data_ptr() for x in tensors)
 
@@ -75,12 +87,12 @@ class GreedyTreeLoop:
         path = tree.paths.index_select(0, best)[0]  # [d + 1], padded past the node's depth
         length = tree.depth.index_select(0, best) + 1  # [1]
         bonus = pred.index_select(0, best)
-        torch.cat([best, bonus, tokens.index_select(0, path)], out=self.verdict)
+        torch.cat([best, length, bonus, tokens.index_select(0, path)], out=self.verdict)
         start = self.tree_step.start
         self.runner.cache.compact(start, path)
         # the drafter reads every accepted position and the token after it: the drafted tokens,
         # then the bonus token (rows past the count are padding the drafter step ignores)
-        torch.index_select(hidden, 0, path, out=p.hidden[0])
+        torch.index_select(hidden, 0, path, out=p.hidden[0, : d + 1])
         torch.index_select(tokens, 0, path[1:], out=p.next_tokens[0, :d])
         p.next_tokens[0].index_copy_(0, length - 1, bonus)
         p.count.copy_(length[0])
@@ -88,16 +100,19 @@ class GreedyTreeLoop:
 
     def _draft(self, heads: torch.Tensor) -> None:
         tree, tokens = self.tree, self.tree_step.tokens[0]
-        cands = torch.topk(heads[0, : self.max_depth], tree.topk, dim=-1).indices.reshape(-1)
-        torch.index_select(cands, 0, tree.candidate_index, out=tokens[1:])
-        tokens[:1].copy_(self.verdict[1:2])
+        if self.dynamic:
+            tree.select(heads[0], tokens)
+        else:
+            cands = torch.topk(heads[0, : self.max_depth], tree.topk, dim=-1).indices.reshape(-1)
+            torch.index_select(cands, 0, tree.candidate_index, out=tokens[1:])
+        tokens[:1].copy_(self.verdict[2:3])
 
     # ------------------------------------------------------------------ host side
     def begin(self, heads: torch.Tensor, token: int) -> None:
         """After the prefills: the committed length and the first tree's tokens from the drafter's
         prefill heads (`heads` [1, K, V]) and the target's first token."""
         self.tree_step.start.fill_(self.runner.length)
-        self.verdict[1:2].fill_(token)
+        self.verdict[2:3].fill_(token)
         self._draft(heads)
 
     def step(self) -> tuple[int, int, list[int]]:
@@ -126,8 +141,9 @@ class GreedyTreeLoop:
             self._commit(*(tree.launch() if tree.graph is not None else tree.eager(length + n)))
             self.host.copy_(self.verdict)
             self._draft(program.launch())
-        node, bonus, *path = self.host.tolist()
-        accepted = tree_depth(self.tree, node) + 1
+        node, accepted, bonus, *path = self.host.tolist()
+        if not 1 <= accepted <= self.max_depth + 1:  # would index the caches out of range next step
+            raise RuntimeError(f"verification returned node {node} with {accepted} accepted tokens")
         runner.cache.length = length + accepted
         if program.cache is not None:
             program.cache.length += accepted
