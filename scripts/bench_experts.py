@@ -6,6 +6,11 @@ per-cluster experts (`routed`) and the oracle expert per held-out group. The hel
 cut before clustering and never trained on. Every LoRA uses the same hyper-parameters and trains
 for the same number of epochs over its own data (the same budget per sample).
 
+`--expert-data` says what the experts train on: `redistributed` (default) each cluster's share of
+the redistributed 10% (units expert_<k>, results `routed` / `oracle`); `cluster` every pool sample
+of its cluster, so the experts together see the full-data unit's data (units expert_<k>_cluster,
+results `routed_cluster` / `oracle_cluster`); `both` trains and evaluates the two kinds side by side.
+
 Two steps, because the GPU machine has no hydra / datasets and no network:
 
     # on the CPU side: first user->assistant exchanges of ShareGPT, texts cut, gzipped JSONL
@@ -15,7 +20,8 @@ Two steps, because the GPU machine has no hydra / datasets and no network:
 
 `run` writes `$OUT/bench_experts.json` after every finished stage (load, redistribution, base
 loss, then each trained unit with its held-out loss), so a run cut short keeps what finished.
-Units run cheapest first (redistributed, random, the experts, then full): every adapter starts
+Units run cheapest first (redistributed, random, the experts on the redistributed shares, the
+experts on whole clusters - together about the cost of full - then full): every adapter starts
 from the same frozen base with the same hyper-parameters; initialisation and dropout draw from one
 random stream that runs on from unit to unit, so the order decides each unit's random draws and
 which results exist if time runs out. A warm-up adapter absorbs the first-step CUDA setup so no
@@ -70,7 +76,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # arguments that may change between the commands of one run (everything else must match to resume)
 PER_COMMAND_ARGS = {"cmd", "out", "work", "model_cache", "time_budget", "over_budget", "checkpoint_every", "fresh"}
+# arguments added since runs were stored: a stored run without one ran as its value here says
+ARGS_ADDED_LATER = {"expert_data": "redistributed"}
 EVAL_RESERVE_S = 10.0  # beyond one held-out evaluation: checkpoint, JSON, table
+# --expert-data: the kinds of experts trained (plmtool.experts.routed.EXPERT_DATA), cheapest first
+EXPERT_KINDS = {"redistributed": ["redistributed"], "cluster": ["cluster"], "both": ["redistributed", "cluster"]}
 
 
 def prepare(args) -> None:
@@ -148,7 +158,8 @@ def open_results(args, out: Path, work: Path, head: dict, command: dict, log) ->
     paths = [out / "bench_experts.json", state]
     if state.is_file() and not args.fresh:
         data = json.loads(state.read_text())
-        theirs = {**{k: v for k, v in data["args"].items() if k not in PER_COMMAND_ARGS}, "data_sha256": data.get("data_sha256")}
+        theirs = {**ARGS_ADDED_LATER, **{k: v for k, v in data["args"].items() if k not in PER_COMMAND_ARGS},
+                  "data_sha256": data.get("data_sha256")}
         mine = {**run_args(args), "data_sha256": head["data_sha256"]}
         diff = [f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now"
                 for k in sorted(set(theirs) | set(mine)) if theirs.get(k) != mine.get(k)]
@@ -194,6 +205,11 @@ def redistribute(res: Results, args, data: Path, d: Path, out: Path, model, tok)
             shutil.copy(d / name, out / name)
 
 
+def combined(name: str, kind: str) -> str:
+    """Result name of a combination (routed, oracle, router) of one kind of experts: routed, routed_cluster, ..."""
+    return name if kind == "redistributed" else f"{name}_{kind}"
+
+
 def token_ids(res: Results, args, d: Path, work: Path, tok) -> SimpleNamespace:
     """Token ids of every pool sample once (shared by all units), the held-out set and its routes.
 
@@ -203,6 +219,7 @@ def token_ids(res: Results, args, d: Path, work: Path, tok) -> SimpleNamespace:
 
     from plmtool.experts.routed import expert_name
     from plmtool.experts.router import Router
+    from plmtool.experts.run_train import expert_samples
     from plmtool.experts.samples import read_samples
     from plmtool.experts.tokenize import encode
     from plmtool.io import atomic_write
@@ -225,10 +242,11 @@ def token_ids(res: Results, args, d: Path, work: Path, tok) -> SimpleNamespace:
     router = Router.load(d / "centroids.npy")
     routes = router.route(np.load(d / "heldout_embeddings.npy"))
     k = router.k
-    experts = [expert_name(c) for c in range(k)]
-    files = {"redistributed": "selected.jsonl", "random": "random.jsonl", "full": "samples.jsonl",
-             **{e: f"shards/{e}.jsonl" for e in experts}}
+    experts = {kind: [expert_name(c, kind) for c in range(k)] for kind in EXPERT_KINDS[args.expert_data]}
+    files = {"redistributed": "selected.jsonl", "random": "random.jsonl", "full": "samples.jsonl"}
     unit_ids = {u: [s["id"] for s in read_samples(d / f)] for u, f in files.items()}
+    for kind in experts:
+        unit_ids.update({e: [s["id"] for s in samples] for e, samples in expert_samples(d, k, kind).items()})
     res.stage("encode", encode_s=round(time.perf_counter() - t, 1), heldout=len(held_enc),
               heldout_tokens=int(sum(sum(x != -100 for x in e["labels"]) for e in held_enc)),
               heldout_per_cluster=np.bincount(routes, minlength=k).tolist(),
@@ -314,6 +332,7 @@ def run(args) -> None:
     redistribute(res, args, data, d, out, model, tok)
     sets = token_ids(res, args, d, work, tok)
     routes, k, experts = sets.routes, sets.k, sets.experts
+    all_experts = [e for names in experts.values() for e in names]
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     cfg = lora_config(args.r, 2 * args.r, args.dropout, "all-linear")
@@ -359,7 +378,7 @@ def run(args) -> None:
     # 5. units, cheapest first; each: train (timed alone), then its held-out loss
     ckpt_dir = work / "checkpoints"
     trained_samples, trained_s, last_eval_s = 0.0, 0.0, res.data["units"]["base"]["eval_s"]
-    for u in ["redistributed", "random", *experts, "full"]:
+    for u in ["redistributed", "random", *all_experts, "full"]:
         n = len(sets.unit_ids[u])
         unit_hp, work_samples = unit_budget(u, n, hp, args, len(sets.unit_ids["full"]))
         ckpt = ckpt_dir / f"{u}.pt"
@@ -393,10 +412,11 @@ def run(args) -> None:
         last_eval_s = ev["eval_s"]
         res.data["units"][u] = {"train": stats, **ev}
         res.data["train_seconds"][u] = stats["seconds"]
-        if not u.startswith("expert_"):
+        if u not in all_experts:
             res.data["eval"][u] = ev["heldout_loss"]
-        if u == experts[-1] and all(e in losses.of or losses.load(e) for e in experts):
-            routed_oracle(res, losses.of, experts, routes, k, mean_loss, np)
+        for kind, names in experts.items():
+            if u == names[-1] and all(e in losses.of or losses.load(e) for e in names):
+                routed_oracle(res, losses.of, kind, names, routes, k, mean_loss, np)
         if cuda:
             peak = round(torch.cuda.max_memory_allocated() / 2**30, 1)
             res.data["max_memory_allocated_gb"] = max(peak, res.data.get("max_memory_allocated_gb", 0.0))
@@ -421,32 +441,40 @@ def pause(res: Results, u: str, stats: dict, log) -> None:
                 "Rerun the same command (same --work) to resume.", u, stats["steps_done"], stats["steps"])
 
 
-def routed_oracle(res, losses, experts, routes, k, mean_loss, np) -> None:
-    """Routed (top-1 nearest centroid) and oracle (best expert per held-out group) losses."""
+def routed_oracle(res, losses, kind, experts, routes, k, mean_loss, np) -> None:
+    """Routed (top-1 nearest centroid) and oracle (best expert per held-out group) losses of one kind of experts."""
+    routed, oracle = combined("routed", kind), combined("oracle", kind)
     pick = lambda choice: tuple(np.array([losses[experts[int(choice(r))]][j][i] for i, r in enumerate(routes)]) for j in (0, 1))
-    losses["routed"] = pick(lambda r: r)
+    losses[routed] = pick(lambda r: r)
     best = {g: int(np.argmin([mean_loss(*losses[e], routes == g) or np.inf for e in experts])) for g in range(k) if (routes == g).any()}
-    losses["oracle"] = pick(lambda r: best[int(r)])
-    for name in ("routed", "oracle"):
+    losses[oracle] = pick(lambda r: best[int(r)])
+    for name in (routed, oracle):
         per = {str(g): mean_loss(*losses[name], routes == g) for g in range(k) if (routes == g).any()}
         res.data["units"][name] = {"heldout_loss": mean_loss(*losses[name]), "per_cluster": per,
                                    "macro_over_clusters": float(np.mean(list(per.values())))}
         res.data["eval"][name] = mean_loss(*losses[name])
-    res.data["train_seconds"]["routed"] = round(sum(res.data["units"][e]["train"]["seconds"] for e in experts), 3)
+    res.data["train_seconds"][routed] = round(sum(res.data["units"][e]["train"]["seconds"] for e in experts), 3)
     per_sample = np.argmin(np.stack([s / np.maximum(t, 1) for s, t in (losses[e] for e in experts)]), axis=0)
-    res.data["router"] = {"oracle_expert_per_group": {str(g): b for g, b in best.items()},
-                          "agreement_group": float(np.mean([best[g] == g for g in best])),
-                          "agreement_per_sample_oracle": float(np.mean(per_sample == routes))}
+    res.data[combined("router", kind)] = {"oracle_expert_per_group": {str(g): b for g, b in best.items()},
+                                          "agreement_group": float(np.mean([best[g] == g for g in best])),
+                                          "agreement_per_sample_oracle": float(np.mean(per_sample == routes))}
 
 
 def table(r: dict, args) -> None:
+    from plmtool.experts.routed import expert_name
+
     red, units, rec = r["redistribution"], r["units"], r.get("recovery_of_full_gain", {})
-    n_of = {**r["unit_samples"], "routed": r["unit_samples"]["redistributed"], "oracle": r["unit_samples"]["redistributed"]}
+    kinds = EXPERT_KINDS[args.expert_data]
+    n_of = dict(r["unit_samples"])
+    for kind in kinds:
+        n = sum(r["unit_samples"][expert_name(c, kind)] for c in range(red["k"]))
+        n_of.update({combined("routed", kind): n, combined("oracle", kind): n})
     print(f"\n{r['gpu']}, torch {r['torch']}; pool {red['total']}, held-out {red['heldout']} ({r['heldout_tokens']} reply tokens), "
-          f"K={red['k']}, budget {args.budget}, max_len {args.max_len}, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, budget mode {args.budget_mode}")
+          f"K={red['k']}, budget {args.budget}, max_len {args.max_len}, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, "
+          f"budget mode {args.budget_mode}, expert data {args.expert_data}")
     print("| model | train samples | held-out loss | mean over clusters | share of full-data gain | train s |")
     print("|---|---|---|---|---|---|")
-    for name in ("base", "full", "random", "redistributed", "routed", "oracle"):
+    for name in ("base", "full", "random", "redistributed", *[combined(c, kind) for kind in kinds for c in ("routed", "oracle")]):
         u = units.get(name)
         if u is None or "heldout_loss" not in u:
             print(f"| {name} | {n_of.get(name, '')} | {unit_status(u)} | | | |")
@@ -454,8 +482,10 @@ def table(r: dict, args) -> None:
         share = rec.get(name)
         print(f"| {name} | {n_of.get(name, '') if name != 'base' else 0} | {u['heldout_loss']:.4f} | {u['macro_over_clusters']:.4f} | "
               f"{'' if share is None else f'{share:.1%}'} | {r['train_seconds'].get(name, '')} |")
-    if "router" in r:
-        print(f"router agreement with the oracle expert per group: {r['router']['agreement_group']:.2f}")
+    for kind in kinds:
+        if combined("router", kind) in r:
+            print(f"router agreement with the oracle expert per group ({combined('routed', kind)}): "
+                  f"{r[combined('router', kind)]['agreement_group']:.2f}")
     print(f"timings: load {r['model_load_s']} s, redistribute {r['redistribute_s']} s, encode {r['encode_s']} s, "
           f"total {r['elapsed_s']} s over {len(r['commands'])} command(s); peak GPU memory {r.get('max_memory_allocated_gb', '-')} GB")
 
@@ -493,6 +523,10 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--lr", type=float, default=4e-4)
     # 2 epochs for every unit: the 10% subsets get ~31 optimizer steps instead of ~16
     r.add_argument("--epochs", type=float, default=2.0)
+    r.add_argument("--expert-data", choices=tuple(EXPERT_KINDS), default="redistributed",
+                   help="what the experts train on: redistributed (each cluster's share of the redistributed subset), "
+                        "cluster (each its whole cluster: all experts together see the full-data unit's data), or both "
+                        "(two sets of experts, evaluated side by side as routed / routed_cluster)")
     r.add_argument("--budget-mode", choices=("epochs", "steps"), default="epochs",
                    help="epochs: the same epochs per sample for every unit (the issue's comparison); "
                         "steps: every unit gets the full-data unit's number of optimizer steps")

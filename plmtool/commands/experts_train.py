@@ -5,6 +5,8 @@
     plmtool experts train -m experts.redistribution=D experts.expert_index=0,1,2,3,4,5,6,7
     plmtool experts train -m experts.redistribution=D experts.baseline=full,random,redistributed
     plmtool experts train experts.redistribution=D experts.mode=assemble
+    # experts on their whole clusters of the pool (together the full-data unit's data)
+    plmtool experts train experts.redistribution=D experts.expert_data=cluster
     # routed generation for one prompt
     plmtool experts train experts.redistribution=D experts.mode=generate experts.prompt="Write a haiku"
 """
@@ -39,6 +41,12 @@ def _fmt(v):
     return None if v is None else round(v, 4)
 
 
+def _expert_data_line(report: Report) -> str:
+    what = {"redistributed": "its cluster's share of the redistributed subset", "cluster": "its whole cluster of the pool"}
+    counts = ", ".join(f"{e} {n}" for e, n in report["expert_samples"].items())
+    return f"each expert trained on {what[report['expert_data']]} (experts.expert_data={report['expert_data']}); samples: {counts}"
+
+
 def render(report: Report) -> str:
     if "generation" in report:
         g = report["generation"]
@@ -52,7 +60,8 @@ def render(report: Report) -> str:
     rec = report.get("recovery_of_full_gain", {})
     rows = [[name, _fmt(v), _fmt(rec.get(name)), secs.get(name)] for name, v in ev.items()]
     lines = [f"# plmtool experts train: held-out loss on assistant tokens ({report['heldout']} samples, K={report['k']})", "",
-             md_table(["model", "held-out loss", "share of full-data gain", "train seconds"], rows)]
+             md_table(["model", "held-out loss", "share of full-data gain", "train seconds"], rows), "",
+             _expert_data_line(report)]
     pc = report["eval_per_cluster"]
     groups = sorted({g for v in pc.values() for g in v}, key=int)
     lines += ["", "## per held-out group (routed cluster)", "",

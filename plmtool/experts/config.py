@@ -71,6 +71,9 @@ class TrainExpertsConfig:
     expert_index: Optional[int] = None  # train only this expert (one job of a multirun / Slurm array)
     baseline: Optional[str] = None  # train only this baseline (full | random | redistributed)
     baselines: list[str] = field(default_factory=lambda: ["full", "random", "redistributed"])
+    # what each expert trains on: redistributed (its cluster's share of the redistributed subset) |
+    # cluster (every pool sample of its cluster: all experts together see the pool, as `full` does)
+    expert_data: str = "redistributed"
     adapters_dir: Optional[str] = None  # default <redistribution>/adapters (shared by array jobs)
     lora: LoraOptions = field(default_factory=LoraOptions)
     max_prompt_len: Optional[int] = None  # default: the redistribution's

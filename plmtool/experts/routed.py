@@ -1,8 +1,9 @@
 """Routed experts over one model: route by prompt embedding, evaluate and generate.
 
-`RoutedExperts` holds a PeftModel carrying one adapter per expert (named expert_<k>), the
-router, and the embedder used at redistribution time. Embeddings are always taken from the
-base model (adapters disabled), exactly as they were when the centroids were computed.
+`RoutedExperts` holds a PeftModel carrying one adapter per expert (named expert_<k>, or
+expert_<k>_cluster for experts trained on their whole cluster), the router, and the embedder
+used at redistribution time. Embeddings are always taken from the base model (adapters
+disabled), exactly as they were when the centroids were computed.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from plmtool.errors import PlmtoolError
 from plmtool.experts.embed import ModelEmbedder
 from plmtool.experts.losses import token_logprobs
 from plmtool.experts.lora import BASE
@@ -21,8 +23,19 @@ from plmtool.experts.samples import prompt_text
 from plmtool.experts.tokenize import encode_prompt
 
 
-def expert_name(k: int) -> str:
-    return f"expert_{k}"
+# what each expert trains on: cluster k's share of the redistributed subset, or every pool sample of cluster k
+EXPERT_DATA = ("redistributed", "cluster")
+
+
+def expert_name(k: int, expert_data: str = "redistributed") -> str:
+    """The adapter of cluster k's expert. Experts trained on whole clusters have names of their own,
+    so both kinds live side by side in one adapters dir and a run never picks up the other kind."""
+    return f"expert_{k}" if expert_data == "redistributed" else f"expert_{k}_{expert_data}"
+
+
+def check_expert_data(value: str, option: str = "expert_data") -> None:
+    if value not in EXPERT_DATA:
+        raise PlmtoolError(f"unknown {option} '{value}' (choose from {', '.join(EXPERT_DATA)})")
 
 
 class RoutedExperts:
@@ -86,11 +99,14 @@ def routes_for_samples(experts: RoutedExperts, samples: Sequence[dict[str, Any]]
 
 
 
-def load_routed(redistribution: str, model_cfg: Any, adapters_dir: str | None = None) -> RoutedExperts:
+def load_routed(redistribution: str, model_cfg: Any, adapters_dir: str | None = None,
+                expert_data: str = "redistributed") -> RoutedExperts:
     """Python entry point: the model of `model_cfg` with every trained expert and the router.
 
         experts = load_routed("outputs/experts/<run>", SimpleNamespace(name_or_path="smollm2-135m", dtype="float32"))
         experts.generate("Write a haiku about rain")
+
+    `expert_data="cluster"` loads the experts trained on whole clusters instead.
     """
     from pathlib import Path
 
@@ -99,10 +115,11 @@ def load_routed(redistribution: str, model_cfg: Any, adapters_dir: str | None = 
     from plmtool.experts.run_train import load_meta
     from plmtool.models import load_model
 
+    check_expert_data(expert_data)
     d, meta = load_meta(redistribution)
     model, tok = load_model(model_cfg)
     adapters = Path(adapters_dir).expanduser() if adapters_dir else d / "adapters"
-    names = [expert_name(k) for k in range(int(meta["k"]))]
+    names = [expert_name(k, expert_data) for k in range(int(meta["k"]))]
     for n in names:
         model = load_adapter(model, n, adapters / n)
     embedder = make_embedder(meta["embedder"], model, tok, model_id=str(model_cfg.name_or_path),
@@ -110,4 +127,4 @@ def load_routed(redistribution: str, model_cfg: Any, adapters_dir: str | None = 
     return RoutedExperts(model, tok, Router.load(d / "centroids.npy"), embedder, names)
 
 
-__all__ = ["RoutedExperts", "expert_name", "load_routed", "routes_for_samples", "BASE"]
+__all__ = ["EXPERT_DATA", "RoutedExperts", "check_expert_data", "expert_name", "load_routed", "routes_for_samples", "BASE"]

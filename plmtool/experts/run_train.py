@@ -6,6 +6,9 @@ same budget per sample):
   random         a uniform random subset of the redistributed size
   redistributed  the redistributed subset (one adapter over all clusters)
   expert_<k>     cluster k's share of the redistributed subset (routed by nearest centroid)
+  expert_<k>_cluster
+                 with experts.expert_data=cluster, instead: every pool sample of cluster k, so the
+                 experts together see the whole pool, as `full` does (the same data in all)
 
 Adapters are saved under `adapters_dir` (default `<redistribution>/adapters`) with a fingerprint
 of everything that determines them, so independent jobs (`experts.expert_index=0,1,2 -m`, a Slurm
@@ -30,7 +33,7 @@ import torch
 from plmtool.errors import PlmtoolError
 from plmtool.experts.losses import encoded_losses, mean_loss
 from plmtool.experts.lora import BASE, adapter_meta, add_adapters, load_adapter, lora_config, save_adapter, train_adapter
-from plmtool.experts.routed import RoutedExperts, expert_name
+from plmtool.experts.routed import RoutedExperts, check_expert_data, expert_name
 from plmtool.experts.router import Router
 from plmtool.experts.samples import read_samples
 from plmtool.experts.tokenize import encode
@@ -46,6 +49,25 @@ def unit_file(d: Path, unit: str) -> Path:
     return d / (UNIT_FILES[unit] if unit in UNIT_FILES else f"shards/{unit}.jsonl")
 
 
+def whole_clusters(d: Path, k: int) -> list[list[dict[str, Any]]]:
+    """The pool samples of each cluster as the redistribution's manifest assigns them, in pool order."""
+    pool = read_samples(d / "samples.jsonl")
+    manifest = read_samples(d / "manifest.jsonl")
+    if [m["id"] for m in manifest] != [s["id"] for s in pool]:
+        raise PlmtoolError(f"{d}: manifest.jsonl and samples.jsonl list other samples (an unfinished or mixed redistribution run)")
+    clusters: list[list[dict[str, Any]]] = [[] for _ in range(k)]
+    for m, s in zip(manifest, pool):
+        clusters[int(m["cluster"])].append(s)
+    return clusters
+
+
+def expert_samples(d: Path, k: int, expert_data: str) -> dict[str, list[dict[str, Any]]]:
+    """Training samples of each expert (by adapter name): its shard of the redistributed subset, or its whole cluster."""
+    if expert_data == "cluster":
+        return {expert_name(c, expert_data): samples for c, samples in enumerate(whole_clusters(d, k))}
+    return {expert_name(c): read_samples(unit_file(d, expert_name(c))) for c in range(k)}
+
+
 def load_meta(redistribution: str | None) -> tuple[Path, dict[str, Any]]:
     if not redistribution:
         raise PlmtoolError("experts.redistribution is required: the run dir of `plmtool experts redistribute`")
@@ -58,6 +80,7 @@ def load_meta(redistribution: str | None) -> tuple[Path, dict[str, Any]]:
 def check_options(o: Any, trainer: Any) -> tuple[Path, dict[str, Any]]:
     if o.mode not in MODES:
         raise PlmtoolError(f"unknown experts.mode '{o.mode}' (choose from {', '.join(MODES)})")
+    check_expert_data(o.expert_data, "experts.expert_data")
     for b in o.baselines:
         if b not in BASELINES:
             raise PlmtoolError(f"unknown baseline '{b}' (choose from {', '.join(BASELINES)})")
@@ -120,10 +143,10 @@ def run(o: Any, trainer: Any, run_dir: Path, seed: int, load: Callable[[], tuple
     max_len = int(trainer.max_seq_len)
     mpl = int(o.max_prompt_len or meta["max_prompt_len"])
     mpl = min(mpl, max_len // 2)
-    experts = [expert_name(c) for c in range(k)]
+    experts = [expert_name(c, o.expert_data) for c in range(k)]
     units = list(o.baselines) + experts
     if o.expert_index is not None:
-        jobs = [expert_name(o.expert_index)]
+        jobs = [experts[o.expert_index]]
     elif o.baseline is not None:
         jobs = [o.baseline]
     elif o.mode == "all":
@@ -131,7 +154,8 @@ def run(o: Any, trainer: Any, run_dir: Path, seed: int, load: Callable[[], tuple
     else:
         jobs = []
     # data of every unit (validated files written by `experts redistribute`)
-    data = {u: read_samples(unit_file(d, u)) for u in (units if o.mode != "generate" else experts)}
+    baselines = list(o.baselines) if o.mode != "generate" else []
+    data = {**{u: read_samples(unit_file(d, u)) for u in baselines}, **expert_samples(d, k, o.expert_data)}
     model, tok = load()
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     device = next(model.parameters()).device
@@ -174,15 +198,17 @@ def run(o: Any, trainer: Any, run_dir: Path, seed: int, load: Callable[[], tuple
         elif o.expert_index is None and o.baseline is None:
             why = "was trained with other settings" if saved else "is missing"
             raise PlmtoolError(f"adapter '{u}' in {adapters} {why}: train it first (mode=all, or experts.expert_index / experts.baseline jobs)")
+    used = {"expert_data": o.expert_data, "expert_samples": {e: len(data[e]) for e in experts}}
     if jobs and (o.expert_index is not None or o.baseline is not None):
-        return {"job": jobs[0], "adapters_dir": str(adapters), "train": train_stats}
+        return {"job": jobs[0], "adapters_dir": str(adapters), "train": train_stats, **used}
 
     routed = RoutedExperts(model, tok, Router.load(d / "centroids.npy"), _embedder(meta, model, tok, model_id), experts)
     if o.mode == "generate":
         out = routed.generate(o.prompt, o.max_new_tokens, o.gen_temperature, mpl)
-        return {"mode": "generate", "generation": out, "k": k}
+        return {"mode": "generate", "generation": out, "k": k, "expert_data": o.expert_data}
     report = evaluate(routed, d, o, tok, pad, max_len, mpl, bf16, units)
-    report.update({"k": k, "adapters_dir": str(adapters), "train": train_stats, "train_seconds": _train_seconds(train_stats, experts)})
+    report.update({"k": k, "adapters_dir": str(adapters), "train": train_stats, "train_seconds": _train_seconds(train_stats, experts),
+                   **used})
     if o.lm_eval_tasks:
         from plmtool.experts.lm_eval_routed import routed_lm_eval
 
@@ -200,7 +226,7 @@ def _embedder(meta: dict[str, Any], model, tok, model_id: str):
 
 
 def _train_seconds(stats: dict[str, Any], experts: list[str]) -> dict[str, float]:
-    out = {u: s["seconds"] for u, s in stats.items() if not u.startswith("expert_")}
+    out = {u: s["seconds"] for u, s in stats.items() if u not in experts}
     if all(e in stats for e in experts):
         out["routed"] = round(sum(stats[e]["seconds"] for e in experts), 3)
     return out
@@ -220,17 +246,17 @@ def evaluate(routed: RoutedExperts, d: Path, o: Any, tok, pad: int, max_len: int
     res: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     res["base"] = encoded_losses(model, enc, pad, bs, [BASE] * n, "loss: base", bf16)
     for u in units:
-        if not u.startswith("expert_"):
+        if u not in routed.names:
             res[u] = encoded_losses(model, enc, pad, bs, [u] * n, f"loss: {u}", bf16)
     k = router.k
     per_expert = None
     if o.oracle:
-        per_expert = [encoded_losses(model, enc, pad, bs, [expert_name(c)] * n, f"loss: expert_{c}", bf16) for c in range(k)]
+        per_expert = [encoded_losses(model, enc, pad, bs, [e] * n, f"loss: {e}", bf16) for e in routed.names]
         s = np.array([per_expert[int(r)][0][i] for i, r in enumerate(routes)])
         t = np.array([per_expert[int(r)][1][i] for i, r in enumerate(routes)])
         res["routed"] = (s, t)
     else:
-        res["routed"] = encoded_losses(model, enc, pad, bs, [expert_name(int(r)) for r in routes], "loss: routed", bf16)
+        res["routed"] = encoded_losses(model, enc, pad, bs, [routed.names[int(r)] for r in routes], "loss: routed", bf16)
     if o.top_k > 1:
         idx, w = router.top_k(held_emb, o.top_k, o.temperature)
         lps = routed.token_logprobs(enc, routes, pad, bs, blend=(idx, w), autocast=bf16)
