@@ -85,7 +85,7 @@ class DynamicTree:
         node_logp = logp.reshape(-1).clamp_min(LOGP_FLOOR).index_select(0, pool.candidate_index)
         node_logp = torch.cat([node_logp.new_zeros(1), node_logp])  # the root
         score = node_logp[pool.paths].sum(dim=1) - self._penalty
-        score[0] = float("inf")  # the root is always in
+        score[:1].fill_(float("inf"))  # the root is always in (fill_: no host tensor, capturable)
         chosen = torch.topk(score, self.n, sorted=False).indices.sort().values
         self._take(chosen)
         torch.index_select(cands.reshape(-1), 0, pool.candidate_index.index_select(0, chosen[1:] - 1), out=tokens[1:])
