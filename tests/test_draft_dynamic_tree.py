@@ -141,3 +141,15 @@ def test_expected_node_set_is_independent_of_ties_between_unrelated_nodes():
         validate_tree(chosen)
         assert all(len(p) == 1 for p in chosen[: min(nodes - 1, 5)])  # uniform heads: the shallow nodes first
         assert len(chosen) == nodes - 1
+
+
+def test_the_pick_has_no_host_value_in_it():
+    """`select` runs inside a captured CUDA graph: no host reads, no host tensors copied in (an item
+    assignment like `score[0] = x` copies a host scalar, which capture refuses)."""
+    from host_sync_recorder import HostSyncRecorder
+
+    dyn = DynamicTree(POOL, 12, "cpu", num_heads=3)
+    heads, tokens = torch.randn(3, 64), torch.zeros(12, dtype=torch.long)
+    with HostSyncRecorder() as rec:
+        dyn.select(heads, tokens)
+    assert not rec.counts, dict(rec.counts)
