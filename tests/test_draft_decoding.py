@@ -748,6 +748,22 @@ def _fake_capture(run, pool=None, before=lambda: None, warmups=2):
     return _Replay(run, out), out
 
 
+def stand_in_greedy_loop(engine: SpeculativeEngine, tree, step) -> None:
+    """Give `engine` a greedy loop over `tree` / `step` whose programs are "captured" by `_fake_capture`
+    (callers patch greedy_loop.capture_graph with it too): replays run at the full attention span
+    and read only their buffers, as CUDA graphs do."""
+    from plmtool.draft.decoding import greedy_loop
+
+    program = engine.drafter_step
+    step.graph, step.out = _fake_capture(lambda: step._run(engine.max_len))
+    step._addresses = step._address_signature()
+    program.graph, program.out = _fake_capture(lambda: program._run())
+    program._addresses = program._address_signature()
+    program._reset_cache()
+    engine.greedy_loop = greedy_loop.GreedyTreeLoop(engine.runner, tree, step, program, cuda_graphs=True)
+    assert engine.greedy_loop.graphs
+
+
 def test_greedy_loop_with_captured_programs_keeps_its_state_on_the_device(target, monkeypatch):
     """The replay path: four programs launched in a row with no host value in between (the tree
     step's start and tokens, the drafter's inputs and count all written on the device), each
@@ -757,15 +773,8 @@ def test_greedy_loop_with_captured_programs_keeps_its_state_on_the_device(target
     monkeypatch.setattr(greedy_loop, "capture_graph", _fake_capture)
     drafter = perturbed_drafter(target, "amphista", seed=5)
     engine = SpeculativeEngine(target, drafter, tree=resolve_tree(TREES["auto"], 3), max_len=96)
-    step, program = engine.tree_step, engine.drafter_step
-    # the programs as captured: replays run at the full attention span, read only their buffers
-    step.graph, step.out = _fake_capture(lambda: step._run(engine.max_len))
-    step._addresses = step._address_signature()
-    program.graph, program.out = _fake_capture(lambda: program._run())
-    program._addresses = program._address_signature()
-    program._reset_cache()
-    engine.greedy_loop = greedy_loop.GreedyTreeLoop(engine.runner, engine.tree, step, program, cuda_graphs=True)
-    assert engine.greedy_loop.graphs
+    step = engine.tree_step
+    stand_in_greedy_loop(engine, engine.tree, step)
     host_fills = []
     monkeypatch.setattr(step.start, "fill_", lambda v: host_fills.append(v) or torch.Tensor.fill_(step.start, v))
     for prompt in prompts(4, seed=5):

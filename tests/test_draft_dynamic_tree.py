@@ -96,7 +96,7 @@ def test_dynamic_trees_decode_exactly_as_plain_greedy(target, kind):
 def test_dynamic_trees_through_captured_programs(target, monkeypatch):
     """The replay path (CPU stand-ins for CUDA graphs): the pick runs inside the `draft` program and
     the tree step reads the rewritten mask from its buffers."""
-    from test_draft_decoding import _fake_capture
+    from test_draft_decoding import _fake_capture, stand_in_greedy_loop
 
     from plmtool.draft.decoding import greedy_loop
 
@@ -104,14 +104,7 @@ def test_dynamic_trees_through_captured_programs(target, monkeypatch):
     drafter = perturbed_drafter(target, "amphista", seed=6)
     engine = SpeculativeEngine(target, drafter, tree=build_tree([[0.6, 0.2], [0.4, 0.2], [0.3]], 8), max_len=128,
                                dynamic_pool=POOL)
-    step, program = engine.dynamic_step, engine.drafter_step
-    step.graph, step.out = _fake_capture(lambda: step._run(engine.max_len))
-    step._addresses = step._address_signature()
-    program.graph, program.out = _fake_capture(lambda: program._run())
-    program._addresses = program._address_signature()
-    program._reset_cache()
-    engine.greedy_loop = greedy_loop.GreedyTreeLoop(engine.runner, engine.dynamic_tree, step, program, cuda_graphs=True)
-    assert engine.greedy_loop.graphs
+    stand_in_greedy_loop(engine, engine.dynamic_tree, engine.dynamic_step)
     seen = set()
     for prompt in ([5, 9, 13], [40, 2, 7, 7, 31, 8], [11]):
         out = engine.generate(prompt, max_new_tokens=40)

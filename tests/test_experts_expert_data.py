@@ -9,7 +9,7 @@ import pytest
 
 from plmtool.errors import PlmtoolError
 from plmtool.experts import lora, run_train
-from test_experts_model import plmtool, write_fixture
+from test_experts_model import plmtool, small_redistribution
 from test_experts_resume import bench_data, one_thread  # noqa: F401  (autouse: the tiny model trains fastest on one thread)
 
 
@@ -27,12 +27,7 @@ def cluster_ids(d: Path) -> dict[int, list[str]]:
 
 @pytest.fixture
 def redistribution(tmp_path, tiny_llama_dir, monkeypatch):
-    monkeypatch.setenv("PLMTOOL_CACHE", str(tmp_path / "cache"))
-    common = [f"model.name_or_path={tiny_llama_dir}", "model.device=cpu", "model.dtype=float32"]
-    d = tmp_path / "D"
-    assert plmtool("experts", "redistribute", "experiment=smoke", *common, f"experts.data={write_fixture(tmp_path / 't.jsonl', 8)}",
-                   "experts.limit=null", "experts.heldout=0.2", "experts.budget=0.5", "experts.floor=2",
-                   f"hydra.run.dir={d}") in (0, None)
+    d, common = small_redistribution(tmp_path, tiny_llama_dir, monkeypatch)
     return d, [*common, f"experts.redistribution={d}", "trainer.batch_size=4", "experts.oracle=false"]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -133,6 +134,18 @@ def plmtool(*argv):
         return cli.main(list(argv))
     except SystemExit as e:
         return e.code
+
+
+def small_redistribution(tmp_path, model_dir, monkeypatch) -> tuple[Path, list[str]]:
+    """`plmtool experts redistribute` on the tiny model over 8 samples per task (half selected, floor
+    2): its run dir and the model overrides every later command of the test repeats."""
+    monkeypatch.setenv("PLMTOOL_CACHE", str(tmp_path / "cache"))
+    common = [f"model.name_or_path={model_dir}", "model.device=cpu", "model.dtype=float32"]
+    d = tmp_path / "D"
+    assert plmtool("experts", "redistribute", "experiment=smoke", *common, f"experts.data={write_fixture(tmp_path / 't.jsonl', 8)}",
+                   "experts.limit=null", "experts.heldout=0.2", "experts.budget=0.5", "experts.floor=2",
+                   f"hydra.run.dir={d}") in (0, None)
+    return d, common
 
 
 def test_commands_end_to_end(tmp_path, tiny_llama_dir, monkeypatch):

@@ -214,14 +214,9 @@ def test_train_command_killed_mid_unit_resumes_to_the_same_adapter(tmp_path, tin
     """`plmtool experts train` killed inside a unit resumes it from the unit's last checkpoint
     (every trainer.save_every steps) and ends with the adapter an uninterrupted job trains."""
     from safetensors.torch import load_file
-    from test_experts_model import plmtool, write_fixture
+    from test_experts_model import plmtool, small_redistribution
 
-    monkeypatch.setenv("PLMTOOL_CACHE", str(tmp_path / "cache"))
-    common = [f"model.name_or_path={tiny_llama_dir}", "model.device=cpu", "model.dtype=float32"]
-    d = tmp_path / "D"
-    assert plmtool("experts", "redistribute", "experiment=smoke", *common, f"experts.data={write_fixture(tmp_path / 't.jsonl', 8)}",
-                   "experts.limit=null", "experts.heldout=0.2", "experts.budget=0.5", "experts.floor=2",
-                   f"hydra.run.dir={d}") in (0, None)
+    d, common = small_redistribution(tmp_path, tiny_llama_dir, monkeypatch)
     job = [*common, f"experts.redistribution={d}", "experts.baseline=random", "trainer.batch_size=2", "trainer.epochs=2",
            "trainer.save_every=1", "trainer.log_every=1"]
     # the uninterrupted job, into its own adapters directory
