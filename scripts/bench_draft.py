@@ -187,7 +187,7 @@ def run(args) -> None:
     dcfg = DraftDataConfig(max_seq_len=args.seq_len, heldout=args.heldout, min_assistant_tokens=8)
     kinds = {
         "medusa": DrafterConfig(kind="medusa", num_heads=args.heads, medusa_num_layers=1, share_lm_head=False),
-        "amphista": DrafterConfig(kind="amphista", num_heads=args.heads),
+        "amphista": DrafterConfig(kind="amphista", num_heads=args.heads, **_overrides(args.amphista)),
     }
     kinds = {k: v for k, v in kinds.items() if k in wanted}  # a bisection run may train only one
     report["training"] = {"trainer": vars(trainer), "data": vars(dcfg)}
@@ -408,6 +408,19 @@ def _sizes(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def _overrides(items: list[str]) -> dict:
+    """`key=value` strings -> {key: value}, values read as YAML (`stage_layers=[2,2]`, `use_auto_embedding=false`)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--amphista: expected key=value, got '{item}'")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def _dynamic_sizes(text: str) -> list[tuple[int, int]]:
     """`N:M,...` -> [(nodes, pool paths)]; `N` alone means a pool of 4 N paths."""
     out = []
@@ -514,6 +527,9 @@ def main() -> None:
     pr.add_argument("--distill-tokens", type=int, default=256)
     pr.add_argument("--distill-batch", type=int, default=2000)
     pr.add_argument("--heads", type=int, default=4)
+    pr.add_argument("--amphista", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="Amphista drafter settings other than conf/draft/amphista.yaml's (e.g. stage_layers=[2,2] "
+                         "auto_embedding_layers=2); part of the drafter's config, so a changed one is retrained")
     pr.add_argument("--steps", type=int, default=1000)
     pr.add_argument("--batch", type=int, default=8)
     pr.add_argument("--seq-len", type=int, default=1024)
