@@ -229,3 +229,12 @@ def test_bench_script_reuses_only_a_finished_drafter_of_the_same_config(tmp_path
     assert not bench._finished(run, dataclasses.replace(cfg, num_heads=4), trainer)
     # logging and caching settings do not make it another run
     assert bench._finished(run, cfg, dataclasses.replace(trainer, log_every=1, cache_hidden_max_gb=40.0))
+
+
+def test_bench_script_reads_drafter_settings_and_dynamic_tree_sizes():
+    bench = _bench_script()
+    assert bench._overrides(["stage_layers=[2,2]", "auto_embedding_layers=2", "use_auto_embedding=false"]) == {
+        "stage_layers": [2, 2], "auto_embedding_layers": 2, "use_auto_embedding": False}
+    with pytest.raises(SystemExit, match="key=value"):
+        bench._overrides(["stage_layers"])
+    assert bench._dynamic_sizes("256:1024, 64") == [(256, 1024), (64, 256)]
