@@ -146,3 +146,12 @@ def test_the_pick_has_no_host_value_in_it():
     with HostSyncRecorder() as rec:
         dyn.select(heads, tokens)
     assert not rec.counts, dict(rec.counts)
+
+
+def test_without_the_device_loop_a_dynamic_tree_is_reported_unused(target, monkeypatch, caplog):
+    monkeypatch.setenv("PLMTOOL_GREEDY_LOOP", "0")
+    drafter = perturbed_drafter(target, "amphista", seed=9)
+    with caplog.at_level("WARNING", logger="plmtool"):
+        engine = SpeculativeEngine(target, drafter, tree=[[0], [1], [0, 0]], max_len=96, dynamic_pool=POOL)
+    assert not engine.dynamic and "dynamic tree unused" in caplog.text
+    assert engine.generate([4, 8, 15], max_new_tokens=20).tokens == plain_greedy(target, [4, 8, 15], 20)

@@ -179,6 +179,8 @@ class SpeculativeEngine:
         self.compiled = all(s.compiled for s in steps)
         # greedy requests decode with the dynamic tree (only through the device loop)
         self.dynamic = self.greedy_loop is not None and self.greedy_loop.dynamic
+        if self.dynamic_tree is not None and not self.dynamic:
+            log.warning("dynamic tree unused: it needs the device-side greedy loop; greedy requests use the static tree")
         self.drafter_graph = self.drafter_step is not None and self.drafter_step.graph is not None
         self.prefill_graphs = self.use_prefill_graphs and self.runner.prefill_graphs is not None
         self.drafter_prefill_graphs = self.drafter_prefills is not None and self.drafter_prefills.cuda_graphs
