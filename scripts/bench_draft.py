@@ -125,6 +125,7 @@ def run(args) -> None:
         # memory-efficient kernels (a bisection switch for attention-kernel faults)
         torch.backends.cuda.enable_cudnn_sdp(False)
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+    _dynamic_sizes(args.dynamic_trees)  # a bad --dynamic-trees fails here, not after the training
     unknown = sorted(set(wanted) - set(ALL_METHODS))
     if unknown or "ar" not in wanted:
         raise SystemExit(f"--methods: needs ar and only {', '.join(ALL_METHODS)}; got {args.methods}")
@@ -249,8 +250,8 @@ def run(args) -> None:
         if trees is not None:  # the main pass's dynamic-tree methods again, with its trees and pools
             from plmtool.draft.decoding.benchmark import DrafterSetup
 
-            for name in [m for m in methods_wanted if m in (dynamic or {}) and m.split("_")[0] in setups]:
-                s, pool = setups[name.split("_")[0]], dynamic[name]["choices"]
+            for name in [m for m in methods_wanted if m in (dynamic or {}) and dynamic[m]["kind"] in setups]:
+                s, pool = setups[dynamic[name]["kind"]], dynamic[name]["pool"]
                 setups[name] = DrafterSetup(s.name, s.drafter, trees[name], None, s.checkpoint, None, pool)
                 engines[name] = drafter_engine(s.drafter, trees[name], pool=pool)
 
@@ -292,7 +293,7 @@ def run(args) -> None:
             for k in [k for k in ablate if k in engines and k in methods_wanted]:
                 drafted = engines[k].drafter is not None
                 engines[k + "_eager_prefill"] = drafter_engine(engines[k].drafter, setups[k].tree if drafted else None,
-                                                               prefill_graphs=False)
+                                                               prefill_graphs=False, pool=setups[k].pool if drafted else None)
                 methods_wanted = methods_wanted + [k + "_eager_prefill"]
         methods = {}
         for name in methods_wanted:
@@ -368,7 +369,8 @@ def run(args) -> None:
     elif args.fp32_questions:
         t0 = time.perf_counter()
         trees = {k: t["choices"] for k, t in main["trees"].items()}
-        dynamic = {k: t["dynamic_pool"] for k, t in main["trees"].items() if "dynamic_pool" in t}
+        dynamic = {k: {"kind": t["kind"], "pool": t["dynamic_pool"]["choices"]} for k, t in main["trees"].items()
+                   if "dynamic_pool" in t}
         if cuda:
             del model
             torch.cuda.empty_cache()
@@ -422,11 +424,17 @@ def _overrides(items: list[str]) -> dict:
 
 
 def _dynamic_sizes(text: str) -> list[tuple[int, int]]:
-    """`N:M,...` -> [(nodes, pool paths)]; `N` alone means a pool of 4 N paths."""
+    """`N:M,...` -> [(nodes, pool paths)]; `N` alone means a pool of 4 N paths. Checked before any
+    training: one pool per tree size (methods are named by N) and pools at least as large as their trees."""
     out = []
     for item in [x.strip() for x in text.split(",") if x.strip()]:
         nodes, _, pool = item.partition(":")
-        out.append((int(nodes), int(pool) if pool else 4 * int(nodes)))
+        n, m = int(nodes), int(pool) if pool else 4 * int(nodes)
+        if m < n:
+            raise SystemExit(f"--dynamic-trees {item}: the pool ({m} paths) is smaller than the tree ({n} nodes)")
+        if any(n == k for k, _ in out):
+            raise SystemExit(f"--dynamic-trees: {n} nodes given twice (methods are named <kind>_dyn{n})")
+        out.append((n, m))
     return out
 
 

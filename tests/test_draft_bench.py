@@ -238,3 +238,7 @@ def test_bench_script_reads_drafter_settings_and_dynamic_tree_sizes():
     with pytest.raises(SystemExit, match="key=value"):
         bench._overrides(["stage_layers"])
     assert bench._dynamic_sizes("256:1024, 64") == [(256, 1024), (64, 256)]
+    with pytest.raises(SystemExit, match="smaller than the tree"):
+        bench._dynamic_sizes("256:128")
+    with pytest.raises(SystemExit, match="given twice"):
+        bench._dynamic_sizes("256:512,256:1024")

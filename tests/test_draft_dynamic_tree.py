@@ -155,3 +155,15 @@ def test_without_the_device_loop_a_dynamic_tree_is_reported_unused(target, monke
         engine = SpeculativeEngine(target, drafter, tree=[[0], [1], [0, 0]], max_len=96, dynamic_pool=POOL)
     assert not engine.dynamic and "dynamic tree unused" in caplog.text
     assert engine.generate([4, 8, 15], max_new_tokens=20).tokens == plain_greedy(target, [4, 8, 15], 20)
+
+
+def test_a_diverged_drafter_still_gives_a_valid_tree():
+    """NaN logits (a drafter gone wrong) must not rank first and break the tree's closure."""
+    dyn = DynamicTree(POOL, 12, "cpu", num_heads=3)
+    heads = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    heads[1] = float("nan")
+    heads[2, :5] = float("-inf")
+    dyn.select(heads, torch.zeros(12, dtype=torch.long))
+    chosen = dyn.choices()
+    validate_tree(chosen)
+    assert torch.equal(dyn.parent, make_tree(chosen).parent)

@@ -515,5 +515,6 @@ def tree_report(setup: DrafterSetup) -> dict[str, Any]:
         info["expected_accept_length_conditional"] = round(expected_accept_length(setup.tree, m.conditional), 3)
         info["expected_accept_length_independent"] = round(expected_accept_length(setup.tree, m.marginal), 3)
     info["checkpoint"] = setup.checkpoint
+    info["kind"] = setup.name
     info["choices"] = setup.tree
     return info

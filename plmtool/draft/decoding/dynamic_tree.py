@@ -33,8 +33,9 @@ import torch
 from plmtool.draft.decoding.tree import make_tree
 from plmtool.errors import PlmtoolError
 
-# A log-probability floor (candidates less likely than e^-40 are never worth a node) and a penalty per
-# depth far above fp32 rounding of scores in [-160, 0] (ulp < 2e-5): a child scores strictly below its parent.
+# Scores must stay finite and bounded for the depth penalty to beat fp32 rounding: log-probabilities are
+# floored at -40 (NaN too), so a score lies in [-40 * depth, 0], where fp32 rounds by far less than the
+# penalty of 1e-3 per depth; a child then scores strictly below its parent.
 LOGP_FLOOR = -40.0
 DEPTH_PENALTY = 1e-3
 
@@ -82,7 +83,9 @@ class DynamicTree:
         root, `tokens[0]`, is the caller's). Device ops only, fixed shapes."""
         pool = self.pool
         logp, cands = torch.topk(torch.log_softmax(heads[: self.max_depth].float(), dim=-1), self.topk, dim=-1)
-        node_logp = logp.reshape(-1).clamp_min(LOGP_FLOOR).index_select(0, pool.candidate_index)
+        # NaN logits (a diverged drafter) would rank first and break the closure; -inf would tie
+        logp = torch.nan_to_num(logp, nan=LOGP_FLOOR, neginf=LOGP_FLOOR).clamp_min(LOGP_FLOOR)
+        node_logp = logp.reshape(-1).index_select(0, pool.candidate_index)
         node_logp = torch.cat([node_logp.new_zeros(1), node_logp])  # the root
         score = node_logp[pool.paths].sum(dim=1) - self._penalty
         score[:1].fill_(float("inf"))  # the root is always in (fill_: no host tensor, capturable)

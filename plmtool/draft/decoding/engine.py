@@ -174,11 +174,11 @@ class SpeculativeEngine:
             longest = self.max_len - 1 - self.tree.n
             self.drafter_prefills = drafter_prefills(self.drafter_step, lengths_up_to(self.max_len, longest))
         # graphs in use only where every program captured
-        steps = [s for s in (self.plain_step, self.tree_step, self.dynamic_step) if s is not None]
-        self.cuda_graphs = all(s.graph is not None for s in steps)
-        self.compiled = all(s.compiled for s in steps)
         # greedy requests decode with the dynamic tree (only through the device loop)
         self.dynamic = self.greedy_loop is not None and self.greedy_loop.dynamic
+        steps = [s for s in (self.plain_step, self.tree_step, self.dynamic_step if self.dynamic else None) if s is not None]
+        self.cuda_graphs = all(s.graph is not None for s in steps)
+        self.compiled = all(s.compiled for s in steps)
         if self.dynamic_tree is not None and not self.dynamic:
             log.warning("dynamic tree unused: it needs the device-side greedy loop; greedy requests use the static tree")
         self.drafter_graph = self.drafter_step is not None and self.drafter_step.graph is not None

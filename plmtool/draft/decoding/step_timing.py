@@ -43,7 +43,9 @@ def engine_program_times(engine, reps: int = 100) -> dict[str, float]:
     between two requests."""
     times: dict[str, float] = {}
     runner = engine.runner
-    for name, prog in (("target_1_node", engine.plain_step), ("target_tree", engine.tree_step)):
+    # the tree step greedy requests decode with: the dynamic tree's own program where there is one
+    tree_step = engine.dynamic_step if getattr(engine, "dynamic", False) else engine.tree_step
+    for name, prog in (("target_1_node", engine.plain_step), ("target_tree", tree_step)):
         if prog is None:
             continue
         prog.start.zero_()
