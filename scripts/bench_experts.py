@@ -205,11 +205,6 @@ def redistribute(res: Results, args, data: Path, d: Path, out: Path, model, tok)
             shutil.copy(d / name, out / name)
 
 
-def combined(name: str, kind: str) -> str:
-    """Result name of a combination (routed, oracle, router) of one kind of experts: routed, routed_cluster, ..."""
-    return name if kind == "redistributed" else f"{name}_{kind}"
-
-
 def token_ids(res: Results, args, d: Path, work: Path, tok) -> SimpleNamespace:
     """Token ids of every pool sample once (shared by all units), the held-out set and its routes.
 
@@ -443,7 +438,9 @@ def pause(res: Results, u: str, stats: dict, log) -> None:
 
 def routed_oracle(res, losses, kind, experts, routes, k, mean_loss, np) -> None:
     """Routed (top-1 nearest centroid) and oracle (best expert per held-out group) losses of one kind of experts."""
-    routed, oracle = combined("routed", kind), combined("oracle", kind)
+    from plmtool.experts.routed import of_kind
+
+    routed, oracle = of_kind("routed", kind), of_kind("oracle", kind)
     pick = lambda choice: tuple(np.array([losses[experts[int(choice(r))]][j][i] for i, r in enumerate(routes)]) for j in (0, 1))
     losses[routed] = pick(lambda r: r)
     best = {g: int(np.argmin([mean_loss(*losses[e], routes == g) or np.inf for e in experts])) for g in range(k) if (routes == g).any()}
@@ -455,26 +452,26 @@ def routed_oracle(res, losses, kind, experts, routes, k, mean_loss, np) -> None:
         res.data["eval"][name] = mean_loss(*losses[name])
     res.data["train_seconds"][routed] = round(sum(res.data["units"][e]["train"]["seconds"] for e in experts), 3)
     per_sample = np.argmin(np.stack([s / np.maximum(t, 1) for s, t in (losses[e] for e in experts)]), axis=0)
-    res.data[combined("router", kind)] = {"oracle_expert_per_group": {str(g): b for g, b in best.items()},
+    res.data[of_kind("router", kind)] = {"oracle_expert_per_group": {str(g): b for g, b in best.items()},
                                           "agreement_group": float(np.mean([best[g] == g for g in best])),
                                           "agreement_per_sample_oracle": float(np.mean(per_sample == routes))}
 
 
 def table(r: dict, args) -> None:
-    from plmtool.experts.routed import expert_name
+    from plmtool.experts.routed import expert_name, of_kind
 
     red, units, rec = r["redistribution"], r["units"], r.get("recovery_of_full_gain", {})
     kinds = EXPERT_KINDS[args.expert_data]
     n_of = dict(r["unit_samples"])
     for kind in kinds:
         n = sum(r["unit_samples"][expert_name(c, kind)] for c in range(red["k"]))
-        n_of.update({combined("routed", kind): n, combined("oracle", kind): n})
+        n_of.update({of_kind("routed", kind): n, of_kind("oracle", kind): n})
     print(f"\n{r['gpu']}, torch {r['torch']}; pool {red['total']}, held-out {red['heldout']} ({r['heldout_tokens']} reply tokens), "
           f"K={red['k']}, budget {args.budget}, max_len {args.max_len}, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, "
           f"budget mode {args.budget_mode}, expert data {args.expert_data}")
     print("| model | train samples | held-out loss | mean over clusters | share of full-data gain | train s |")
     print("|---|---|---|---|---|---|")
-    for name in ("base", "full", "random", "redistributed", *[combined(c, kind) for kind in kinds for c in ("routed", "oracle")]):
+    for name in ("base", "full", "random", "redistributed", *[of_kind(c, kind) for kind in kinds for c in ("routed", "oracle")]):
         u = units.get(name)
         if u is None or "heldout_loss" not in u:
             print(f"| {name} | {n_of.get(name, '')} | {unit_status(u)} | | | |")
@@ -483,9 +480,9 @@ def table(r: dict, args) -> None:
         print(f"| {name} | {n_of.get(name, '') if name != 'base' else 0} | {u['heldout_loss']:.4f} | {u['macro_over_clusters']:.4f} | "
               f"{'' if share is None else f'{share:.1%}'} | {r['train_seconds'].get(name, '')} |")
     for kind in kinds:
-        if combined("router", kind) in r:
-            print(f"router agreement with the oracle expert per group ({combined('routed', kind)}): "
-                  f"{r[combined('router', kind)]['agreement_group']:.2f}")
+        if of_kind("router", kind) in r:
+            print(f"router agreement with the oracle expert per group ({of_kind('routed', kind)}): "
+                  f"{r[of_kind('router', kind)]['agreement_group']:.2f}")
     print(f"timings: load {r['model_load_s']} s, redistribute {r['redistribute_s']} s, encode {r['encode_s']} s, "
           f"total {r['elapsed_s']} s over {len(r['commands'])} command(s); peak GPU memory {r.get('max_memory_allocated_gb', '-')} GB")
 

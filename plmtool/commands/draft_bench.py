@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import plmtool.config  # noqa: F401  (registers the shared schemas)
 import plmtool.draft.decoding.config  # noqa: F401  (registers draft_bench_schema)
-from plmtool.draft.decoding.config import BENCH_METHODS, check_tree_accuracy
+from plmtool.draft.decoding.config import BENCH_METHODS, check_dynamic_pool, check_tree_accuracy
 from plmtool.errors import PlmtoolError
 from plmtool.paths import CONF_DIR
 from plmtool.runner import Report, execute
@@ -34,8 +34,6 @@ def _check_config(cfg: DictConfig) -> None:
     if b.questions != "mtbench" and not Path(b.questions).is_file():
         raise PlmtoolError(f"bench.questions: {b.questions} is neither 'mtbench' nor an existing question file")
     check_tree_accuracy(d.tree_accuracy)
-    from plmtool.draft.decoding.benchmark import check_dynamic_pool
-
     check_dynamic_pool(d.dynamic_pool)
     for key in ("checkpoint", "medusa_checkpoint"):
         path = d.get(key)

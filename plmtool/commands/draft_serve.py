@@ -24,7 +24,7 @@ log = logging.getLogger("plmtool")
 
 def build_server(cfg: DictConfig):
     """Model (+ drafter and tree) -> Server; shared by the command and the tests."""
-    from plmtool.draft.decoding.config import check_tree_accuracy
+    from plmtool.draft.decoding.config import check_dynamic_pool, check_tree_accuracy
     from plmtool.draft.decoding.benchmark import calibration_sequences, chat_prompt_ids, setup_drafter, stop_token_ids
     from plmtool.draft.decoding.engine import ACCEPTANCE, SpeculativeEngine
     from plmtool.models import load_model
@@ -32,6 +32,7 @@ def build_server(cfg: DictConfig):
 
     s, d = cfg.serve, cfg.draft
     check_tree_accuracy(d.tree_accuracy)
+    check_dynamic_pool(d.dynamic_pool)
     if s.acceptance not in ACCEPTANCE:
         raise PlmtoolError(f"serve.acceptance must be one of {', '.join(ACCEPTANCE)}, got '{s.acceptance}'")
     if not 0 < s.port < 65536:

@@ -27,10 +27,16 @@ from plmtool.experts.tokenize import encode_prompt
 EXPERT_DATA = ("redistributed", "cluster")
 
 
+def of_kind(name: str, expert_data: str) -> str:
+    """`name` for the default experts, `name_<expert_data>` for the other kind (experts, their
+    routed and oracle results): both kinds live side by side and are never mixed up."""
+    return name if expert_data == "redistributed" else f"{name}_{expert_data}"
+
+
 def expert_name(k: int, expert_data: str = "redistributed") -> str:
-    """The adapter of cluster k's expert. Experts trained on whole clusters have names of their own,
-    so both kinds live side by side in one adapters dir and a run never picks up the other kind."""
-    return f"expert_{k}" if expert_data == "redistributed" else f"expert_{k}_{expert_data}"
+    """The adapter of cluster k's expert (`of_kind`: experts trained on whole clusters have names of
+    their own, so a run never picks up the other kind from a shared adapters dir)."""
+    return of_kind(f"expert_{k}", expert_data)
 
 
 def check_expert_data(value: str, option: str = "expert_data") -> None:
@@ -127,4 +133,4 @@ def load_routed(redistribution: str, model_cfg: Any, adapters_dir: str | None = 
     return RoutedExperts(model, tok, Router.load(d / "centroids.npy"), embedder, names)
 
 
-__all__ = ["EXPERT_DATA", "RoutedExperts", "check_expert_data", "expert_name", "load_routed", "routes_for_samples", "BASE"]
+__all__ = ["EXPERT_DATA", "RoutedExperts", "check_expert_data", "expert_name", "load_routed", "of_kind", "routes_for_samples", "BASE"]

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from plmtool.draft.decoding.config import check_tree_accuracy
+from plmtool.draft.decoding.config import check_dynamic_pool, check_tree_accuracy
 from plmtool.draft.decoding.accuracy import RankAccuracy, measure_rank_accuracy
 from plmtool.draft.decoding.engine import GenerationConfig, SpeculativeEngine
 from plmtool.draft.decoding.tree import expected_accept_length, rank_accuracy_from_top1, resolve_tree, tree_summary
@@ -96,7 +96,7 @@ def setup_drafter(model, path: str, tree_spec: Any, calibration: Sequence[tuple[
     `tree_accuracy` says which: see accuracy.py); `dynamic_pool` > 0: also the candidate pool of a
     dynamic tree, that many paths built from the same accuracies (dynamic_tree.py)."""
     check_tree_accuracy(tree_accuracy)
-    check_dynamic_pool(dynamic_pool, tree_spec)
+    check_dynamic_pool(dynamic_pool)
     from plmtool.draft.drafter import read_drafter_config
 
     kind = read_drafter_config(path)["kind"]
@@ -110,16 +110,6 @@ def setup_drafter(model, path: str, tree_spec: Any, calibration: Sequence[tuple[
     tree = resolve_tree(tree_spec, drafter.num_heads, acc)
     pool = dynamic_pool_paths(dynamic_pool, tree, drafter.num_heads, acc)
     return DrafterSetup(kind, drafter, tree, acc, str(path), measured, pool)
-
-
-def check_dynamic_pool(size: int, tree_spec: Any = None) -> None:
-    if size < 0:
-        raise PlmtoolError(f"draft.dynamic_pool must be >= 0 (0 = static trees), got {size}")
-    if size and isinstance(tree_spec, str) and tree_spec.startswith("auto:"):
-        nodes = tree_spec.split(":", 1)[1]
-        if nodes.isdigit() and size < int(nodes):
-            raise PlmtoolError(f"draft.dynamic_pool={size} is smaller than the tree ({tree_spec}): "
-                               "the pool holds the paths each step's tree is picked from")
 
 
 def dynamic_pool_paths(size: int, tree: list[list[int]], num_heads: int,

@@ -16,6 +16,15 @@ def check_tree_accuracy(value: str) -> None:
         raise PlmtoolError(f"draft.tree_accuracy must be one of {', '.join(TREE_ACCURACIES)}, got '{value}'")
 
 
+def check_dynamic_pool(size: int) -> None:
+    """The sign only: whether the pool holds the tree is known once the tree is resolved
+    (`benchmark.dynamic_pool_paths`)."""
+    if size < 0:
+        from plmtool.errors import PlmtoolError
+
+        raise PlmtoolError(f"draft.dynamic_pool must be >= 0 (0 = static trees), got {size}")
+
+
 @dataclass
 class DecodeDraftConfig:
     # drafter checkpoint directory (written by `plmtool draft train`); its kind names the method

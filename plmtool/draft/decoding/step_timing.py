@@ -44,7 +44,7 @@ def engine_program_times(engine, reps: int = 100) -> dict[str, float]:
     times: dict[str, float] = {}
     runner = engine.runner
     # the tree step greedy requests decode with: the dynamic tree's own program where there is one
-    tree_step = engine.dynamic_step if getattr(engine, "dynamic", False) else engine.tree_step
+    tree_step = engine.dynamic_step if engine.dynamic else engine.tree_step
     for name, prog in (("target_1_node", engine.plain_step), ("target_tree", tree_step)):
         if prog is None:
             continue
