@@ -66,10 +66,31 @@ def test_bench_skips_methods_without_checkpoint(monkeypatch, tmp_path, tiny_llam
     assert "medusa" in report["skipped"] and "amphista" in report["methods"]
 
 
+def test_bench_with_a_dynamic_tree_decodes_as_plain_greedy(monkeypatch, tmp_path, tiny_llama_dir, drafters):
+    run = tmp_path / "bench"
+    _cli(monkeypatch, "draft", "bench", f"model.name_or_path={tiny_llama_dir}", f"draft.checkpoint={drafters['amphista']}",
+         "bench.num_questions=2", "bench.max_new_tokens=12", "bench.runs=1", "bench.methods=[ar,amphista]",
+         "draft.tree=auto:6", "draft.dynamic_pool=24", "draft.tree_calibration=2", "bench.max_len=512", f"hydra.run.dir={run}")
+    report = json.loads((run / "report.json").read_text())
+    assert report["identical_to_ar"] is True and report["methods"]["amphista"]["identical_to_ar"]
+    tree = report["trees"]["amphista"]
+    assert tree["nodes"] == 7 and tree["dynamic_pool"]["nodes"] == 25 and len(tree["dynamic_pool"]["choices"]) == 24
+
+
+def test_bench_refuses_a_dynamic_pool_smaller_than_its_tree(monkeypatch, capsys, tmp_path, tiny_llama_dir, drafters):
+    with pytest.raises(SystemExit) as e:
+        _cli(monkeypatch, "draft", "bench", f"model.name_or_path={tiny_llama_dir}", f"draft.checkpoint={drafters['amphista']}",
+             "bench.num_questions=1", "bench.max_new_tokens=4", "bench.methods=[ar,amphista]", "draft.tree=auto:6",
+             "draft.dynamic_pool=2", "draft.tree_calibration=1", "bench.max_len=512", f"hydra.run.dir={tmp_path}")
+    assert e.value.code == 2
+    assert "pool of 2 paths is smaller than its tree of 6" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("override,msg", [
     ("bench.methods=[ar,eagle]", "unknown"),
     ("draft.tree=[[0],[1,0]]", "no parent"),
     ("draft.tree_accuracy=joint", "draft.tree_accuracy must be one of conditional, marginal"),
+    ("draft.dynamic_pool=-1", "draft.dynamic_pool must be >= 0"),
     ("bench.max_new_tokens=100000", "exceeds the context"),
 ])
 def test_bench_bad_input_is_one_clear_error(monkeypatch, capsys, tmp_path, tiny_llama_dir, drafters, override, msg):
