@@ -48,12 +48,18 @@ class EvalConfig:
     seqlen: int = 2048  # perplexity window; always reported with the number
     max_tokens: Optional[int] = None  # cap on evaluated tokens (whole windows)
     batch_size: int = 1
-    # lm-eval tasks by name, a preset (wanda7, sds7) or the offline task wiki_next_sentence
-    zeroshot: list[str] = field(default_factory=lambda: ["wiki_next_sentence"])
-    zeroshot_limit: Optional[int] = None  # examples per task (None = all)
-    zeroshot_batch_size: int = 8
+    # lm-eval tasks by name, a preset (wanda7, sds7) or the generated task wiki_next_sentence
+    zeroshot: list[str] = field(default_factory=lambda: ["wanda7"])
+    zeroshot_limit: Optional[int] = None  # first N documents per task (None = all)
+    zeroshot_batch_size: int = 32  # requests per forward (also capped at 16k tokens per batch)
     num_fewshot: int = 0
     include_path: Optional[str] = None  # local lm-eval task directory
+    # where lm-eval's standard tasks read their data: auto = the embedded copies when no hub is
+    # reachable, else the hub | local | hub
+    task_source: str = "auto"
+    # pre-rendered zero-shot requests (scripts/export_zeroshot_requests.py) for machines without lm-eval
+    requests_file: Optional[str] = None
+
     offline_task_size: int = 500  # examples generated for wiki_next_sentence
     offline_task_choices: int = 4
 

@@ -113,6 +113,8 @@ def execute(
     write_text(out / "report.md", markdown)
     _finish(out, record, "completed", start)
     print_markdown(markdown)
+    # last lines: where everything went (every command, every run)
+    print(f"run directory: {out}\nreport: {out / 'report.md'}", flush=True)
     return report
 
 

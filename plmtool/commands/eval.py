@@ -50,12 +50,9 @@ def check_semi_structured(model_cfg) -> None:
 
 
 def render(report: Report) -> str:
-    rows = []
-    if report.get("ppl") is not None:
-        rows.append([f"perplexity ({report['corpus']}, seqlen {report['seqlen']}, {report['ppl_tokens']} tokens)", report["ppl"]])
-    for task, acc in (report.get("zeroshot") or {}).items():
-        rows.append([f"zero-shot acc: {task}", acc])
-    return f"# plmtool eval: {report['model']}\n\n" + md_table(["metric", "value"], rows) + "\n"
+    from plmtool.eval.report import metrics_table
+
+    return f"# plmtool eval: {report['model']}\n\n" + metrics_table(report) + "\n"
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")

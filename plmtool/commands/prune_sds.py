@@ -359,11 +359,21 @@ def _prepare_oneshot(stages, run_dir: Path, model, exclude) -> dict:
 
 def render(report: Report) -> str:
     lines = [f"# plmtool prune sds: {report['model']} — {report['method']} {report['pattern']}", ""]
+    from plmtool.eval.report import subset_note
+
+    first = next(iter(report["stages"].values()), {})
+    tasks = list(dict.fromkeys(t for e in report["stages"].values() for t in (e.get("zeroshot") or {})))
     rows = []
     for name, e in report["stages"].items():
-        zs = ", ".join(f"{t} {a:.3f}" for t, a in (e.get("zeroshot") or {}).items())
-        rows.append([name, e.get("ppl"), e.get("sparsity"), zs, e.get("seconds")])
-    lines.append(md_table(["stage", f"ppl ({next(iter(report['stages'].values()), {}).get('corpus', '')}, seqlen {next(iter(report['stages'].values()), {}).get('seqlen', '')})", "sparsity (pruned layers)", "zero-shot acc", "seconds"], rows))
+        accs = [(e.get("zeroshot") or {}).get(t) for t in tasks]
+        rows.append([name, e.get("ppl"), e.get("sparsity"), *accs, *([e.get("zeroshot_avg")] if tasks else []), e.get("seconds")])
+    ppl_head = f"ppl ({first.get('corpus', '')}, seqlen {first.get('seqlen', '')})"
+    lines.append(md_table(["stage", ppl_head, "sparsity (pruned layers)", *tasks, *(["avg acc"] if tasks else []), "seconds"], rows))
+    if first.get("zeroshot_tasks"):
+        lines += ["", subset_note(first)]
+    gone = first.get("zeroshot_unavailable") or {}
+    if gone:
+        lines += ["", "Unavailable zero-shot tasks: " + "; ".join(f"{t} ({why})" for t, why in gone.items())]
     sds = report["stages"].get("sds")
     if sds and sds.get("early_exit"):
         lines += ["", f"Early exit: the re-pruned model already beat the one-shot model on calibration NLL {sds.get('calibration_nll')}; no adjustment."]

@@ -24,10 +24,13 @@ from plmtool.paths import cache_dir
 
 log = logging.getLogger("plmtool")
 
-SPLITS = ("calib", "eval")
+SPLITS = ("calib", "val", "eval")
 EMBEDDED = ("wiki_sample", "news_sample")
 HUB = ("wikitext2", "c4")
 EVAL_EVERY = 5  # document i is in the eval split iff i % EVAL_EVERY == EVAL_EVERY - 1
+# ... and in the validation split (for choosing hyper-parameters) iff i % VAL_EVERY == VAL_AT; the
+# calibration split is the rest, so the three never share a document.
+VAL_EVERY, VAL_AT = 10, 3
 CLEANING_VERSION = 4  # bump when the wiki cleaning changes so caches are rebuilt
 # How documents are joined before tokenizing, per the reference implementations.
 JOINERS = {"c4": " "}
@@ -39,17 +42,23 @@ def known_corpora() -> tuple[str, ...]:
     return EMBEDDED + HUB
 
 
+def split_of(i: int) -> str:
+    if i % EVAL_EVERY == EVAL_EVERY - 1:
+        return "eval"
+    return "val" if i % VAL_EVERY == VAL_AT else "calib"
+
+
 def split_by_document(docs: list[str], split: str) -> list[str]:
-    # Exact duplicates (the news sample has some) would otherwise land on both sides of the split.
+    # Exact duplicates (the news sample has some) would otherwise land on two sides of the split.
     docs = list(dict.fromkeys(docs))
-    chosen = [d for i, d in enumerate(docs) if (i % EVAL_EVERY == EVAL_EVERY - 1) == (split == "eval")]
+    chosen = [d for i, d in enumerate(docs) if split_of(i) == split]
     if not chosen:
-        raise PlmtoolError(f"corpus has {len(docs)} documents: too few to split into calibration and evaluation parts")
+        raise PlmtoolError(f"corpus has {len(docs)} documents: too few to split into calibration, validation and evaluation parts")
     return chosen
 
 
 def load_documents(name: str, split: str, data_cfg: Any = None) -> list[str]:
-    """Documents of corpus `name` in `split` ("calib" or "eval")."""
+    """Documents of corpus `name` in `split` ("calib", "val" or "eval")."""
     if split not in SPLITS:
         raise PlmtoolError(f"unknown split '{split}' (choose from {', '.join(SPLITS)})")
     cache = getattr(data_cfg, "cache_dir", None)
@@ -73,11 +82,12 @@ def joined_text(name: str, split: str, data_cfg: Any = None) -> str:
     return JOINERS.get(name, DEFAULT_JOINER).join(docs)
 
 
-def eval_tokens(tokenizer, name: str, data_cfg: Any = None):
-    """The evaluation split joined and tokenized once: a 1-D LongTensor (no special tokens added)."""
+def eval_tokens(tokenizer, name: str, data_cfg: Any = None, split: str = "eval"):
+    """The evaluation (or validation) split joined and tokenized once: a 1-D LongTensor (no special
+    tokens added)."""
     import torch
 
-    ids = tokenizer(joined_text(name, "eval", data_cfg), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(joined_text(name, split, data_cfg), add_special_tokens=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -136,7 +146,7 @@ def _load_dataset(*args, **kwargs):
 
 
 def _hub_wikitext2(split: str) -> list[str]:
-    ds = _load_dataset("wikitext", "wikitext-2-raw-v1", split="train" if split == "calib" else "test")
+    ds = _load_dataset("wikitext", "wikitext-2-raw-v1", split={"calib": "train", "val": "validation", "eval": "test"}[split])
     return list(ds["text"])
 
 
@@ -145,4 +155,5 @@ def _hub_c4(split: str) -> list[str]:
         ds = _load_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
         return list(ds["text"])
     ds = _load_dataset("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"}, split="validation")
-    return list(ds["text"][:C4_EVAL_DOCS])
+    # evaluation: the references' first 1100 validation documents; validation: the next 1100
+    return list(ds["text"][:C4_EVAL_DOCS] if split == "eval" else ds["text"][C4_EVAL_DOCS : 2 * C4_EVAL_DOCS])

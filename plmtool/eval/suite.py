@@ -1,10 +1,11 @@
 """One call that every command uses to score a model: perplexity + zero-shot accuracy.
 
     evaluate(model, tokenizer, cfg.eval, cfg.data, run_dir, label="dense")
-    -> {"ppl", "seqlen", "corpus", "ppl_tokens", "ppl_windows", "zeroshot", "zeroshot_norm"}
+    -> {"ppl", "seqlen", "corpus", "ppl_tokens", "ppl_windows", "zeroshot", "zeroshot_norm",
+        "zeroshot_tasks", "zeroshot_unavailable", "zeroshot_limit", "zeroshot_avg"}
 
-`ppl` / `ppl_tokens` / `ppl_windows` are None when `eval.ppl` is false; `zeroshot` / `zeroshot_norm`
-are {} when `eval.zeroshot` is empty. lm-eval's results go to `run_dir/lm_eval_<label>.json`.
+`ppl` / `ppl_tokens` / `ppl_windows` are None when `eval.ppl` is false; the zero-shot entries are
+empty when `eval.zeroshot` is. Per-task details go to `run_dir/zeroshot_<label>.json`.
 
 Each finished part is kept as a stage marker (`run_dir/stages/eval-<label>-ppl.json`,
 `eval-<label>-zeroshot.json`) together with a fingerprint of the model weights and of the settings,
@@ -16,10 +17,11 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
+from pathlib import Path
 from typing import Any
 
 from plmtool.errors import PlmtoolError
-from plmtool.eval.zeroshot import expand_tasks
+from plmtool.eval.zeroshot import average, expand_tasks
 
 log = logging.getLogger("plmtool")
 
@@ -30,7 +32,7 @@ OFFLINE_TASK_SEED = 0
 
 def check_config(eval_cfg: Any) -> None:
     """Validate eval settings cheaply (call before loading a model)."""
-    from plmtool.eval.zeroshot import check_task_names
+    from plmtool.eval.zeroshot import resolve
 
     if eval_cfg.ppl:
         if eval_cfg.seqlen < 2:
@@ -51,7 +53,11 @@ def check_config(eval_cfg: Any) -> None:
             raise PlmtoolError(f"eval.zeroshot_batch_size must be at least 1 (got {eval_cfg.zeroshot_batch_size})")
         if eval_cfg.zeroshot_limit is not None and eval_cfg.zeroshot_limit < 1:
             raise PlmtoolError(f"eval.zeroshot_limit must be at least 1 or null (got {eval_cfg.zeroshot_limit})")
-        check_task_names(tasks, eval_cfg.include_path)
+        if eval_cfg.requests_file:
+            if not Path(eval_cfg.requests_file).is_file():
+                raise PlmtoolError(f"eval.requests_file={eval_cfg.requests_file}: no such file")
+        else:
+            resolve(tasks, eval_cfg.task_source, eval_cfg.include_path)
 
 
 def weights_fingerprint(model) -> str:
@@ -80,6 +86,8 @@ def _settings(eval_cfg: Any, data_cfg: Any) -> dict[str, Any]:
         "zeroshot_limit": eval_cfg.zeroshot_limit,
         "num_fewshot": int(eval_cfg.num_fewshot),
         "include_path": eval_cfg.include_path,
+        "task_source": eval_cfg.task_source,
+        "requests_file": eval_cfg.requests_file,
         "offline_task_size": int(eval_cfg.offline_task_size),
         "offline_task_choices": int(eval_cfg.offline_task_choices),
         "data_cache_dir": getattr(data_cfg, "cache_dir", None),
@@ -117,6 +125,10 @@ def evaluate(model, tokenizer, eval_cfg: Any, data_cfg: Any, run_dir: str | Path
         "ppl_windows": None,
         "zeroshot": {},
         "zeroshot_norm": {},
+        "zeroshot_tasks": {},
+        "zeroshot_unavailable": {},
+        "zeroshot_limit": eval_cfg.zeroshot_limit,
+        "zeroshot_avg": None,
     }
     if eval_cfg.ppl:
         p = reuse(f"eval-{label}-ppl", ppl_key)
@@ -138,7 +150,7 @@ def evaluate(model, tokenizer, eval_cfg: Any, data_cfg: Any, run_dir: str | Path
         if zs is None:
             from plmtool.eval.zeroshot import zeroshot
 
-            acc, acc_norm = zeroshot(
+            zs = zeroshot(
                 model,
                 tokenizer,
                 tasks,
@@ -148,12 +160,12 @@ def evaluate(model, tokenizer, eval_cfg: Any, data_cfg: Any, run_dir: str | Path
                 limit=eval_cfg.zeroshot_limit,
                 num_fewshot=eval_cfg.num_fewshot,
                 include_path=eval_cfg.include_path,
-                offline_task_size=eval_cfg.offline_task_size,
-                offline_task_choices=eval_cfg.offline_task_choices,
-                offline_task_seed=OFFLINE_TASK_SEED,
-                data_cfg=data_cfg,
+                source=eval_cfg.task_source,
+                requests_file=eval_cfg.requests_file,
+                generated={"size": eval_cfg.offline_task_size, "choices": eval_cfg.offline_task_choices,
+                           "seed": OFFLINE_TASK_SEED, "data_cfg": data_cfg},
             )
-            zs = {"zeroshot": acc, "zeroshot_norm": acc_norm}
             keep(f"eval-{label}-zeroshot", zs_key, zs)
         result.update(zs)
+        result["zeroshot_avg"] = average(result["zeroshot"], [t for t in tasks if t not in result["zeroshot_unavailable"]])
     return result
