@@ -1,17 +1,21 @@
 #!/usr/bin/env python
 """Benchmarks of plmtool prune on one GPU: quality on SmolLM2-135M, speed/memory at LLaMA-3-8B shapes.
 
-    # on a machine with the embedded data (CPU is fine): token ids for calibration / evaluation
+    # on a machine with the embedded data and lm-eval (CPU is fine): token ids for calibration /
+    # validation / evaluation, and the zero-shot requests rendered by lm-eval (a .json.gz beside)
     python scripts/bench_prune.py prepare --out .device/prune_data.pt
     # on the GPU machine (needs only torch + transformers + plmtool; no hydra / lm-eval / datasets)
     python scripts/bench_prune.py run --data .device/prune_data.pt --model /tmp/smollm2.gguf --out $OUT
     # a CPU dry run of every code path at toy sizes
     python scripts/bench_prune.py run --data .device/prune_data.pt --tiny --out /tmp/bench
 
-Quality: 128 x 2048 calibration windows of wiki_sample (seed 0), perplexity at seqlen 2048 on the
-held-out articles, the offline zero-shot task wiki_next_sentence scored by a plain log-likelihood
-scorer (lm-eval's acc / acc_norm rule; lm-eval itself is not on the GPU box), for 2:4, 4:8 and
-50 % unstructured: magnitude, Wanda, SparseGPT, SDS(Wanda), SDS(SparseGPT).
+Quality: 128 x 2048 calibration windows of wiki_sample's calibration articles (seed 0); perplexity at
+seqlen 2048 on the validation articles (for choosing SDS settings) and on the held-out evaluation
+articles (reported); Wanda's seven zero-shot tasks, every document, rendered by lm-eval from the
+embedded copies and scored by plmtool.eval (lm-eval's acc / acc_norm), for 2:4, 4:8 and 50 %
+unstructured: dense, magnitude, Wanda, SparseGPT, SDS(Wanda), SDS(SparseGPT). Each SDS row is the
+variant (--sds-variants) with the lowest *validation* perplexity; only that pick is evaluated on
+the test data, and every candidate's validation perplexity is recorded beside it.
 Speed: LLaMA-3-8B shapes with random bf16 weights built on the GPU, 128 x 2048 random-token
 calibration, 2:4: wall time and peak memory of SparseGPT, Wanda and the full SDS (Wanda one-shot +
 re-dense + re-prune/adjust), all 32 blocks; then 2:4 sparse tensor cores vs dense prefill/decode.
@@ -41,25 +45,25 @@ log = logging.getLogger("plmtool")
 
 def prepare(args) -> None:
     from plmtool.data.calibration import calibration_windows
-    from plmtool.data.corpora import eval_tokens, load_documents
-    from plmtool.eval.offline_task import GENERATOR_VERSION, generate_examples
+    from plmtool.data.corpora import eval_tokens
+    from plmtool.eval import requests as rq
+    from plmtool.eval.zeroshot import PRESETS, build_requests
     from plmtool.models import load_tokenizer
 
     tok = load_tokenizer(SimpleNamespace(name_or_path="smollm2-135m", gguf_file=None, cache_dir=None, revision=None, trust_remote_code=False))
     data = SimpleNamespace(corpus="wiki_sample", calib_corpus=None, nsamples=args.nsamples, seqlen=args.seqlen, seed=0, text_field="text", cache_dir=None)
     calib = calibration_windows(tok, data)
+    val = eval_tokens(tok, "wiki_sample", data, split="val")
     ev = eval_tokens(tok, "wiki_sample", data)
-    examples = []
-    for ex in generate_examples(load_documents("wiki_sample", "eval", data), args.zeroshot_size, 4, seed=0):
-        ctx = tok(ex["context"], add_special_tokens=False)["input_ids"]
-        conts = [tok(" " + c, add_special_tokens=False)["input_ids"] for c in ex["choices"]]
-        examples.append({"ctx": ctx, "conts": conts, "label": ex["label"], "bytes": [len((" " + c).encode()) for c in ex["choices"]]})
+    tasks = PRESETS["wanda7"]
+    items = build_requests(tasks, {t: "local" for t in tasks}, limit=args.zeroshot_limit)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # the generator version says which distractor rules made the examples (plmtool eval builds
-    # the current version; accuracies on different versions are not comparable)
-    torch.save({"calib": calib, "eval": ev, "zeroshot": examples, "zeroshot_generator": GENERATOR_VERSION, "vocab": len(tok)}, out)
-    print(f"wrote {out}: calib {tuple(calib.shape)}, eval {ev.numel()} tokens, {len(examples)} zero-shot examples")
+    req_path = rq.save(items, out.with_suffix(".requests.json.gz"))
+    torch.save({"calib": calib, "val": val, "eval": ev, "requests": req_path.name, "vocab": len(tok)}, out)
+    n_req = sum(len(d.requests) for i in items for d in i.docs)
+    print(f"wrote {out}: calib {tuple(calib.shape)}, val {val.numel()} tokens, eval {ev.numel()} tokens; "
+          f"{req_path}: {len(items)} tasks, {n_req} requests")
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -92,37 +96,6 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-@torch.no_grad()
-def mc_accuracy(model, examples: list, device, batch: int = 64) -> dict:
-    """acc / acc_norm of a multiple-choice task: sum of continuation log-probs (acc) and per byte
-    (acc_norm), as lm-eval scores multiple_choice tasks."""
-    seqs, owners = [], []
-    for ei, ex in enumerate(examples):
-        for ci, cont in enumerate(ex["conts"]):
-            seqs.append((ex["ctx"], cont))
-            owners.append((ei, ci))
-    scores = {}
-    for s in range(0, len(seqs), batch):
-        chunk = seqs[s : s + batch]
-        lens = [len(c) + len(t) for c, t in chunk]
-        L = max(lens)
-        ids = torch.zeros(len(chunk), L, dtype=torch.long)
-        for r, (c, t) in enumerate(chunk):
-            ids[r, : len(c) + len(t)] = torch.tensor(c + t)
-        logits = model(input_ids=ids.to(device), use_cache=False).logits.float()
-        logp = torch.log_softmax(logits, -1)
-        for r, (c, t) in enumerate(chunk):
-            pos = torch.arange(len(c) - 1, len(c) + len(t) - 1, device=logp.device)
-            tgt = torch.tensor(t, device=logp.device)
-            scores[owners[s + r]] = float(logp[r, pos, tgt].sum())
-    acc = acc_norm = 0
-    for ei, ex in enumerate(examples):
-        ll = [scores[(ei, ci)] for ci in range(len(ex["conts"]))]
-        acc += int(max(range(len(ll)), key=lambda i: ll[i]) == ex["label"])
-        acc_norm += int(max(range(len(ll)), key=lambda i: ll[i] / ex["bytes"][i]) == ex["label"])
-    return {"acc": acc / len(examples), "acc_norm": acc_norm / len(examples)}
-
-
 def restore(model, weights: dict) -> None:
     from plmtool.prune.sequential import block_linears, decoder_layers
 
@@ -134,8 +107,11 @@ def restore(model, weights: dict) -> None:
 # ------------------------------------------------------------------------------------ quality
 
 
-def quality(args, rec: Recorder, data: dict, patterns: list[str]) -> None:
+def quality(args, rec: Recorder, data: dict, patterns: list[str], requests: list) -> None:
+    import copy
+
     from plmtool.eval.perplexity import perplexity
+    from plmtool.eval.zeroshot import average, score_requests
     from plmtool.prune.oneshot import OneShotOptions, SparseGptOptions, prune_model
     from plmtool.prune.patterns import parse_pattern
     from plmtool.prune.sds import OptimOptions, SdsOptions, linear_weights, redense_model, reprune_model
@@ -148,20 +124,36 @@ def quality(args, rec: Recorder, data: dict, patterns: list[str]) -> None:
         torch.manual_seed(0)
         model = LlamaForCausalLM(LlamaConfig(vocab_size=data["vocab"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                              num_attention_heads=4, num_key_value_heads=2)).to(device).eval()
-        calib, ev, seqlen, zs = data["calib"][:4, :64], data["eval"][:2048], 256, data["zeroshot"][:16]
+        calib, val, ev, seqlen = data["calib"][:4, :64], data["val"][:1024], data["eval"][:2048], 256
     else:
         model = load_target(args.model, "float32", device)
-        calib, ev, seqlen, zs = data["calib"], data["eval"], 2048, data["zeroshot"]
+        calib, val, ev, seqlen = data["calib"], data["val"], data["eval"], 2048
+    tok = load_tokenizer_for(args)
     dense = linear_weights(model, device=device)
     walk = WalkOptions(device=device, batch_size=args.batch_size)
     sgpt = SparseGptOptions()
+    tasks = [t.task for t in requests]
+
+    def zero_shot() -> dict:
+        """Zero-shot accuracy of a bf16 copy (the Wanda reference evaluates its fp16 model; on
+        the GPU bf16 is several times faster than fp32 for these forwards)."""
+        scorer = copy.deepcopy(model).to(torch.bfloat16) if args.zeroshot_dtype == "bfloat16" else model
+        sync()
+        t0 = time.perf_counter()
+        per_task = score_requests(scorer, tok, requests, batch_size=args.zeroshot_batch)
+        sync()
+        del scorer
+        acc = {t: m["acc"] for t, m in per_task.items()}
+        return {"zeroshot": acc, "zeroshot_norm": {t: m["acc_norm"] for t, m in per_task.items() if "acc_norm" in m},
+                "zeroshot_avg": average(acc, tasks), "zeroshot_n": {t: m["n"] for t, m in per_task.items()},
+                "zeroshot_dtype": args.zeroshot_dtype, "zeroshot_seconds": round(time.perf_counter() - t0, 1)}
 
     def evaluate(label: str, pattern: str, seconds: float | None, extra: dict | None = None) -> None:
         sync()
-        p = perplexity(model, ev, seqlen)
-        z = mc_accuracy(model, zs, device)
-        rec.add("quality", {"method": label, "pattern": pattern, "ppl": round(p["ppl"], 3), "seqlen": seqlen, "tokens": p["tokens"],
-                            "wiki_next_sentence_acc": z["acc"], "wiki_next_sentence_acc_norm": z["acc_norm"], "seconds": seconds, **(extra or {})})
+        pv, pe = perplexity(model, val, seqlen), perplexity(model, ev, seqlen)
+        rec.add("quality", {"method": label, "pattern": pattern, "val_ppl": round(pv["ppl"], 3), "ppl": round(pe["ppl"], 3),
+                            "seqlen": seqlen, "val_tokens": pv["tokens"], "tokens": pe["tokens"], "seconds": seconds,
+                            **zero_shot(), **(extra or {})})
 
     evaluate("dense", "-", None)
     def sds_options(spec: str = "") -> SdsOptions:
@@ -174,9 +166,7 @@ def quality(args, rec: Recorder, data: dict, patterns: list[str]) -> None:
                           redense=OptimOptions(iterations=it, lr=float(kv.get("lr", args.lr)), optimizer=opt),
                           adjust=OptimOptions(iterations=it, lr=float(kv.get("alr", args.adjust_lr)), optimizer=opt))
 
-    variants = {"": sds_options()}
-    for spec in filter(None, args.sds_variants.split(";")):
-        variants[f" [{spec}]"] = sds_options(spec)
+    variants = {spec: sds_options(spec) for spec in (args.sds_variants.split(";") if args.sds_variants else [""])}
     for pat_text in patterns:
         pattern = parse_pattern(pat_text, 0.5)
         shown = pat_text if pattern.structured else "50%"
@@ -190,31 +180,44 @@ def quality(args, rec: Recorder, data: dict, patterns: list[str]) -> None:
             secs = round(time.perf_counter() - t, 2)
             oneshot[method] = linear_weights(model, device=device)
             evaluate(method, shown, secs)
-        for method in ("wanda", "sparsegpt"):
+        for method in args.sds_methods.split(","):
             if method not in oneshot:
                 continue
-            for suffix, opts in variants.items():
-                if not suffix and method not in args.sds_methods.split(","):
-                    continue
-                if suffix and (method not in args.variant_methods.split(",") or not pattern.structured or pattern.m != 4):
-                    continue  # variants: at 2:4 only
+            # every variant is scored on the validation articles only; the best one is then
+            # evaluated on the test data (the only numbers reported for SDS)
+            candidates: dict[str, float] = {}
+            best = None
+            for spec, opts in variants.items():
                 restore(model, oneshot[method])
                 sync()
                 t = time.perf_counter()
                 redense_model(model, calib, dense, opts, walk)
                 res = reprune_model(model, calib, dense, oneshot[method], method, pattern, opts, walk, sgpt)
-                info = res["layers"]
                 sync()
                 secs = round(time.perf_counter() - t, 2)
-                choices: dict = {}
-                for v in info.values():
-                    choices[v["choice"]] = choices.get(v["choice"], 0) + 1
-                evaluate(f"SDS({method}){suffix}", shown, secs, {"iterations": opts.redense.iterations, "lr": opts.redense.lr,
-                                                               "adjust_lr": opts.adjust.lr, "l1": opts.l1, "l2": opts.l2,
-                                                               "optimizer": opts.redense.optimizer, "layer_choices": choices, "early_exit": res["early_exit"]})
+                candidates[spec or "default"] = round(perplexity(model, val, seqlen)["ppl"], 3)
+                print(f"  SDS({method}) {shown} [{spec or 'default'}]: validation ppl {candidates[spec or 'default']}", flush=True)
+                if best is None or candidates[spec or "default"] < best[0]:
+                    choices: dict = {}
+                    for v in res["layers"].values():
+                        choices[v["choice"]] = choices.get(v["choice"], 0) + 1
+                    best = (candidates[spec or "default"], spec, linear_weights(model, device="cpu"), secs, opts, choices, res["early_exit"])
+            _, spec, weights, secs, opts, choices, early = best
+            restore(model, weights)
+            evaluate(f"SDS({method})", shown, secs, {"picked": spec or "default", "picked_on": "validation ppl", "candidates_val_ppl": candidates,
+                                                     "iterations": opts.redense.iterations, "lr": opts.redense.lr, "adjust_lr": opts.adjust.lr,
+                                                     "l1": opts.l1, "l2": opts.l2, "optimizer": opts.redense.optimizer,
+                                                     "layer_choices": choices, "early_exit": early})
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def load_tokenizer_for(args):
+    from plmtool.models import load_tokenizer
+
+    name = "smollm2-135m" if args.tiny else args.model
+    return load_tokenizer(SimpleNamespace(name_or_path=name, gguf_file=None, cache_dir=None, revision=None, trust_remote_code=False))
 
 
 # ------------------------------------------------------------------------------------ speed
@@ -473,13 +476,13 @@ def main() -> None:
     p.add_argument("--out", default=".device/prune_data.pt")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--zeroshot-size", type=int, default=500)
+    p.add_argument("--zeroshot-limit", type=int, default=None, help="first N documents per task (default: all)")
     r = sub.add_parser("run")
     r.add_argument("--data", default=".device/prune_data.pt")
     r.add_argument("--model", default="/tmp/smollm2.gguf")
     r.add_argument("--out", default=os.environ.get("OUT", "outputs/bench_prune"))
     r.add_argument("--tiny", action="store_true", help="toy sizes on any device (a dry run of every path)")
-    r.add_argument("--parts", default="quality24,speed,quality", help="comma list, run in order: quality24, quality (4:8, 50%%), speed, semi (2:4 sparse tensor cores at 8B shapes), semi-real (SmolLM2 perplexity on the 2:4 kernels)")
+    r.add_argument("--parts", default="quality24,speed,quality", help="comma list, run in order: quality24, quality48, quality50, quality (4:8, 50%%), speed, semi (2:4 sparse tensor cores at 8B shapes), semi-real (SmolLM2 perplexity on the 2:4 kernels)")
     r.add_argument("--speed", default="sparsegpt,sds", help="which 8B measurements: sparsegpt, wanda, sds (SDS(Wanda)), sds-sparsegpt")
     r.add_argument("--speed-nsamples", type=int, default=128)
     r.add_argument("--speed-iterations", type=int, default=200)
@@ -490,24 +493,33 @@ def main() -> None:
     r.add_argument("--l1", type=float, default=0.01)
     r.add_argument("--l2", type=float, default=0.01)
     r.add_argument("--batch-size", type=int, default=8, help="calibration samples per block call")
-    r.add_argument("--sds-variants", default="", help='extra SDS settings at 2:4, ";"-separated, e.g. "l1=0,l2=0;lr=0.03,alr=0.1"')
+    r.add_argument("--sds-variants", default="l1=0.01,l2=0.01;l1=0.1,l2=0.1", help='SDS settings to choose from on the validation split, ";"-separated, e.g. "l1=0,l2=0;lr=0.03,alr=0.1" ("" = the defaults)')
+    r.add_argument("--zeroshot-dtype", default="bfloat16", choices=["bfloat16", "float32"], help="dtype of the copy that scores zero-shot")
+    r.add_argument("--zeroshot-batch", type=int, default=256)
+    r.add_argument("--zeroshot-limit", type=int, default=None, help="first N documents per task of the request file")
     r.add_argument("--oneshot-methods", default="magnitude,wanda,sparsegpt")
     r.add_argument("--sds-methods", default="wanda,sparsegpt", help="SDS rows with the main settings")
-    r.add_argument("--variant-methods", default="wanda,sparsegpt", help="one-shot methods the variants start from")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     if args.cmd == "prepare":
         prepare(args)
         return
+    from plmtool.eval.requests import load as load_requests
+
     data = torch.load(args.data)
     rec = Recorder(Path(args.out))
-    rec.data["wiki_next_sentence_generator"] = data.get("zeroshot_generator")  # None: not recorded (older files)
+    requests = load_requests(Path(args.data).parent / data["requests"])
+    if args.zeroshot_limit or args.tiny:
+        for item in requests:
+            item.docs = item.docs[: args.zeroshot_limit or 4]
     start = time.perf_counter()
     for part in args.parts.split(","):
         if part == "quality24":
-            quality(args, rec, data, ["2:4"])
+            quality(args, rec, data, ["2:4"], requests)
         elif part == "quality":
-            quality(args, rec, data, ["4:8", "unstructured"])
+            quality(args, rec, data, ["4:8", "unstructured"], requests)
+        elif part in ("quality48", "quality50"):
+            quality(args, rec, data, ["4:8" if part == "quality48" else "unstructured"], requests)
         elif part == "speed":
             # per-block progress lines ("SDS adjust: 12/32 (80.1s)") show where a cut-off run was
             logging.getLogger("plmtool").setLevel(logging.INFO)
@@ -523,9 +535,12 @@ def main() -> None:
 def table(d: dict) -> None:
     print(f"\n# bench_prune on {d['device']} ({d['date']}, torch {d['torch']})")
     if d["quality"]:
-        print("\n| method | pattern | ppl | wiki_next_sentence acc | seconds |\n|---|---|---|---|---|")
+        tasks = list(d["quality"][0].get("zeroshot", {}))
+        print("\n| method | pattern | val ppl | ppl | " + " | ".join(tasks) + " | avg | seconds |")
+        print("|" + "---|" * (6 + len(tasks)))
         for r in d["quality"]:
-            print(f"| {r['method']} | {r['pattern']} | {r['ppl']} | {r['wiki_next_sentence_acc']:.3f} | {r['seconds']} |")
+            accs = " | ".join(f"{r['zeroshot'].get(t, float('nan')):.3f}" for t in tasks)
+            print(f"| {r['method']} | {r['pattern']} | {r['val_ppl']} | {r['ppl']} | {accs} | {r['zeroshot_avg']:.4f} | {r['seconds']} |")
     if d["speed"]:
         print("\n| method | seconds | peak GiB | solver s |\n|---|---|---|---|")
         for r in d["speed"]:

@@ -15,13 +15,15 @@ metric_list names them; loglikelihood tasks -> `acc` (the continuation is greedy
 
 from __future__ import annotations
 
+import gzip
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from plmtool.errors import PlmtoolError
-from plmtool.io import read_json, write_json
+from plmtool.io import atomic_write, read_json, write_json
 
 FORMAT_VERSION = 1
 SUPPORTED = ("multiple_choice", "loglikelihood")
@@ -55,11 +57,27 @@ class TaskRequests:
 
 
 def save(items: list[TaskRequests], path: str | Path) -> Path:
-    return write_json(path, [t.to_json() for t in items])
+    """JSON, gzip-compressed when the name ends in .gz (full task sets are tens of MB)."""
+    data = [t.to_json() for t in items]
+    if not str(path).endswith(".gz"):
+        return write_json(path, data)
+
+    def _write(tmp: str) -> None:
+        with gzip.open(tmp, "wt", encoding="utf-8") as fh:
+            json.dump(data, fh)
+
+    return atomic_write(path, _write)
 
 
 def load(path: str | Path) -> list[TaskRequests]:
-    data = read_json(path)
+    try:
+        if str(path).endswith(".gz"):
+            with gzip.open(path, "rt", encoding="utf-8") as fh:
+                data = json.load(fh)
+        else:
+            data = read_json(path)
+    except (OSError, ValueError) as e:
+        raise PlmtoolError(f"{path}: cannot read zero-shot requests ({type(e).__name__}: {e})") from None
     if not isinstance(data, list) or any(d.get("format") != FORMAT_VERSION for d in data):
         raise PlmtoolError(f"{path}: not a plmtool request file of format {FORMAT_VERSION}")
     return [TaskRequests.from_json(d) for d in data]
