@@ -155,7 +155,9 @@ def quality(args, rec: Recorder, data: dict, patterns: list[str], requests: list
                             "seqlen": seqlen, "val_tokens": pv["tokens"], "tokens": pe["tokens"], "seconds": seconds,
                             **zero_shot(), **(extra or {})})
 
-    evaluate("dense", "-", None)
+    if not args.no_dense:
+        evaluate("dense", "-", None)
+
     def sds_options(spec: str = "") -> SdsOptions:
         """SDS settings from the command line, overridden by "key=value,..." (keys: l1, l2, lr,
         alr (adjustment lr), it, opt, inputs)."""
@@ -496,6 +498,7 @@ def main() -> None:
     r.add_argument("--sds-variants", default="l1=0.01,l2=0.01;l1=0.1,l2=0.1", help='SDS settings to choose from on the validation split, ";"-separated, e.g. "l1=0,l2=0;lr=0.03,alr=0.1" ("" = the defaults)')
     r.add_argument("--zeroshot-dtype", default="bfloat16", choices=["bfloat16", "float32"], help="dtype of the copy that scores zero-shot")
     r.add_argument("--zeroshot-batch", type=int, default=256)
+    r.add_argument("--no-dense", action="store_true", help="skip the dense row (already measured in an earlier run of the same data)")
     r.add_argument("--zeroshot-limit", type=int, default=None, help="first N documents per task of the request file")
     r.add_argument("--oneshot-methods", default="magnitude,wanda,sparsegpt")
     r.add_argument("--sds-methods", default="wanda,sparsegpt", help="SDS rows with the main settings")
