@@ -433,31 +433,27 @@ def _magnitude_prune_decoder_linears(model, fraction: float) -> None:
                 w.masked_fill_(w.abs() <= threshold, 0)
 
 
-# Measured with these settings (bf16, first 100 examples): dense acc 0.37 / acc_norm 0.42, 70%
-# magnitude-pruned 0.25 / 0.27 (chance 0.25). The bounds leave room for a few flipped examples
-# across CPUs' bf16 kernels.
+# ARC-Easy, the first 100 test questions, fp32 on the CPU. On the whole test set (H100, bf16 scoring,
+# docs/benchmarks/prune.md) the dense model scores acc 0.517 and a 50 % magnitude-pruned one 0.364.
 REAL_LIMIT = 100
-DENSE_MIN = 0.32
+DENSE_MIN = 0.40  # chance is about 0.25
 MARGIN = 0.08
 
 
 @pytest.mark.real_model
-def test_offline_task_separates_smollm2_from_damaged_smollm2():
+def test_arc_easy_separates_smollm2_from_damaged_smollm2():
     from omegaconf import OmegaConf
 
     from plmtool.config import ModelConfig
     from plmtool.eval.zeroshot import zeroshot
     from plmtool.models import load_model
 
-    # bf16 on CPU is 2.5-3.5x faster; lm-eval's log-softmax stays fp32 (softmax_dtype).
-    model, tok = load_model(OmegaConf.structured(ModelConfig(dtype="bfloat16")))
-    kwargs = dict(batch_size=16, limit=REAL_LIMIT, offline_task_size=500, offline_task_choices=4)
-    dense, dense_norm = zeroshot(model, tok, ["wiki_next_sentence"], **kwargs)
+    model, tok = load_model(OmegaConf.structured(ModelConfig()))
+    dense = zeroshot(model, tok, ["arc_easy"], limit=REAL_LIMIT, source="local")
     _magnitude_prune_decoder_linears(model, 0.7)
-    damaged, damaged_norm = zeroshot(model, tok, ["wiki_next_sentence"], **kwargs)
-    task = "wiki_next_sentence"
-    print(f"dense acc {dense[task]:.3f} acc_norm {dense_norm[task]:.3f}; "
-          f"70% magnitude acc {damaged[task]:.3f} acc_norm {damaged_norm[task]:.3f}")
-    assert dense[task] >= DENSE_MIN, dense  # chance is 0.25
-    assert damaged[task] <= dense[task] - MARGIN, (dense, damaged)
-    assert damaged_norm[task] <= dense_norm[task] - MARGIN, (dense_norm, damaged_norm)
+    damaged = zeroshot(model, tok, ["arc_easy"], limit=REAL_LIMIT, source="local")
+    d, x = dense["zeroshot_tasks"]["arc_easy"], damaged["zeroshot_tasks"]["arc_easy"]
+    print(f"dense acc {d['acc']:.3f} acc_norm {d['acc_norm']:.3f}; 70% magnitude acc {x['acc']:.3f} acc_norm {x['acc_norm']:.3f}")
+    assert d["n"] == REAL_LIMIT and d["total_docs"] == 2376 and d["source"] == "local"
+    assert d["acc"] >= DENSE_MIN, d
+    assert x["acc"] <= d["acc"] - MARGIN, (d, x)

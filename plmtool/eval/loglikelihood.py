@@ -11,9 +11,11 @@ token is the greedy choice). This module reproduces `HFLM.loglikelihood` for cau
     no attention mask (padding sits after every real token, so causal attention never sees it),
     log-softmax in fp32, the continuation's positions gathered and summed.
 
-Two savings on top, neither of which changes a number: requests whose model input is identical
-(e.g. the one-token answers " yes" / " no" after one BoolQ passage) share one forward, and
-batches are filled by a token budget in descending length order so padding stays small.
+Savings on top, none of which changes the computation: requests with the same context share one
+input row (the context once, then each continuation as a branch that attends to the context and
+to itself, at the positions it would have alone: a 4D attention mask and explicit position ids);
+the vocabulary projection runs only on the positions that are read; batches are filled by a token
+budget in descending length order so padding stays small.
 
 It needs only torch and a tokenizer, so pre-built requests can be scored on machines without
 lm-eval or datasets.
@@ -73,21 +75,66 @@ def max_length(model, tokenizer, override: int | None = None) -> int:
     return 2048
 
 
-def _positions(model, ids: torch.Tensor, spans: list[tuple[int, int]]) -> list[torch.Tensor]:
-    """Logits of positions [start, end) of each row. The vocabulary projection is applied only to
+def _positions(model, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, reads: list[list[int]]) -> list[torch.Tensor]:
+    """Logits at the listed positions of each row. The vocabulary projection is applied only to
     those positions (it is the largest matmul of a small model and its output the largest tensor);
     models whose head does more than a projection (logit soft-capping, scaling) take the full path."""
     cfg = getattr(model, "config", None)
     plain_head = not any(getattr(cfg, a, None) for a in ("final_logit_softcapping", "logit_scale", "output_mult"))
     head = model.get_output_embeddings() if plain_head else None
     decoder = model.get_decoder() if plain_head and hasattr(model, "get_decoder") else None
+    kwargs = dict(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False)
     if head is None or decoder is None:
-        logits = model(input_ids=ids, use_cache=False).logits
-        return [logits[r, a:b] for r, (a, b) in enumerate(spans)]
-    hidden = decoder(input_ids=ids, use_cache=False)[0]
-    picked = torch.cat([hidden[r, a:b] for r, (a, b) in enumerate(spans)])
-    out = head(picked)
-    return list(out.split([b - a for a, b in spans]))
+        logits = model(**kwargs).logits
+        return [logits[r, idx] for r, idx in enumerate(reads)]
+    hidden = decoder(**kwargs)[0]
+    picked = torch.cat([hidden[r, idx] for r, idx in enumerate(reads)])
+    return list(head(picked).split([len(idx) for idx in reads]))
+
+
+class _Row:
+    """One model input: a context and the branches of the continuations that share it."""
+
+    def __init__(self, ctx_len: int, ids: list[int], positions: list[int], branches: list[tuple[int, int]],
+                 reads: list[tuple[int, slice]], read_positions: list[int]):
+        self.ctx_len, self.ids, self.positions, self.branches = ctx_len, ids, positions, branches
+        self.reads = reads  # (request, slice of this row's read positions)
+        self._read_positions = read_positions
+
+    @classmethod
+    def pack(cls, ctx: list[int], members: list[tuple[int, list[int]]], limit: int) -> "_Row | list[_Row]":
+        branch_tokens = sum(len(c) - 1 for _, c in members)
+        if len(ctx) + branch_tokens > limit or not ctx:
+            # too long to pack (or nothing to share): lm-eval's own input per request, left-truncated
+            out = []
+            for r, cont in members:
+                inp = (ctx + cont)[-(limit + 1):][:-1]
+                n = len(inp)
+                out.append(cls(n, inp, list(range(n)), [], [(r, slice(0, len(cont)))], list(range(n - len(cont), n))))
+            return out
+        n = len(ctx)
+        ids, positions, branches, reads, read_positions = list(ctx), list(range(n)), [], [], []
+        for r, cont in members:
+            start = len(ids)
+            ids += cont[:-1]
+            positions += range(n, n + len(cont) - 1)
+            branches.append((start, len(ids)))
+            first = len(read_positions)
+            read_positions += [n - 1, *range(start, len(ids))]  # the last context token predicts cont[0]
+            reads.append((r, slice(first, len(read_positions))))
+        return cls(n, ids, positions, branches, reads, read_positions)
+
+    def mask(self) -> torch.Tensor:
+        """[len, len] bool, True = may attend: causal on the context, each branch on the context and
+        on its own earlier tokens."""
+        n = len(self.ids)
+        m = torch.ones(n, n, dtype=torch.bool).tril_()
+        for a, b in self.branches:
+            m[a:b, self.ctx_len : a] = False
+        return m
+
+    def read_positions(self) -> list[int]:
+        return self._read_positions
 
 
 def _batches(order: list[int], lengths: list[int], batch_size: int, max_batch_tokens: int | None) -> Iterator[list[int]]:
@@ -118,23 +165,21 @@ def score(
         raise PlmtoolError(f"eval.zeroshot_batch_size must be at least 1 (got {batch_size})")
     limit = max_length(model, tokenizer, max_len)
     encoded = [encode_pair(tokenizer, c, x) for c, x in requests]
-    # One forward per distinct model input; each request then reads its continuation's positions.
-    inputs: dict[tuple[int, ...], int] = {}
-    readers: list[list[int]] = []  # per distinct input: the requests reading it
+    # Requests whose context encodes the same share one packed row: the context once, then every
+    # continuation (minus its last token) as its own branch that sees the context and itself.
+    groups: dict[tuple[int, ...], list[int]] = {}
     for r, (ctx, cont) in enumerate(encoded):
         if not cont:
             raise PlmtoolError("a zero-shot request has an empty continuation after tokenization")
         if len(cont) > limit:
             raise PlmtoolError(f"a zero-shot continuation of {len(cont)} tokens exceeds the model's {limit}")
-        idx = inputs.setdefault(tuple((ctx + cont)[-(limit + 1):][:-1]), len(inputs))
-        if idx == len(readers):
-            readers.append([])
-        readers[idx].append(r)
-    unique = list(inputs)
-    lengths = [len(u) for u in unique]
-    order = sorted(range(len(unique)), key=lambda i: -lengths[i])
-    # per distinct input: the positions of its longest continuation get the vocabulary projection
-    need = [max(len(encoded[r][1]) for r in rs) for rs in readers]
+        groups.setdefault(tuple(ctx), []).append(r)
+    rows: list[_Row] = []
+    for ctx, members in groups.items():
+        row = _Row.pack(list(ctx), [(r, encoded[r][1]) for r in members], limit)
+        rows.extend(row if isinstance(row, list) else [row])
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
+    lengths = [len(row.ids) for row in rows]
 
     device = model.get_input_embeddings().weight.device
     was_training = model.training
@@ -145,18 +190,24 @@ def score(
         for batch in track(batches, description, total=len(batches)):
             width = lengths[batch[0]]
             ids = torch.zeros(len(batch), width, dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids[row, : lengths[i]] = torch.tensor(unique[i])
-            rows = _positions(model, ids.to(device), [(lengths[i] - need[i], lengths[i]) for i in batch])
-            for i, logits in zip(batch, rows):
-                logp = F.log_softmax(logits.float(), dim=-1)
-                for r in readers[i]:
+            pos = torch.zeros(len(batch), width, dtype=torch.long)
+            mask = torch.eye(width, dtype=torch.bool).repeat(len(batch), 1, 1)  # padding sees itself
+            for b, i in enumerate(batch):
+                n = lengths[i]
+                ids[b, :n] = torch.tensor(rows[i].ids)
+                pos[b, :n] = torch.tensor(rows[i].positions)
+                mask[b, :n, :n] = rows[i].mask()
+            reads = [rows[i].read_positions() for i in batch]
+            logits = _positions(model, ids.to(device), pos.to(device), mask[:, None].to(device), reads)
+            for i, row_logits in zip(batch, logits):
+                logp = F.log_softmax(row_logits.float(), dim=-1)
+                for r, sl in rows[i].reads:
                     cont = encoded[r][1]
-                    tail = logp[-len(cont):]
+                    tail = logp[sl]
                     target = torch.tensor(cont, device=tail.device)
                     greedy = bool((tail.argmax(-1) == target).all())
                     out[r] = (float(tail.gather(1, target[:, None]).sum()), greedy)
-            del rows
+            del logits
     finally:
         model.train(was_training)
     return out  # type: ignore[return-value]

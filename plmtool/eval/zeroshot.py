@@ -188,22 +188,27 @@ def unavailable(sources: dict[str, str]) -> dict[str, str]:
     return {t: local_tasks.UNAVAILABLE[t] for t, s in sources.items() if s == "unavailable"}
 
 
-def score_requests(model, tokenizer, items: list[TaskRequests], *, batch_size: int = 32) -> dict[str, dict]:
-    """{task: lm-eval's metrics (+ n, total_docs, source)} for pre-rendered requests."""
+def doc_scores(model, tokenizer, items: list[TaskRequests], *, batch_size: int = 32) -> list[list[list[tuple[float, bool]]]]:
+    """Per task, per document: the (log-likelihood, is greedy) of each of its requests."""
     from plmtool.eval.loglikelihood import score
 
     flat = [r for item in items for doc in item.docs for r in doc.requests]
     scores = score(model, tokenizer, flat, batch_size=batch_size,
                    description=f"zero-shot ({len(items)} tasks, {len(flat)} requests)")
-    out: dict[str, dict] = {}
-    pos = 0
+    out, pos = [], 0
     for item in items:
         per_doc = []
         for doc in item.docs:
             per_doc.append(scores[pos : pos + len(doc.requests)])
             pos += len(doc.requests)
-        out[item.task] = metrics(item, per_doc)
+        out.append(per_doc)
     return out
+
+
+def score_requests(model, tokenizer, items: list[TaskRequests], *, batch_size: int = 32) -> dict[str, dict]:
+    """{task: lm-eval's metrics (+ n, total_docs, source)} for pre-rendered requests."""
+    results = doc_scores(model, tokenizer, items, batch_size=batch_size)
+    return {item.task: metrics(item, res) for item, res in zip(items, results)}
 
 
 def zeroshot(
