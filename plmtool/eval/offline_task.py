@@ -1,7 +1,8 @@
 """`wiki_next_sentence`: a zero-shot multiple-choice task built offline from real text.
 
-lm-eval's tasks all download their data from a hub. This task is generated from the evaluation
-articles of the embedded Wikipedia sample (never the calibration articles), so it runs anywhere:
+A task generated from the evaluation articles of the embedded Wikipedia sample (never the
+calibration articles); the standard tasks run offline from their embedded copies
+(`plmtool.eval.local_tasks`), this one is kept as a text-coherence probe that needs no wheel but gensim:
 
   * context  = `context_sentences` consecutive sentences of one paragraph,
   * choices  = the sentence that really follows them (same paragraph) + `choices - 1` distractors,
