@@ -41,7 +41,10 @@ class PruneConfig:
     sparsity: float = 0.5  # used by "unstructured"; N:M implies 1 - N/M
     stages: list[str] = field(default_factory=lambda: ["dense", "oneshot", "redense", "sds"])
     propagate: str = "pruned"  # pruned | dense: what the next block sees during one-shot pruning
-    batch_size: int = 8  # calibration samples per block call (1 = the references' loop; same math)
+    # calibration samples per block call. Same math for any value, but another summation order:
+    # 1 is the references' loop (on the CPU it gave their Wanda masks bit for bit); with more,
+    # near-ties can flip and the flips propagate to later blocks (docs/prune.md, Wanda)
+    batch_size: int = 8
     activations: str = "auto"  # auto | device | cpu: where calibration activations live
     exclude: list[str] = field(default_factory=list)  # linear names (substrings) left dense
     blocksize: int = 128  # SparseGPT column block
