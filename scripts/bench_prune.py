@@ -48,9 +48,8 @@ def prepare(args) -> None:
     from plmtool.data.corpora import eval_tokens
     from plmtool.eval import requests as rq
     from plmtool.eval.zeroshot import PRESETS, build_requests
-    from plmtool.models import load_tokenizer
 
-    tok = load_tokenizer(SimpleNamespace(name_or_path="smollm2-135m", gguf_file=None, cache_dir=None, revision=None, trust_remote_code=False))
+    tok = tokenizer_of("smollm2-135m")
     data = SimpleNamespace(corpus="wiki_sample", calib_corpus=None, nsamples=args.nsamples, seqlen=args.seqlen, seed=0, text_field="text", cache_dir=None)
     calib = calibration_windows(tok, data)
     val = eval_tokens(tok, "wiki_sample", data, split="val")
@@ -128,7 +127,7 @@ def quality(args, rec: Recorder, data: dict, patterns: list[str], requests: list
     else:
         model = load_target(args.model, "float32", device)
         calib, val, ev, seqlen = data["calib"], data["val"], data["eval"], 2048
-    tok = load_tokenizer_for(args)
+    tok = tokenizer_of("smollm2-135m" if args.tiny else args.model)
     dense = linear_weights(model, device=device)
     walk = WalkOptions(device=device, batch_size=args.batch_size)
     sgpt = SparseGptOptions()
@@ -215,10 +214,9 @@ def quality(args, rec: Recorder, data: dict, patterns: list[str], requests: list
         torch.cuda.empty_cache()
 
 
-def load_tokenizer_for(args):
+def tokenizer_of(name: str):
     from plmtool.models import load_tokenizer
 
-    name = "smollm2-135m" if args.tiny else args.model
     return load_tokenizer(SimpleNamespace(name_or_path=name, gguf_file=None, cache_dir=None, revision=None, trust_remote_code=False))
 
 

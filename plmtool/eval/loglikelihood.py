@@ -98,11 +98,11 @@ class _Row:
     def __init__(self, ctx_len: int, ids: list[int], positions: list[int], branches: list[tuple[int, int]],
                  reads: list[tuple[int, slice]], read_positions: list[int]):
         self.ctx_len, self.ids, self.positions, self.branches = ctx_len, ids, positions, branches
-        self.reads = reads  # (request, slice of this row's read positions)
-        self._read_positions = read_positions
+        self.reads = reads  # (request, slice of read_positions)
+        self.read_positions = read_positions  # positions whose logits are read, in read order
 
     @classmethod
-    def pack(cls, ctx: list[int], members: list[tuple[int, list[int]]], limit: int) -> "_Row | list[_Row]":
+    def pack(cls, ctx: list[int], members: list[tuple[int, list[int]]], limit: int) -> "list[_Row]":
         branch_tokens = sum(len(c) - 1 for _, c in members)
         if len(ctx) + branch_tokens > limit or not ctx:
             # too long to pack (or nothing to share): lm-eval's own input per request, left-truncated
@@ -122,7 +122,7 @@ class _Row:
             first = len(read_positions)
             read_positions += [n - 1, *range(start, len(ids))]  # the last context token predicts cont[0]
             reads.append((r, slice(first, len(read_positions))))
-        return cls(n, ids, positions, branches, reads, read_positions)
+        return [cls(n, ids, positions, branches, reads, read_positions)]
 
     def mask(self) -> torch.Tensor:
         """[len, len] bool, True = may attend: causal on the context, each branch on the context and
@@ -132,9 +132,6 @@ class _Row:
         for a, b in self.branches:
             m[a:b, self.ctx_len : a] = False
         return m
-
-    def read_positions(self) -> list[int]:
-        return self._read_positions
 
 
 def _batches(order: list[int], lengths: list[int], batch_size: int, max_batch_tokens: int | None) -> Iterator[list[int]]:
@@ -176,8 +173,7 @@ def score(
         groups.setdefault(tuple(ctx), []).append(r)
     rows: list[_Row] = []
     for ctx, members in groups.items():
-        row = _Row.pack(list(ctx), [(r, encoded[r][1]) for r in members], limit)
-        rows.extend(row if isinstance(row, list) else [row])
+        rows.extend(_Row.pack(list(ctx), [(r, encoded[r][1]) for r in members], limit))
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
     lengths = [len(row.ids) for row in rows]
 
@@ -197,7 +193,7 @@ def score(
                 ids[b, :n] = torch.tensor(rows[i].ids)
                 pos[b, :n] = torch.tensor(rows[i].positions)
                 mask[b, :n, :n] = rows[i].mask()
-            reads = [rows[i].read_positions() for i in batch]
+            reads = [rows[i].read_positions for i in batch]
             logits = _positions(model, ids.to(device), pos.to(device), mask[:, None].to(device), reads)
             for i, row_logits in zip(batch, logits):
                 logp = F.log_softmax(row_logits.float(), dim=-1)
