@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from draft_decoding_helpers import OracleDrafter, RandomDrafter, perturbed_drafter, plain_greedy, tiny_llama
+from plmtool.cuda_graph import tolerance
 from plmtool.draft.decoding import GenerationConfig, SpeculativeEngine, build_tree, make_tree, resolve_tree, validate_tree
 from plmtool.draft.decoding.target import TargetRunner
 from plmtool.draft.decoding.tree import expected_accept_length
@@ -388,7 +389,7 @@ def test_compiled_drafter_step_is_checked_against_eager(target, monkeypatch, cap
                                  torch.float32, cuda_graph=True, compile=True)
     assert program.graph is not None and program.compiled == (not broken)
     assert ("compiled drafter step disabled" in caplog.text) == broken
-    assert program.check_error < DrafterProgram.CHECK_TOL[torch.float32]
+    assert program.check_error < tolerance("eager", torch.float32)
     engine.drafter_step = program
     for prompt in prompts(3, seed=5):
         assert engine.generate(prompt, max_new_tokens=20).tokens == plain_greedy(target, prompt, 20)
@@ -515,7 +516,7 @@ def test_target_step_self_check_rejects_semantically_wrong_steps(target, monkeyp
     for tree in (make_tree([]), make_tree(TREES["wide"])):
         step = StepProgram(runner, tree.depth, tree.ancestors, cuda_graph=True)
         assert step.graph is not None and not step.compiled
-        assert max(step.check_errors.values()) > 10 * StepProgram.CHECK_TOL[torch.float32]
+        assert max(step.check_errors.values()) > 10 * tolerance("forward", torch.float32)
     runner.compiled_forward = runner.forward  # the faithful step passes the same check
     assert StepProgram(runner, tree.depth, tree.ancestors, cuda_graph=True).compiled
 
@@ -543,10 +544,10 @@ def test_compiled_bf16_smollm2_step_passes_its_self_check(monkeypatch):
             pytest.skip(f"torch.compile unavailable on this machine: {type(e).__name__}")
         raise
     assert tree.n == 65 and step.compiled, step.check_errors
-    assert max(step.check_errors.values()) < StepProgram.CHECK_TOL_HALF / 2
+    assert max(step.check_errors.values()) < tolerance("forward", torch.bfloat16) / 2
     runner.compiled_forward = _wrong_compiled_forward(runner, "positions_off_by_3")
     wrong = StepProgram(runner, tree.depth, tree.ancestors, cuda_graph=True)
-    assert not wrong.compiled and max(wrong.check_errors.values()) > 2 * StepProgram.CHECK_TOL_HALF
+    assert not wrong.compiled and max(wrong.check_errors.values()) > 2 * tolerance("forward", torch.bfloat16)
 
 
 def test_a_shared_runner_must_belong_to_the_model(target):

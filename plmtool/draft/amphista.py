@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plmtool.draft.config import DrafterConfig
-from plmtool.draft.drafter import Drafter, VocabProjection
+from plmtool.draft.interface import Drafter, VocabProjection
 from plmtool.draft.medusa import ResBlock
 
 

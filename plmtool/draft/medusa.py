@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from plmtool.draft.config import DrafterConfig
-from plmtool.draft.drafter import Drafter, VocabProjection
+from plmtool.draft.interface import Drafter, VocabProjection
 
 
 class ResBlock(nn.Module):

@@ -68,12 +68,6 @@ def variable_shape_attention() -> Iterator[None]:
         torch.backends.cuda.enable_cudnn_sdp(was)
 
 
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    """||got - want|| / ||want|| in fp32: how the step programs' self-checks compare a replay with
-    the eager computation (NaN when either holds one, which every `err <= tol` test rejects)."""
-    return float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12))
-
-
 def capture_graph(run: Callable[[], Any], pool=None, before: Callable[[], None] = lambda: None,
                   warmups: int = 2) -> tuple[torch.cuda.CUDAGraph, Any]:
     """Capture `run()` as a CUDA graph; returns (graph, run's output, whose tensors the replays

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from plmtool.draft.decoding.device import capture_graph, check_device, relative_error, synchronize
+from plmtool.cuda_graph import relative_error, tolerance
+from plmtool.draft.decoding.device import capture_graph, check_device, synchronize
 
 log = logging.getLogger("plmtool")
 
@@ -115,14 +116,6 @@ class DrafterProgram:
             return []
         return [t for layer in self.cache.layers for t in (layer.k, layer.v)] + [self.cache.start]
 
-    # Relative error allowed between replay and eager. An eager capture replays the same kernels
-    # (equal up to nondeterministic reductions); a compiled one fuses them and keeps fp32
-    # intermediates, so in half precision it rounds differently.
-    CHECK_TOL = {torch.float32: 1e-4}
-    CHECK_TOL_COMPILED = {torch.float32: 1e-3}
-    CHECK_TOL_HALF = 2e-2
-    CHECK_TOL_HALF_COMPILED = 5e-2
-
     def _self_check(self, compiled: bool = False) -> str | None:
         """Replay vs eager on random inputs from a non-zero cache offset; None when they agree.
         Compared: the heads' logits, the cache slots the step writes (relative error), every
@@ -134,10 +127,7 @@ class DrafterProgram:
         tensors = self._cache_tensors()
         for t in tensors[:-1]:
             t.normal_(generator=g)
-        if compiled:
-            tol = self.CHECK_TOL_COMPILED.get(self.hidden.dtype, self.CHECK_TOL_HALF_COMPILED)
-        else:
-            tol = self.CHECK_TOL.get(self.hidden.dtype, self.CHECK_TOL_HALF)
+        tol = tolerance("compiled" if compiled else "eager", self.hidden.dtype)
         self.check_error = 0.0
         for count, start in ((self.n, 3), (1, 5)):
             self.count.fill_(count)

@@ -34,9 +34,9 @@ from typing import Sequence
 
 import torch
 
-from plmtool.draft.decoding.device import capture_graph, relative_error, synchronize, variable_shape_attention
+from plmtool.cuda_graph import relative_error, tolerance
+from plmtool.draft.decoding.device import capture_graph, synchronize, variable_shape_attention
 from plmtool.draft.decoding.drafter_step import DrafterProgram
-from plmtool.draft.decoding.target import StepProgram
 from plmtool.errors import PlmtoolError
 
 log = logging.getLogger("plmtool")
@@ -73,11 +73,6 @@ def _padded_length(lengths: list[int], n: int) -> int:
 
 class PrefillGraphs:
     """Padded prefills of one runner: `logits_last, hidden = graphs(prompt)` from an empty cache."""
-
-    # the step programs' bars: a replay of eager kernels at a padded shape rounds like eager, up
-    # to GEMM tiling
-    CHECK_TOL = StepProgram.CHECK_TOL
-    CHECK_TOL_HALF = StepProgram.CHECK_TOL_HALF
 
     def __init__(self, runner, lengths: Sequence[int] | None = None, cuda_graphs: bool | None = None, check: bool = True):
         """`cuda_graphs=False` runs the same padded forward eagerly (what the CPU tests exercise)."""
@@ -143,7 +138,8 @@ class PrefillGraphs:
         shortest such prompt: the most padding): hidden states and the keys and values of the
         prompt's slots. None when all agree."""
         r = self.runner
-        tol = self.CHECK_TOL.get(r.dtype, self.CHECK_TOL_HALF)
+        # a replay of eager kernels at a padded shape against the unpadded eager forward
+        tol = tolerance("forward", r.dtype)
         g = torch.Generator(device="cpu").manual_seed(seed)
         previous = 0
         for b in self.lengths:
@@ -176,11 +172,6 @@ class DrafterPrefills:
     the length, and share one count. Stateless drafters (Medusa, Amphista without adaptation
     layers) have no cache; their `step_static` reads only the last real row.
     """
-
-    # the target prefills' bars: the reference is the unpadded eager step, so shapes, and with
-    # them GEMM tiling and the attention span, differ from the replay
-    CHECK_TOL = PrefillGraphs.CHECK_TOL
-    CHECK_TOL_HALF = PrefillGraphs.CHECK_TOL_HALF
 
     def __init__(self, step: DrafterProgram, lengths: Sequence[int], cuda_graphs: bool | None = None, check: bool = True):
         """`step`: the engine's drafter step program (its drafter, cache, dtype, device);
@@ -241,7 +232,8 @@ class DrafterPrefills:
         shortest prompt that pads to it (the most padding) and one that fills it (none): the
         heads, the cache slots of the prompt, the device-side length. None when all agree."""
         g = torch.Generator(device="cpu").manual_seed(seed)
-        tol = self.CHECK_TOL.get(self.hidden.dtype, self.CHECK_TOL_HALF)
+        # padded against unpadded, as for the target's prefills
+        tol = tolerance("forward", self.hidden.dtype)
         vocab = int(getattr(self.drafter, "vocab_size", 2) or 2)
         tensors = self.programs[self.lengths[0]]._cache_tensors()  # the k/v of every layer, then start
         previous = 0

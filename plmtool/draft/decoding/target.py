@@ -23,7 +23,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from plmtool.draft.decoding.device import capture_graph, check_device, relative_error, synchronize, variable_shape_attention
+from plmtool.cuda_graph import relative_error, tolerance
+from plmtool.draft.decoding.device import capture_graph, check_device, synchronize, variable_shape_attention
 from plmtool.draft.decoding.kv_cache import StaticKVCache
 from plmtool.draft.decoding.switches import allowed, sync_check
 from plmtool.errors import PlmtoolError
@@ -281,16 +282,6 @@ class StepProgram:
 
     # The self-check's state: a cache prefilled (eagerly) with this many random tokens.
     CHECK_PREFIX = 16
-    # Relative error allowed between the replayed (compiled) step and the eager one. In half
-    # precision the two round differently (fused kernels keep fp32 intermediates), and the
-    # difference grows through the layers. Measured on SmolLM2-135M in bf16 on the CPU (20 draws,
-    # 1- and 65-node steps): a correct compiled step stays within 0.03 of eager (worst of logits,
-    # hidden states, keys, values), while a step with one layer's weights for all, rotary positions
-    # off by 3, a mask that sees the whole cache, k/v written one slot off or into the next
-    # layer's cache was off by 0.45 or more on every draw.
-    CHECK_TOL = {torch.float32: 1e-3}
-    CHECK_TOL_HALF = 0.1
-
     @torch.no_grad()
     def _self_check(self, seed: int = 0) -> str | None:
         """Replay of the captured (compiled) step vs the eager forward, on random tokens after a
@@ -318,7 +309,7 @@ class StepProgram:
         r.cache.k.copy_(before[0])
         r.cache.v.copy_(before[1])
         self.graph.replay()
-        tol = self.CHECK_TOL.get(r.dtype, self.CHECK_TOL_HALF)
+        tol = tolerance("forward", r.dtype)
         new = slice(start, start + self.n)  # the slots this step writes
         pairs = [("logits", self.out[0], ref[0]), ("hidden", self.out[1], ref[1]),
                  ("keys", r.cache.k[..., new, :], ref_kv[0][..., new, :]),
