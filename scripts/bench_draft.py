@@ -105,11 +105,12 @@ def run(args) -> None:
 
     from plmtool.draft.config import DraftDataConfig, DrafterConfig, DraftTrainerConfig
     from plmtool.draft.data import self_distill
-    from plmtool.draft.decoding.benchmark import (
-        DEVICE_FAULT, calibration_sequences, engine_method, hf_generate_method, prepare_questions, render_markdown, run_benchmark,
-        setup_drafter, spec_bench_lines, stop_token_ids, summarize, tree_report,
+    from plmtool.draft.bench.benchmark import (
+        DEVICE_FAULT, engine_method, hf_generate_method, prepare_questions, render_markdown, run_benchmark, spec_bench_lines,
+        summarize, tree_report,
     )
     from plmtool.draft.decoding.engine import SpeculativeEngine
+    from plmtool.draft.setup import DrafterSetup, calibration_sequences, dynamic_pool_paths, setup_drafter, stop_token_ids
     from plmtool.draft.decoding.target import TargetRunner
     from plmtool.draft.train import train_drafter
     from plmtool.io import write_json, write_text
@@ -248,8 +249,6 @@ def run(args) -> None:
                 setups[k] = setup_drafter(dtype_model, p, tree_spec[k], cal, args.max_len, args.tree_accuracy)
                 engines[k] = drafter_engine(setups[k].drafter, setups[k].tree)
         if trees is not None:  # the main pass's dynamic-tree methods again, with its trees and pools
-            from plmtool.draft.decoding.benchmark import DrafterSetup
-
             for name in [m for m in methods_wanted if m in (dynamic or {}) and dynamic[m]["kind"] in setups]:
                 s, pool = setups[dynamic[name]["kind"]], dynamic[name]["pool"]
                 setups[name] = DrafterSetup(s.name, s.drafter, trees[name], None, s.checkpoint, None, pool)
@@ -259,7 +258,6 @@ def run(args) -> None:
             """The trained drafters again, as methods `<kind><suffix>`, with `nodes`-node trees
             built from accuracy table `table` (marginal or conditional); `pool` > 0: dynamic trees
             of that many nodes picked per step from a pool of `pool` paths."""
-            from plmtool.draft.decoding.benchmark import DrafterSetup, dynamic_pool_paths
             from plmtool.draft.decoding.tree import resolve_tree
 
             names = []
@@ -446,7 +444,7 @@ def program_times(engines: dict, methods: dict) -> dict:
     the drafter's prefill, which runs after the first token, stays in it.
     A compiled drafter step is also timed uncompiled (eager capture) for comparison."""
     from plmtool.draft.decoding.drafter_step import DrafterProgram
-    from plmtool.draft.decoding.step_timing import drafter_program_time, engine_program_times, rest_of_step
+    from plmtool.draft.bench.step_timing import drafter_program_time, engine_program_times, rest_of_step
 
     out = {}
     for name, e in engines.items():

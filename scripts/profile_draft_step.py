@@ -59,10 +59,9 @@ def main() -> None:
 
     from plmtool.draft.config import DrafterConfig
     from plmtool.draft.decoding import GenerationConfig, SpeculativeEngine, resolve_tree
-    from plmtool.draft.decoding.benchmark import load_checked_drafter
-    from plmtool.draft.decoding.step_timing import engine_program_times, rest_of_step
+    from plmtool.draft.bench.step_timing import engine_program_times, rest_of_step
     from plmtool.draft.decoding.target import TargetRunner
-    from plmtool.draft.drafter import build_drafter
+    from plmtool.draft.drafter import build_drafter, load_drafter
     from plmtool.models import load_model
 
     out = Path(args.out)
@@ -98,7 +97,7 @@ def main() -> None:
             engine = SpeculativeEngine(model, max_len=args.max_len, runner=runner)
         else:
             if kind in checkpoints:
-                drafter = load_checked_drafter(checkpoints[kind], model)
+                drafter = load_drafter(checkpoints[kind], target=model)
             else:
                 drafter = build_drafter(DrafterConfig(kind=kind, num_heads=4), target=model).to(device, model.dtype).eval()
             tree = resolve_tree(args.tree, drafter.num_heads)

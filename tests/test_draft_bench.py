@@ -113,6 +113,29 @@ def test_drafter_for_another_base_model_is_refused(monkeypatch, capsys, tmp_path
     assert "does not fit this target" in err and "hidden size" in err
 
 
+@pytest.mark.parametrize("command", ["bench", "serve"])
+def test_a_truncated_drafter_is_one_line_before_the_model_loads(monkeypatch, capsys, tmp_path, tiny_llama_dir, drafters, command):
+    import shutil
+
+    import plmtool.models
+
+    ckpt = shutil.copytree(drafters["amphista"], tmp_path / "copy")
+    weights = ckpt / "drafter.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the checkpoint was checked")
+
+    monkeypatch.setattr(plmtool.models, "load_model", no_load)
+    with pytest.raises(SystemExit) as e:
+        _cli(monkeypatch, "draft", command, f"model.name_or_path={tiny_llama_dir}", f"draft.checkpoint={ckpt}",
+             f"hydra.run.dir={tmp_path / 'run'}")
+    assert e.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err[-1].startswith(f"plmtool: error: {weights}: ") and "truncated or corrupt" in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
 def test_serve_dry_run(monkeypatch, tmp_path, tiny_llama_dir, drafters):
     run = tmp_path / "serve"
     _cli(monkeypatch, "draft", "serve", "experiment=smoke", f"model.name_or_path={tiny_llama_dir}",
@@ -128,7 +151,7 @@ def test_interleaved_benchmark_cuts_every_method_after_the_same_questions():
 
     import torch
 
-    from plmtool.draft.decoding.benchmark import Decoded, run_benchmark
+    from plmtool.draft.bench.benchmark import Decoded, run_benchmark
 
     calls = []
 
@@ -164,8 +187,8 @@ def test_interleaved_benchmark_survives_warmup_errors_and_stops_cleanly_on_a_dev
     every method finished instead of dying in the next method's timer."""
     import torch
 
-    from plmtool.draft.decoding import benchmark
-    from plmtool.draft.decoding.benchmark import DEVICE_FAULT, Decoded, run_benchmark
+    from plmtool.draft.bench import benchmark
+    from plmtool.draft.bench.benchmark import DEVICE_FAULT, Decoded, run_benchmark
 
     state = {"dead": False, "calls": 0}
 

@@ -70,7 +70,7 @@ def test_tree_mask_and_paths():
 def test_rank_tables_condition_each_head_on_its_accepted_prefix():
     """Hand-counted: head 1's conditional table counts only positions where head 0 ranked its
     token within the table; -1 (no label) is never counted, the out-of-table rank only in totals."""
-    from plmtool.draft.decoding.accuracy import rank_tables
+    from plmtool.draft.accuracy import rank_tables
 
     ranks = torch.tensor([[0, 0, 0, 3, 1, 0],
                           [0, 0, 3, 0, 0, -1]])
@@ -687,7 +687,7 @@ def test_prefills_run_without_cudnn_attention(target, monkeypatch):
 
 
 def test_program_times_cover_every_program_and_leave_the_caches_empty(target):
-    from plmtool.draft.decoding.step_timing import engine_program_times
+    from plmtool.draft.bench.step_timing import engine_program_times
 
     drafter = perturbed_drafter(target, "amphista", seed=13)
     engine = SpeculativeEngine(target, drafter, tree=TREES["wide"], max_len=96)

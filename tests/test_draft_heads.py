@@ -11,7 +11,8 @@ import torch
 from conftest_draft import one_thread, tiny_target
 from plmtool.draft.amphista import AmphistaDrafter
 from plmtool.draft.config import DrafterConfig
-from plmtool.draft.drafter import build_drafter, check_compatible, load_drafter, read_drafter_config, save_drafter, target_dims, target_hidden
+from plmtool.draft.drafter import (build_drafter, check_checkpoint, check_compatible, load_drafter, read_drafter_config, save_drafter,
+                                   target_dims, target_hidden)
 from plmtool.draft.medusa import MedusaDrafter, export_medusa, load_medusa_export
 from plmtool.errors import PlmtoolError
 
@@ -171,6 +172,33 @@ def test_drafter_for_another_base_model_is_a_clear_error(tmp_path, target):
         check_compatible(read_drafter_config(tmp_path / "ckpt"), other_vocab)
     with pytest.raises(PlmtoolError, match="not a drafter checkpoint"):
         load_drafter(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "one_byte_short", "empty", "garbage"])
+def test_a_truncated_or_corrupt_weights_file_is_one_line_naming_it(tmp_path, target, damage):
+    """A checkpoint copied halfway (or overwritten) fails with one line naming the weights file,
+    both where commands check it before loading any model and where it is loaded."""
+    save_drafter(build_drafter(DrafterConfig(kind="amphista", num_heads=2), target), tmp_path / "ckpt", target_dims(target))
+    weights = tmp_path / "ckpt" / "drafter.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"truncated": data[: len(data) // 2], "one_byte_short": data[:-1], "empty": b"",
+                         "garbage": b"\x07" * 64}[damage])
+    for read in (check_checkpoint, lambda path: load_drafter(path, target=target)):
+        with pytest.raises(PlmtoolError) as e:
+            read(tmp_path / "ckpt")
+        message = str(e.value)
+        assert message.startswith(f"{weights}: ") and "truncated or corrupt" in message and "\n" not in message
+
+
+def test_weights_of_another_shape_are_one_line_naming_the_file(tmp_path, target):
+    save_drafter(build_drafter(DrafterConfig(kind="medusa", num_heads=2, share_lm_head=False), target), tmp_path / "a",
+                 target_dims(target))
+    save_drafter(build_drafter(DrafterConfig(kind="medusa", num_heads=2, share_lm_head=True), target), tmp_path / "b",
+                 target_dims(target))
+    (tmp_path / "a" / "drafter.safetensors").write_bytes((tmp_path / "b" / "drafter.safetensors").read_bytes())
+    with pytest.raises(PlmtoolError) as e:
+        load_drafter(tmp_path / "a")
+    assert str(e.value).startswith(f"{tmp_path / 'a' / 'drafter.safetensors'}: weights do not match") and "\n" not in str(e.value)
 
 
 def test_bad_drafter_config_is_a_clear_error(target):

@@ -12,11 +12,10 @@ import json
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 import plmtool.config  # noqa: F401  (registers the shared schemas)
-import plmtool.draft.decoding.config  # noqa: F401  (registers draft_bench_schema)
-from plmtool.draft.decoding.config import BENCH_METHODS, check_dynamic_pool, check_tree_accuracy
+from plmtool.draft.config import BENCH_METHODS  # also registers draft_bench_schema
 from plmtool.errors import PlmtoolError
 from plmtool.paths import CONF_DIR
 from plmtool.runner import Report, execute
@@ -33,18 +32,9 @@ def _check_config(cfg: DictConfig) -> None:
         raise PlmtoolError("bench.runs and bench.max_new_tokens must be >= 1, bench.warmup >= 0")
     if b.questions != "mtbench" and not Path(b.questions).is_file():
         raise PlmtoolError(f"bench.questions: {b.questions} is neither 'mtbench' nor an existing question file")
-    check_tree_accuracy(d.tree_accuracy)
-    check_dynamic_pool(d.dynamic_pool)
-    for key in ("checkpoint", "medusa_checkpoint"):
-        path = d.get(key)
-        if path and not Path(path).is_dir():
-            raise PlmtoolError(f"draft.{key}: {path} is not a directory (expected a drafter checkpoint)")
-    from plmtool.draft.decoding.tree import validate_tree
+    from plmtool.draft.setup import check_decoding_config
 
-    for key in ("tree", "medusa_tree"):
-        spec = d.get(key)
-        if spec is not None and not isinstance(spec, str):
-            validate_tree(OmegaConf.to_container(spec))
+    check_decoding_config(d, checkpoints=("checkpoint", "medusa_checkpoint"), trees=("tree", "medusa_tree"))
 
 
 def run(cfg: DictConfig, run_dir: Path) -> Report:
@@ -52,11 +42,11 @@ def run(cfg: DictConfig, run_dir: Path) -> Report:
     import torch
 
     from plmtool.data.chat import load_mtbench
-    from plmtool.draft.decoding.benchmark import (
-        calibration_sequences, engine_method, hf_generate_method, prepare_questions, run_benchmark, setup_drafter,
-        spec_bench_lines, stop_token_ids, summarize, tree_report,
+    from plmtool.draft.bench.benchmark import (
+        engine_method, hf_generate_method, prepare_questions, run_benchmark, spec_bench_lines, summarize, tree_report,
     )
     from plmtool.draft.decoding.engine import SpeculativeEngine
+    from plmtool.draft.setup import calibration_sequences, setup_drafter, stop_token_ids
     from plmtool.io import write_text
     from plmtool.models import load_model
     from plmtool.models.loader import model_info
@@ -95,7 +85,6 @@ def run(cfg: DictConfig, run_dir: Path) -> Report:
         for path, spec in ckpts:
             if not path:
                 continue
-            spec = OmegaConf.to_container(spec) if not isinstance(spec, (str, type(None))) else spec
             s = setup_drafter(model, path, spec, cal, b.max_len, d.tree_accuracy, d.dynamic_pool)
             if s.name in setups:
                 raise PlmtoolError(f"draft.checkpoint and draft.medusa_checkpoint are both {s.name} drafters")
@@ -139,7 +128,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Report:
 
 
 def render(report: Report) -> str:
-    from plmtool.draft.decoding.benchmark import render_markdown
+    from plmtool.draft.bench.benchmark import render_markdown
 
     return render_markdown(report)
 

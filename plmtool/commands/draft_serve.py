@@ -11,10 +11,10 @@ import logging
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 import plmtool.config  # noqa: F401  (registers the shared schemas)
-import plmtool.draft.decoding.config  # noqa: F401  (registers draft_serve_schema)
+import plmtool.draft.config  # noqa: F401  (registers draft_serve_schema)
 from plmtool.errors import PlmtoolError
 from plmtool.paths import CONF_DIR
 from plmtool.runner import Report, execute, md_table
@@ -24,35 +24,30 @@ log = logging.getLogger("plmtool")
 
 def build_server(cfg: DictConfig):
     """Model (+ drafter and tree) -> Server; shared by the command and the tests."""
-    from plmtool.draft.decoding.config import check_dynamic_pool, check_tree_accuracy
-    from plmtool.draft.decoding.benchmark import calibration_sequences, chat_prompt_ids, setup_drafter, stop_token_ids
     from plmtool.draft.decoding.engine import ACCEPTANCE, SpeculativeEngine
+    from plmtool.draft.setup import calibration_sequences, chat_prompt_ids, check_decoding_config, setup_drafter, stop_token_ids
     from plmtool.models import load_model
     from plmtool.serve.app import Server
 
     s, d = cfg.serve, cfg.draft
-    check_tree_accuracy(d.tree_accuracy)
-    check_dynamic_pool(d.dynamic_pool)
     if s.acceptance not in ACCEPTANCE:
         raise PlmtoolError(f"serve.acceptance must be one of {', '.join(ACCEPTANCE)}, got '{s.acceptance}'")
     if not 0 < s.port < 65536:
         raise PlmtoolError(f"serve.port must be in 1..65535, got {s.port}")
-    if d.checkpoint and not Path(d.checkpoint).is_dir():
-        raise PlmtoolError(f"draft.checkpoint: {d.checkpoint} is not a directory (expected a drafter checkpoint)")
+    check_decoding_config(d)
     graphs = {"auto": "auto", "true": True, "false": False}.get(str(d.cuda_graphs).lower(), "auto")
     model, tokenizer = load_model(cfg.model)
     stops = stop_token_ids(model, tokenizer)
     plain = SpeculativeEngine(model, max_len=s.max_len, cuda_graphs=graphs, compile=bool(d.compile))
     engine, kind, tree_info = plain, None, None
     if d.checkpoint:
-        spec = d.tree if isinstance(d.tree, (str, type(None))) else OmegaConf.to_container(d.tree)
         cal = []
-        if isinstance(spec, str) and spec.startswith("auto") and d.tree_calibration > 0:
+        if isinstance(d.tree, str) and d.tree.startswith("auto") and d.tree_calibration > 0:
             from plmtool.data.chat import load_mtbench
 
             prompts = [chat_prompt_ids(tokenizer, q["turns"][-1]) for q in load_mtbench()[: d.tree_calibration]]
             cal = calibration_sequences(plain, prompts, 64, stops)
-        setup = setup_drafter(model, d.checkpoint, spec, cal, s.max_len, d.tree_accuracy, d.dynamic_pool)
+        setup = setup_drafter(model, d.checkpoint, d.tree, cal, s.max_len, d.tree_accuracy, d.dynamic_pool)
         runner = plain.runner  # reuses the KV cache and any compiled step
         del plain
         engine = SpeculativeEngine(model, setup.drafter, setup.tree, max_len=s.max_len, cuda_graphs=graphs, runner=runner,

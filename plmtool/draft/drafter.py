@@ -145,6 +145,8 @@ def save_drafter(drafter: Drafter, path: str | Path, base_model_info: dict) -> P
 
 def read_drafter_config(path: str | Path) -> dict:
     path = Path(path)
+    if not path.is_dir():
+        raise PlmtoolError(f"drafter checkpoint {path} not found (expected a directory written by `plmtool draft train`)")
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
         raise PlmtoolError(f"{path} is not a drafter checkpoint (no {CONFIG_FILE})")
@@ -157,20 +159,52 @@ def read_drafter_config(path: str | Path) -> dict:
     return config
 
 
-def load_drafter(path: str | Path, device=None, dtype=None, target=None) -> Drafter:
-    """Load a drafter checkpoint; with `target`, check it was trained for that base model."""
+def _weights(path: Path, read: bool) -> dict[str, torch.Tensor] | None:
+    """The checkpoint's tensors (`read`), or only a check that the file is whole: safetensors
+    compares the header with the file's size without reading any tensor, so a truncated copy is
+    caught before any model loads. Either way an unreadable file is one line naming it."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    path = Path(path)
+    file = path / WEIGHTS_FILE
+    if not file.is_file():
+        raise PlmtoolError(f"{path}: missing {WEIGHTS_FILE}")
+    try:
+        if read:
+            return load_file(str(file))
+        with safe_open(str(file), framework="pt") as f:
+            f.keys()
+        return None
+    except Exception as e:  # safetensors' own error type for a bad header, OSError for the file
+        raise PlmtoolError(f"{file}: unreadable, truncated or corrupt ({type(e).__name__}: {e}); "
+                           "copy the checkpoint again or retrain it") from e
+
+
+def check_checkpoint(path: str | Path) -> dict:
+    """The checkpoint's config, once its config and weights files are known to be whole (the
+    tensors are not read): what commands check before loading any model."""
     config = read_drafter_config(path)
+    _weights(Path(path), read=False)
+    return config
+
+
+def load_drafter(path: str | Path, device=None, dtype=None, target=None) -> Drafter:
+    """Load a drafter checkpoint. With `target`: check it was trained for that base model, and
+    place it on the target's device and dtype unless `device` / `dtype` say otherwise."""
+    path = Path(path)
+    config = check_checkpoint(path)
     if target is not None:
         check_compatible(config, target)
-    if not (path / WEIGHTS_FILE).is_file():
-        raise PlmtoolError(f"{path}: missing {WEIGHTS_FILE}")
+        param = next(target.parameters())
+        device, dtype = device or param.device, dtype or param.dtype
     cfg = drafter_config_from_dict(config["drafter"])
     drafter = build_drafter(cfg, dims=config["dims"])
-    state = load_file(str(path / WEIGHTS_FILE))
-    missing, unexpected = drafter.load_state_dict(state, strict=False)
+    state = _weights(path, read=True)
+    try:
+        missing, unexpected = drafter.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of another shape than the config makes: name the first
+        lines = str(e).strip().splitlines()
+        raise PlmtoolError(f"{path / WEIGHTS_FILE}: weights do not match {CONFIG_FILE} ({lines[min(1, len(lines) - 1)].strip()})") from e
     if missing or unexpected:
         raise PlmtoolError(f"{path}: weights do not match the drafter config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     if device is not None or dtype is not None:

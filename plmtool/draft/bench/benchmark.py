@@ -1,7 +1,8 @@
 """Speed benchmark of plain, generate() and speculative decoding (Spec-Bench conventions).
 
 Pure Python over torch/transformers (no Hydra), so the same code runs from `plmtool draft bench`
-and from `scripts/bench_draft.py` on machines without Hydra.
+and from `scripts/bench_draft.py` on machines without Hydra. Drafters and trees are set up by
+`plmtool.draft.setup`, as for `plmtool draft serve`.
 
 Conventions: greedy, batch 1; every method first decodes `warmup` untimed questions; each timed run
 is bracketed by device synchronisation; a question's time is the median over `runs`; tokens/s
@@ -17,15 +18,14 @@ import statistics
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-from plmtool.draft.decoding.config import check_dynamic_pool, check_tree_accuracy
-from plmtool.draft.decoding.accuracy import RankAccuracy, measure_rank_accuracy
+from plmtool.draft.bench.markdown import md_table
 from plmtool.draft.decoding.engine import GenerationConfig, SpeculativeEngine
-from plmtool.draft.decoding.tree import expected_accept_length, rank_accuracy_from_top1, resolve_tree, tree_summary
+from plmtool.draft.decoding.tree import expected_accept_length, rank_accuracy_from_top1, tree_summary
+from plmtool.draft.setup import DrafterSetup, chat_prompt_ids
 from plmtool.errors import PlmtoolError
 
 log = logging.getLogger("plmtool")
@@ -34,15 +34,6 @@ BASELINES = ("ar", "hf_generate", "hf_generate_static")
 
 
 # ----------------------------------------------------------------------------- prompts
-
-
-def chat_prompt_ids(tokenizer, text: str, system_prompt: str | None = None) -> list[int]:
-    """Token ids of one user turn in the model's chat template (plain text without a template)."""
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": text}]
-    if getattr(tokenizer, "chat_template", None):
-        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return tokenizer(rendered, add_special_tokens=False)["input_ids"]
-    return tokenizer(text)["input_ids"]
 
 
 def prepare_questions(tokenizer, questions: Sequence[dict], system_prompt: str | None = None) -> list[dict]:
@@ -55,82 +46,6 @@ def prepare_questions(tokenizer, questions: Sequence[dict], system_prompt: str |
             "calibration_ids": chat_prompt_ids(tokenizer, q["turns"][1], system_prompt) if len(q["turns"]) > 1 else None,
         })
     return out
-
-
-def stop_token_ids(model, tokenizer) -> list[int]:
-    ids = set()
-    for src in (getattr(model, "generation_config", None), model.config, tokenizer):
-        eos = getattr(src, "eos_token_id", None)
-        if eos is None:
-            continue
-        ids.update([eos] if isinstance(eos, int) else list(eos))
-    return sorted(int(i) for i in ids)
-
-
-# ----------------------------------------------------------------------------- drafters + engines
-
-
-@dataclass
-class DrafterSetup:
-    name: str  # method name = drafter kind
-    drafter: Any
-    tree: list[list[int]]
-    rank_accuracy: list[list[float]] | None  # what the tree was built from (see accuracy.py)
-    checkpoint: str
-    measured: RankAccuracy | None = None
-    pool: list[list[int]] | None = None  # candidate paths of a dynamic tree (None: static tree)
-
-
-def load_checked_drafter(path: str, model):
-    from plmtool.draft.drafter import load_drafter
-
-    if not Path(path).is_dir():
-        raise PlmtoolError(f"drafter checkpoint {path} not found (expected a directory written by `plmtool draft train`)")
-    param = next(model.parameters())
-    return load_drafter(path, device=param.device, dtype=param.dtype, target=model)
-
-
-def setup_drafter(model, path: str, tree_spec: Any, calibration: Sequence[tuple[list[int], list[int]]], max_len: int,
-                  tree_accuracy: str = "marginal", dynamic_pool: int = 0) -> DrafterSetup:
-    """Load a drafter for `model` and resolve its tree (auto trees use measured rank accuracies,
-    `tree_accuracy` says which: see accuracy.py); `dynamic_pool` > 0: also the candidate pool of a
-    dynamic tree, that many paths built from the same accuracies (dynamic_tree.py)."""
-    check_tree_accuracy(tree_accuracy)
-    check_dynamic_pool(dynamic_pool)
-    from plmtool.draft.drafter import read_drafter_config
-
-    kind = read_drafter_config(path)["kind"]
-    drafter = load_checked_drafter(path, model)
-    measured = None
-    if isinstance(tree_spec, str) and tree_spec.startswith("auto") and calibration:
-        from plmtool.draft.decoding.target import TargetRunner
-
-        measured = measure_rank_accuracy(TargetRunner(model, max_len), drafter, calibration)
-    acc = getattr(measured, tree_accuracy) if measured is not None else None
-    tree = resolve_tree(tree_spec, drafter.num_heads, acc)
-    pool = dynamic_pool_paths(dynamic_pool, tree, drafter.num_heads, acc)
-    return DrafterSetup(kind, drafter, tree, acc, str(path), measured, pool)
-
-
-def dynamic_pool_paths(size: int, tree: list[list[int]], num_heads: int,
-                       acc: Sequence[Sequence[float]] | None) -> list[list[int]] | None:
-    """The pool of a dynamic tree: the `size` best paths by `acc`, like an auto tree of that size
-    (None for size 0). Never smaller than the tree itself."""
-    if not size:
-        return None
-    if size < len(tree):
-        raise PlmtoolError(f"a dynamic tree's pool of {size} paths is smaller than its tree of {len(tree)}")
-    return resolve_tree(f"auto:{size}", num_heads, acc)
-
-
-def calibration_sequences(engine: SpeculativeEngine, prompts: Sequence[list[int]], max_new_tokens: int,
-                          stops: Sequence[int]) -> list[tuple[list[int], list[int]]]:
-    """(prompt, target greedy response) pairs on which drafter accuracies are measured."""
-    seqs = []
-    for p in prompts:
-        out = engine.generate(p, GenerationConfig(max_new_tokens=max_new_tokens, stop_token_ids=stops))
-        seqs.append((list(p), out.tokens))
-    return seqs
 
 
 # ----------------------------------------------------------------------------- methods
@@ -457,8 +372,6 @@ def spec_bench_lines(name: str, recs: Sequence[dict], tokenizer, model_id: str) 
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    from plmtool.draft.decoding.markdown import md_table
-
     methods = report["methods"]
     bases = [b for b in BASELINES if b in methods]
     head = (["method", "questions", "tokens/s", "mean accepted", "first token ms"] + [f"× {b}" for b in bases]
