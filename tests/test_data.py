@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from types import SimpleNamespace
 
@@ -81,41 +82,134 @@ def test_unknown_corpus_and_short_corpus(tiny_tokenizer, tmp_path):
         calibration_windows(tiny_tokenizer, data_cfg(corpus=str(small), seqlen=512))
 
 
-def test_json_array_recovery_stops_at_truncation():
+def test_json_array_reading_stops_at_the_cut_off_tail_only_where_asked():
     items = [{"id": i, "conversations": []} for i in range(3)]
     text = json.dumps(items, indent=2)
     cut = text[: text.rindex('"id": 2') + 4]  # cut inside the third object
-    assert [o["id"] for o in chat.iter_json_array(cut)] == [0, 1]
-    assert [o["id"] for o in chat.iter_json_array(text)] == [0, 1, 2]
+    assert [o for _, _, o in chat.iter_json_array(cut, "f", truncated_tail=True)] == [items[0], items[1], ...]
+    assert [o for _, _, o in chat.iter_json_array(text, "f", truncated_tail=True)] == items
+    with pytest.raises(json.JSONDecodeError) as ref:
+        json.loads(cut)
+    with pytest.raises(PlmtoolError, match=rf"^f: line {ref.value.lineno} column {ref.value.colno} \(record 3\): malformed JSON"):
+        list(chat.iter_json_array(cut, "f"))  # any other file: the cut is an error
+    for bad in ("[1,]", "[1 2]", "[1] x", "[1, 2"):
+        with pytest.raises(PlmtoolError, match="^f: line 1 column .*malformed JSON"):
+            list(chat.iter_json_array(bad, "f"))
+    assert list(chat.iter_json_array(" [ ] ", "f")) == []
 
 
-def test_embedded_sharegpt_recovers_complete_conversations():
-    convs = chat.load_sharegpt()
-    assert len(convs) > 15_000
-    for conv in convs[:500]:
+def sharegpt_record(i: int, turns=("human", "gpt")) -> dict:
+    return {"id": f"r{i}", "conversations": [{"from": who, "value": f"turn {j} of {i}"} for j, who in enumerate(turns)]}
+
+
+def test_user_sharegpt_json_with_a_syntax_error_names_file_line_column_and_record(tmp_path):
+    records = [json.dumps(sharegpt_record(i), indent=2) for i in range(50)]
+    records[30] = records[30].replace('"human",', '"human"', 1)  # the 31st record misses a comma
+    f = tmp_path / "chats.json"
+    f.write_text("[\n" + ",\n".join(records) + "\n]\n")
+    with pytest.raises(json.JSONDecodeError) as ref:  # the independent reference for the position
+        json.loads(f.read_text())
+    with pytest.raises(PlmtoolError) as err:
+        chat.load_chat(str(f), limit=10)  # a user file is checked whole, past the limit too
+    assert str(err.value).startswith(f"{f}: line {ref.value.lineno} column {ref.value.colno} (record 31): malformed JSON")
+    assert "\n" not in str(err.value)
+
+
+def test_a_json_object_instead_of_an_array_is_one_line_naming_the_file(tmp_path):
+    f = tmp_path / "one.json"
+    f.write_text(json.dumps(sharegpt_record(0)))
+    with pytest.raises(PlmtoolError, match=rf"^{f}: line 1 column 1: expected a JSON array of conversations, found an object$"):
+        chat.load_chat(str(f))
+
+
+def test_embedded_sharegpt_passes_over_its_cut_off_tail_and_counts_what_it_skips():
+    from plmtool.data.embedded import embedded_file
+
+    data = chat.load_chat("sharegpt")
+    # reference: the complete records, parsed by json itself up to the last complete one
+    text = embedded_file("sharegpt").read_text(encoding="utf-8")
+    complete = json.loads(text[: text.rindex("\n  },") + 4] + "]")
+    assert data.skipped["truncated"] == 1
+    assert len(data.samples) + sum(n for why, n in data.skipped.items() if why != "truncated") == len(complete)
+    assert len(data.samples) > 15_000 and "cut off at the end of the embedded ShareGPT file" in chat.skipped_line(data.skipped)
+    for conv in data.conversations[:500]:
         body = [m for m in conv if m["role"] != "system"]
         assert body[0]["role"] == "user" and body[-1]["role"] == "assistant"
         assert all(a["role"] != b["role"] for a, b in zip(body, body[1:]))
+    first = chat.load_chat("sharegpt", limit=100)
+    assert first.samples == data.samples[:100] and "truncated" not in first.skipped  # read only as far as needed
 
 
-def test_sharegpt_edge_trimming():
-    rec = {"conversations": [{"from": "gpt", "value": "tail of an earlier answer"}, {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}, {"from": "human", "value": "unanswered"}]}
-    assert chat.sharegpt_to_messages(rec) == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-    assert chat.sharegpt_to_messages({"conversations": [{"from": "human", "value": "q"}, {"from": "human", "value": "q2"}]}) is None
+def test_conversation_rules_trim_chunk_edges_and_skip_what_cannot_train(tmp_path):
+    def conv(*roles, content="x"):
+        return [{"role": r, "content": content} for r in roles]
+
+    trimmed, why = chat.training_conversation(conv("assistant", "user", "assistant", "user"))
+    assert trimmed == conv("user", "assistant") and why is None
+    assert chat.training_conversation(conv("system", "user", "assistant"))[0] == conv("system", "user", "assistant")
+    assert chat.training_conversation(conv("user", "system", "assistant")) == (None, "system_not_first")
+    assert chat.training_conversation(conv("user", "user", "assistant")) == (None, "not_alternating")
+    assert chat.training_conversation(conv("assistant", "user")) == (None, "no_exchange")
+    assert chat.training_conversation(conv("user", "assistant", content=" ")) == (None, "empty_turn")
+    # the same rules for every format; each skipped record counted by its reason
+    f = tmp_path / "mixed.jsonl"
+    rows = [{"messages": conv("user", "assistant")}, sharegpt_record(1, ("human", "human", "gpt")),
+            {"instruction": "add", "input": "1+1", "output": "2"}, {"instruction": "x", "output": ""},
+            {"conversations": [{"from": "gpt", "value": "alone"}]}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = chat.load_chat(str(f))
+    assert data.conversations == [conv("user", "assistant"), [{"role": "user", "content": "add\n\n1+1"}, {"role": "assistant", "content": "2"}]]
+    assert data.skipped == {"not_alternating": 1, "empty_turn": 1, "no_exchange": 1}
+    assert [s["id"] for s in data.samples] == ["mixed-1", "mixed-3"]
 
 
 def test_chat_jsonl_formats_and_errors(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text(
-        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n"
-        + json.dumps({"instruction": "add", "input": "1+1", "output": "2"}) + "\n"
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "task": "greet"}) + "\n"
+        + json.dumps({"instruction": "add", "input": "1+1", "output": "2", "id": "sum"}) + "\n"
     )
-    convs = chat.load_chat_jsonl(f)
-    assert convs[1] == [{"role": "user", "content": "add\n\n1+1"}, {"role": "assistant", "content": "2"}]
+    data = chat.load_chat(str(f))
+    assert data.conversations[1] == [{"role": "user", "content": "add\n\n1+1"}, {"role": "assistant", "content": "2"}]
+    assert [(s["id"], s["task"]) for s in data.samples] == [("d-1", "greet"), ("sum", None)]
+    cases = {
+        json.dumps({"instruction": "x", "output": "y"}) + "\n\n" + json.dumps({"instruction": "x"}): r"bad\.jsonl:3: missing field 'output'",
+        "{broken\n": r"bad\.jsonl:1: malformed JSON",
+        json.dumps({"messages": [{"role": "robot", "content": "x"}]}): r"bad\.jsonl:1: message 0 has role 'robot'",
+        json.dumps([1, 2]): r"bad\.jsonl:1: expected a JSON object",
+        "\n": r"bad\.jsonl: no usable conversations",
+    }
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"instruction": "x", "output": "y"}) + "\n\n" + json.dumps({"instruction": "x"}) + "\n")
-    with pytest.raises(PlmtoolError, match=r"bad\.jsonl:3: missing field 'output'"):
-        chat.load_chat_jsonl(bad)
+    for text, msg in cases.items():
+        bad.write_text(text + "\n")
+        with pytest.raises(PlmtoolError, match=msg):
+            chat.load_chat(str(bad))
+
+
+def test_heldout_split_is_seeded_disjoint_and_leaves_one_to_train():
+    train, held = chat.split_heldout(20, 5, seed=3)
+    assert len(held) == 5 and sorted(train + held) == list(range(20)) and train == sorted(train) and held == sorted(held)
+    assert chat.split_heldout(20, 5, seed=3) == (train, held) and chat.split_heldout(20, 5, seed=4) != (train, held)
+    assert chat.split_heldout(3, 10, seed=0)[0] != [] and chat.split_heldout(3, 0, seed=0) == ([0, 1, 2], [])
+
+
+def test_assistant_tokens_mark_the_replies_and_their_end_of_turn_marker(tiny_tokenizer):
+    from plmtool.data.chat_tokens import assistant_tokens
+
+    conv = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "count from 3"},
+            {"role": "assistant", "content": "3 4 5"}, {"role": "user", "content": "again"}, {"role": "assistant", "content": "6 7"}]
+    ids, mask = assistant_tokens(tiny_tokenizer, conv, 512)
+    assert tiny_tokenizer.decode([i for i, m in zip(ids, mask) if m]) == "3 4 5<|im_end|>6 7<|im_end|>"
+    # without a chat template: a plain layout, the same tokens supervised
+    plain = copy.deepcopy(tiny_tokenizer)
+    plain.chat_template = None
+    ids, mask = assistant_tokens(plain, conv, 512)
+    assert tiny_tokenizer.decode(ids).startswith("System: be brief\nUser: count from 3\nAssistant: 3 4 5<|im_end|>\n")
+    assert plain.decode([i for i, m in zip(ids, mask) if m]) == "3 4 5<|im_end|>6 7<|im_end|>"
+    # a long instruction is cut first, so that the reply stays in the window
+    long = [{"role": "user", "content": "count " * 200}, {"role": "assistant", "content": "3 4 5"}]
+    ids, mask = assistant_tokens(tiny_tokenizer, long, 64, max_prompt_len=16)
+    assert len(ids) < 64 and tiny_tokenizer.decode([i for i, m in zip(ids, mask) if m]) == "3 4 5<|im_end|>"
 
 
 def test_mtbench_questions():

@@ -235,12 +235,16 @@ def test_time_limit_checkpoints_and_the_rerun_finishes_the_same_drafter(tmp_path
 def test_command_end_to_end(tmp_path, tok):
     from hydra import compose, initialize_config_dir
 
-    from plmtool.commands.draft_train import run
+    from plmtool.commands.draft_train import render, run
     from plmtool.paths import CONF_DIR
 
     target = tiny_target(len(tok))
     model_dir = save_tiny_checkpoint(tmp_path / "model", target, tok)
     data = write_chat_jsonl(tmp_path / "chats.jsonl", tiny_conversations(16))
+    # two records that cannot train: skipped, and counted in the report
+    with data.open("a") as f:
+        f.write(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "q again"}]}) + "\n")
+        f.write(json.dumps({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": " "}]}) + "\n")
     overrides = [
         f"model.name_or_path={model_dir}", "model.device=cpu", f"data.source={data}", "data.heldout=4",
         "data.max_seq_len=96", "draft.num_heads=2", "trainer.max_steps=6", "trainer.batch_size=4",
@@ -251,6 +255,9 @@ def test_command_end_to_end(tmp_path, tok):
     assert cfg.draft.kind == "amphista"  # the default drafter
     report = run(cfg, tmp_path / "run")
     assert len(report["heads"]["top1"]) == 2 and report["steps"] == 6 and report["drafter"] == "amphista"
+    assert report["data"] == {"source": str(data), "conversations": 16, "skipped": {"not_alternating": 1, "empty_turn": 1},
+                              "self_distill": False}
+    assert "(skipped 2 records: 1 with an empty turn, 1 with two turns of one role in a row)" in render(report)
     assert (tmp_path / "run" / "drafter" / "drafter.safetensors").is_file()
     conf = json.loads((tmp_path / "run" / "drafter" / "drafter_config.json").read_text())
     assert conf["base_model"]["name_or_path"] == str(model_dir) and conf["base_model"]["vocab_size"] == len(tok)
@@ -263,7 +270,6 @@ def test_command_end_to_end(tmp_path, tok):
 
     # a time limit: a report that says so, no stage marked done; the same command then finishes
     import plmtool.draft.train as train_mod
-    from plmtool.commands.draft_train import render
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         limited = compose(config_name="draft_train", overrides=[*overrides, "trainer.max_time_s=30"])
@@ -364,3 +370,55 @@ def test_smollm2_chat_template_masks_exactly_the_replies():
     ids, mask = tokenize_conversation(tok, conv, 4096)
     assert tok.decode([i for i, m in zip(ids, mask) if m]) == "Blue.<|im_end|>Green, like grass.<|im_end|>"
     assert "system" in tok.decode(ids)  # the template's default system prompt is context, not a label
+
+
+def sharegpt_json(path, n: int, bad_record: int | None = None):
+    """A ShareGPT `.json` of `n` counting conversations (indented like the real file); with
+    `bad_record` (1-based), that record misses a comma (a JSON syntax error)."""
+    records = []
+    for i in range(n):
+        turns = [{"from": "human", "value": f"count from {i}"}, {"from": "gpt", "value": " ".join(str(i + j) for j in range(12))}]
+        text = json.dumps({"id": f"c{i}", "conversations": turns}, indent=2)
+        if i + 1 == bad_record:
+            text = text.replace('"human",', '"human"', 1)
+        records.append(text)
+    path.write_text("[\n" + ",\n".join(records) + "\n]\n", encoding="utf-8")
+    return path
+
+
+def _cli(*argv):
+    from plmtool import cli
+
+    try:
+        return cli.main(list(argv))
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.mark.parametrize("case", ["syntax error in record 31 of 50", "an object, not an array"])
+def test_a_malformed_sharegpt_json_is_one_line_naming_the_file_before_any_model_loads(tmp_path, monkeypatch, capsys, case):
+    import plmtool.models
+
+    loaded = []
+
+    def load_model(*a, **k):
+        loaded.append(1)
+        raise RuntimeError("the model must not load")
+
+    monkeypatch.setattr(plmtool.models, "load_model", load_model)
+    data = tmp_path / "chats.json"
+    if case.startswith("syntax"):
+        sharegpt_json(data, 50, bad_record=31)
+        with pytest.raises(json.JSONDecodeError) as ref:  # the independent reference for the position
+            json.loads(data.read_text())
+        where = f"line {ref.value.lineno} column {ref.value.colno}"
+    else:
+        data.write_text(json.dumps({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}))
+        where = "a JSON array"
+    capsys.readouterr()
+    assert _cli("draft", "train", f"data.source={data}", "model.device=cpu", f"hydra.run.dir={tmp_path / 'run'}") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and str(data) in err[0] and where in err[0], err
+    if case.startswith("syntax"):
+        assert "record 31" in err[0]
+    assert not loaded

@@ -16,7 +16,7 @@ from plmtool.experts.embed import ModelEmbedder, embed_cached
 from plmtool.experts.losses import encoded_losses
 from plmtool.experts.lora import BASE, add_adapters, lora_config, train_adapter
 from plmtool.experts.need import need_signal
-from plmtool.experts.samples import load_samples, read_jsonl
+from plmtool.experts.samples import load_samples
 from plmtool.experts.tokenize import IGNORE, encode
 
 TASKS = {
@@ -42,7 +42,7 @@ def test_labels_cover_exactly_the_assistant_reply(tiny_tokenizer):
     msgs = [{"role": "user", "content": "Compute 2 plus 3."}, {"role": "assistant", "content": "The sum is 5."}]
     enc = encode(tiny_tokenizer, msgs, max_len=128)
     labelled = [t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab != IGNORE]
-    assert tiny_tokenizer.decode(labelled) == "The sum is 5.<|im_end|>\n"
+    assert tiny_tokenizer.decode(labelled) == "The sum is 5.<|im_end|>"  # the reply and its end-of-turn marker
     assert all(lab in (IGNORE, t) for t, lab in zip(enc["input_ids"], enc["labels"]))
     short = encode(tiny_tokenizer, msgs, max_len=6)
     assert len(short["input_ids"]) == 6
@@ -98,13 +98,16 @@ def test_model_embedder_is_mean_pooled_hidden_state(tiny_llama, tiny_tokenizer, 
 def test_missing_field_names_file_and_line(tmp_path):
     path = write_fixture(tmp_path / "data.jsonl", n_per_task=2, bad_line=3)
     with pytest.raises(PlmtoolError, match=r"data.jsonl:4: missing field 'output'"):
-        read_jsonl(path)
+        load_samples(str(path))
     (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(PlmtoolError, match="no usable samples"):
+    with pytest.raises(PlmtoolError, match="no usable conversations"):
         load_samples(str(tmp_path / "empty.jsonl"))
     (tmp_path / "broken.jsonl").write_text('{"instruction": "a", "output": "b"}\n{not json\n')
-    with pytest.raises(PlmtoolError, match=r"broken.jsonl:2: invalid JSON"):
+    with pytest.raises(PlmtoolError, match=r"broken.jsonl:2: malformed JSON"):
         load_samples(str(tmp_path / "broken.jsonl"))
+    (tmp_path / "twice.jsonl").write_text('{"id": "a", "instruction": "a", "output": "b"}\n{"id": "a", "instruction": "c", "output": "d"}\n')
+    with pytest.raises(PlmtoolError, match="sample id 'a' is given to more than one record"):
+        load_samples(str(tmp_path / "twice.jsonl"))
 
 
 def test_expert_adapter_changes_only_its_routed_inputs(tiny_llama, tiny_tokenizer):
@@ -151,6 +154,9 @@ def small_redistribution(tmp_path, model_dir, monkeypatch) -> tuple[Path, list[s
 def test_commands_end_to_end(tmp_path, tiny_llama_dir, monkeypatch):
     monkeypatch.setenv("PLMTOOL_CACHE", str(tmp_path / "cache"))
     data = write_fixture(tmp_path / "tasks.jsonl")
+    with data.open("a") as f:  # records that cannot train: skipped, and counted in the report
+        f.write(json.dumps({"instruction": "Say nothing.", "output": ""}) + "\n")
+        f.write(json.dumps({"messages": [{"role": "user", "content": "Anyone there?"}]}) + "\n")
     d, e = tmp_path / "D", tmp_path / "E"
     common = [f"model.name_or_path={tiny_llama_dir}", "model.device=cpu", "model.dtype=float32"]
     rc = plmtool("experts", "redistribute", "experiment=smoke", *common, f"experts.data={data}", "experts.limit=null",
@@ -158,6 +164,8 @@ def test_commands_end_to_end(tmp_path, tiny_llama_dir, monkeypatch):
     assert rc in (0, None)
     rep = json.loads((d / "report.json").read_text())
     assert rep["total"] == 58 and rep["heldout"] == 14
+    assert rep["data"] == {"source": str(data), "conversations": 72, "skipped": {"empty_turn": 1, "no_exchange": 1}}
+    assert "skipped 2 records: 1 with an empty turn, 1 without a user turn answered by the assistant" in (d / "report.md").read_text()
     assert rep["selected"] == round(0.25 * 58) == sum(c["size_after"] for c in rep["clusters"])
     assert sum(c["size_before"] for c in rep["clusters"]) == 58 and all(c["size_after"] >= 2 for c in rep["clusters"])
     assert set(rep["task_cluster"]) == set(TASKS)
@@ -208,11 +216,14 @@ def test_bad_input_fails_cleanly_without_half_written_outputs(tmp_path, tiny_lla
     monkeypatch.setenv("PLMTOOL_CACHE", str(tmp_path / "cache"))
     data = write_fixture(tmp_path / "tasks.jsonl", n_per_task=2)
     common = [f"model.name_or_path={tiny_llama_dir}", "model.device=cpu", f"experts.data={data}", "experts.heldout=0"]
+    obj = tmp_path / "one.json"
+    obj.write_text(json.dumps({"instruction": "a", "output": "b"}))
     cases = [
         (["experts.k=50"], "larger than the number of training samples"),
         (["experts.budget=0"], "budget must be in (0, 1]"),
         (["experts.budget=1.5"], "budget must be in (0, 1]"),
         ([f"experts.data={write_fixture(tmp_path / 'bad.jsonl', 2, bad_line=2)}"], "bad.jsonl:3: missing field 'output'"),
+        ([f"experts.data={obj}"], f"{obj}: line 1 column 1: expected a JSON array of conversations, found an object"),
     ]
     for i, (extra, msg) in enumerate(cases):
         out = tmp_path / f"run{i}"

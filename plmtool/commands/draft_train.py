@@ -12,6 +12,7 @@ DIR/checkpoints/last.pt (resumable), DIR/metrics.jsonl and DIR/report.json (`hea
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import hydra
@@ -21,6 +22,8 @@ import plmtool.config  # noqa: F401  (registers the shared schemas)
 import plmtool.draft.config  # noqa: F401  (registers draft_train_schema)
 from plmtool.paths import CONF_DIR
 from plmtool.runner import Report, execute, md_table
+
+log = logging.getLogger("plmtool")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -38,12 +41,13 @@ def validate(cfg: DictConfig) -> None:
         raise PlmtoolError(f"data.max_seq_len must be >= 8, got {cfg.data.max_seq_len}")
 
 
-def load_training_conversations(data_cfg) -> list:
-    from plmtool.data.chat import load_conversations, load_sharegpt
+def load_training_conversations(data_cfg):
+    """The chat data (plmtool.data.chat.ChatData): `data.source`, or with source=sharegpt a
+    ShareGPT file at `data.path` instead of the embedded one."""
+    from plmtool.data.chat import load_chat
 
-    if data_cfg.source == "sharegpt":
-        return load_sharegpt(data_cfg.path, limit=data_cfg.limit)
-    return load_conversations(str(Path(data_cfg.source).expanduser()), limit=data_cfg.limit)
+    source = data_cfg.path if data_cfg.source == "sharegpt" and data_cfg.path else data_cfg.source
+    return load_chat(source if source == "sharegpt" else str(Path(source).expanduser()), limit=data_cfg.limit)
 
 
 def _rank_device(device: str) -> str | None:
@@ -60,6 +64,7 @@ def _rank_device(device: str) -> str | None:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> Report:
+    from plmtool.data.chat import skipped_line
     from plmtool.draft.data import self_distill
     from plmtool.draft.train import train_drafter
     from plmtool.io import Stages
@@ -72,7 +77,10 @@ def run(cfg: DictConfig, run_dir: Path) -> Report:
 
         torch.set_num_threads(cfg.trainer.cpu_threads)
     stages = Stages(run_dir)
-    conversations = load_training_conversations(cfg.data)
+    data = load_training_conversations(cfg.data)  # malformed data stops here, before the model loads
+    if data.skipped:
+        log.warning("%s: %s", data.source, skipped_line(data.skipped))
+    conversations = data.conversations
     model, tokenizer = load_model(cfg.model, device=_rank_device(cfg.model.device))
     if cfg.data.self_distill:
         conversations = self_distill(
@@ -101,7 +109,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Report:
         "model": cfg.model.name_or_path,
         "model_info": model_info(model),
         "drafter": metrics["kind"],
-        "data": {"source": cfg.data.source, "conversations": len(conversations), "self_distill": bool(cfg.data.self_distill)},
+        "data": {**data.summary(), "conversations": len(conversations), "self_distill": bool(cfg.data.self_distill)},
         **{k: v for k, v in metrics.items() if k != "eval_history"},
     }
 
@@ -119,10 +127,22 @@ def render(report: Report) -> str:
         f"{report['steps']} steps in {report['wall_time_s']} s ({report['precision']}, {report['device']}); "
         f"{report['trainable_parameters']:,} trainable of {report['parameters']:,} drafter parameters; "
         f"loss {loss['first']} -> {loss['last']}.\n\n"
-        "Held-out accuracy per head (head k predicts the token t+2+k):\n\n"
+        + _data_line(report)
+        + "Held-out accuracy per head (head k predicts the token t+2+k):\n\n"
         + md_table(["head", "top-1", "top-5", "loss", "tokens"], rows)
         + f"\n\nCheckpoint: `{report['checkpoint']}`\n"
     )
+
+
+def _data_line(report: Report) -> str:
+    from plmtool.data.chat import skipped_line
+
+    data = report["data"]
+    skipped = skipped_line(data.get("skipped", {}))
+    dropped = report.get("short_conversations", 0)
+    short = f"; {dropped} with fewer than data.min_assistant_tokens supervised tokens left out" if dropped else ""
+    return (f"Data: {data['conversations']} conversations from {data['source']}"
+            + (f" ({skipped})" if skipped else "") + f"{short}.\n\n")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="draft_train")

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 import plmtool.config  # noqa: F401  (registers the shared schemas)
 import plmtool.experts.config  # noqa: F401  (registers experts_redistribute_schema)
+from plmtool.data.chat import skipped_line
 from plmtool.paths import CONF_DIR, cache_dir
 from plmtool.runner import Report, execute, md_table
 
@@ -54,6 +55,9 @@ def render(report: Report) -> str:
         lines += ["", "K search: " + ", ".join(f"K={k}: {v:.3f}" for k, v in report["k_scores"].items())]
     lines += ["", f"embedder: {report['embedder']['encoder']} (cached: {report['embedder']['cached']}); need: {report['need']}; "
               f"seconds: {report['seconds']}"]
+    data = report.get("data", {})
+    skipped = skipped_line(data.get("skipped", {}))
+    lines += ["", f"data: {data.get('conversations')} samples from {data.get('source')}" + (f"; {skipped}" if skipped else "")]
     if report.get("plot"):
         lines += ["", f"![semantic space]({report['plot']})"]
     return "\n".join(lines) + "\n"

@@ -1,12 +1,32 @@
-"""Chat / instruction data: ShareGPT (embedded or user file), chat JSONL, MT-Bench questions.
+"""Chat data for `draft train` and `experts`: one reader for every chat format, one set of rules.
+
+Sources (`load_chat`):
+  * `sharegpt`: the embedded ShareGPT V3 file, a JSON array whose last record is cut off (the
+    file in the wheel is truncated): that record alone is passed over, and counted;
+  * a `.json` file holding a JSON array of records;
+  * any other path: JSONL, one record per line.
+
+A record is one JSON object of one of three shapes, with an optional `id` and an optional task
+label (`task`, `source` or `category`, used by experts):
+  * ShareGPT: {"conversations": [{"from": "human" | "gpt" | ..., "value": str}, ...]}
+  * chat: {"messages": [{"role": "user" | "assistant" | "system", "content": str}, ...]}
+    (either list may use either key pair, and the role aliases of ROLES)
+  * instruction: {"instruction": str, "input": str (optional), "output": str}
+
+Malformed input is a PlmtoolError naming the file and the place: invalid JSON, a file that is
+not a JSON array (`.json`), a record that is not an object, a missing or mistyped field, an
+unknown role. A well-formed record that is no usable conversation is skipped and counted by
+reason (`SKIP_REASONS`, `ChatData.skipped`), for the command's report: ShareGPT dumps hold many
+such records, so they cannot each stop a run.
 
 Every loader returns conversations as lists of {"role": "system"|"user"|"assistant", "content": str}.
-A malformed line is a PlmtoolError naming the file and the line number.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -15,110 +35,200 @@ from plmtool.errors import PlmtoolError
 
 Message = dict[str, str]
 Conversation = list[Message]
+Sample = dict[str, Any]  # {"id": str, "messages": Conversation, "task": str | None}
 
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "assistant": "assistant", "system": "system"}
+# role names as written in the wild (ShareGPT's human/gpt and the model names of its scrapes)
+ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant",
+         "bard": "assistant", "bing": "assistant", "system": "system"}
+LABEL_FIELDS = ("task", "source", "category")
+# why a well-formed record is skipped; each phrase follows a count in the report
+SKIP_REASONS = {
+    "system_not_first": "with a system message after the first turn",
+    "not_alternating": "with two turns of one role in a row",
+    "no_exchange": "without a user turn answered by the assistant",
+    "empty_turn": "with an empty turn",
+    "truncated": "cut off at the end of the embedded ShareGPT file",
+}
 
 
-def iter_json_array(text: str) -> Iterator[Any]:
-    """Yield the elements of a JSON array one by one, stopping silently where the text is cut off.
+class BadRecord(ValueError):
+    """A record that is not of any chat shape; the loader adds the file and place."""
 
-    The embedded ShareGPT file is truncated mid-object: `json.loads` rejects it as a whole, but
-    every element before the cut is complete and valid.
+
+@dataclass
+class ChatData:
+    """The usable conversations of a source and what was passed over to get them."""
+
+    source: str
+    samples: list[Sample]
+    skipped: dict[str, int] = field(default_factory=dict)  # reason (SKIP_REASONS) -> records
+
+    @property
+    def conversations(self) -> list[Conversation]:
+        return [s["messages"] for s in self.samples]
+
+    def summary(self) -> dict[str, Any]:
+        """What a command's report says of its data."""
+        return {"source": self.source, "conversations": len(self.samples), "skipped": dict(self.skipped)}
+
+
+def skipped_line(skipped: dict[str, int]) -> str:
+    """`skipped` in words for a report ('' when nothing was skipped)."""
+    if not any(skipped.values()):
+        return ""
+    parts = ", ".join(f"{n} {SKIP_REASONS.get(reason, reason)}" for reason, n in sorted(skipped.items()) if n)
+    return f"skipped {sum(skipped.values())} records: {parts}"
+
+
+# ----------------------------------------------------------------------------- one record
+
+
+def _message(turn: Any, i: int) -> Message:
+    if not isinstance(turn, dict):
+        raise BadRecord(f"message {i} is not an object")
+    role = turn.get("role", turn.get("from"))
+    content = turn.get("content", turn.get("value"))
+    name = ROLES.get(str(role).lower()) if role is not None else None
+    if name is None:
+        raise BadRecord(f"message {i} has role {role!r}, not one of {', '.join(ROLES)}")
+    if not isinstance(content, str):
+        raise BadRecord(f"message {i} needs a string 'content' (or ShareGPT 'value')")
+    return {"role": name, "content": content}
+
+
+def _instruction(obj: dict[str, Any]) -> Conversation:
+    for key in ("instruction", "output"):
+        if key not in obj:
+            raise BadRecord(f"missing field '{key}' (instruction data needs instruction/output, optional input)")
+        if not isinstance(obj[key], str):
+            raise BadRecord(f"field '{key}' must be a string")
+    extra = obj.get("input") or ""
+    if not isinstance(extra, str):
+        raise BadRecord("field 'input' must be a string")
+    prompt = obj["instruction"] if not extra.strip() else f"{obj['instruction']}\n\n{extra}"
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": obj["output"]}]
+
+
+def record_messages(obj: Any) -> Conversation:
+    """The messages of one record as written (BadRecord when it is of no chat shape)."""
+    if not isinstance(obj, dict):
+        raise BadRecord("expected a JSON object")
+    for key in ("messages", "conversations", "items"):  # "items": an older ShareGPT layout
+        if key in obj:
+            if not isinstance(obj[key], list):
+                raise BadRecord(f"'{key}' must be a list of messages")
+            return [_message(t, i) for i, t in enumerate(obj[key])]
+    if "instruction" in obj or "output" in obj:
+        return _instruction(obj)
+    raise BadRecord("expected 'messages', 'conversations' or 'instruction'/'output' fields")
+
+
+def training_conversation(messages: Conversation) -> tuple[Conversation | None, str | None]:
+    """(the conversation trained on, None) or (None, why it is skipped: a key of SKIP_REASONS).
+
+    A system message may only come first; user and assistant turns alternate. The "_split"
+    ShareGPT release cuts long chats into chunks: a chunk may start with the assistant's reply to
+    a question in the previous chunk, or end on an unanswered user turn; those edges are trimmed
+    (as FastChat's preprocessing does) rather than the chunk dropped. What remains must hold at
+    least one exchange and no empty turn.
     """
-    decoder = json.JSONDecoder()
-    i = text.index("[") + 1
-    n = len(text)
-    while i < n:
-        while i < n and text[i] in " \t\r\n,":
-            i += 1
-        if i >= n or text[i] == "]":
-            return
-        try:
-            obj, i = decoder.raw_decode(text, i)
-        except json.JSONDecodeError:
-            return  # truncated tail
-        yield obj
-
-
-def sharegpt_to_messages(record: dict[str, Any]) -> Conversation | None:
-    """ShareGPT record -> messages; None if empty, of unknown roles, or not user/assistant alternating."""
-    turns = record.get("conversations") or record.get("items") or []
-    messages: Conversation = []
-    for turn in turns:
-        role = _SHAREGPT_ROLES.get(str(turn.get("from", "")).lower())
-        content = turn.get("value")
-        if role is None or not isinstance(content, str):
-            return None
-        if role == "system":
-            if messages:
-                return None
-        elif messages and messages[-1]["role"] == role:
-            return None
-        messages.append({"role": role, "content": content})
-    # The "_split" ShareGPT release cuts long chats into chunks: a chunk may start with the
-    # assistant's reply to a question in the previous chunk, or end on an unanswered user turn.
-    # Trim those edges (as FastChat's preprocessing does) rather than dropping the chunk.
+    for i, m in enumerate(messages):
+        if m["role"] == "system":
+            if i:
+                return None, "system_not_first"
+        elif i and messages[i - 1]["role"] == m["role"]:
+            return None, "not_alternating"
     system = [m for m in messages if m["role"] == "system"]
     body = [m for m in messages if m["role"] != "system"]
     if body and body[0]["role"] == "assistant":
         body = body[1:]
     if body and body[-1]["role"] == "user":
         body = body[:-1]
-    messages = system + body
-    if len(body) < 2 or body[0]["role"] != "user" or body[-1]["role"] != "assistant":
-        return None
+    if len(body) < 2:
+        return None, "no_exchange"
     if any(not m["content"].strip() for m in body):
-        return None
-    return messages
+        return None, "empty_turn"
+    return system + body, None
 
 
-def load_sharegpt(path: str | None = None, limit: int | None = None, with_ids: bool = False):
-    """Complete, well-formed conversations from a ShareGPT JSON file (default: the embedded one)."""
-    file = Path(path).expanduser() if path else embedded_file("sharegpt")
-    if not file.is_file():
-        raise PlmtoolError(f"ShareGPT file {file} not found")
-    out = []
-    for record in iter_json_array(file.read_text(encoding="utf-8")):
-        if not isinstance(record, dict):
-            continue
-        messages = sharegpt_to_messages(record)
-        if messages is None:
-            continue
-        out.append((str(record.get("id", len(out))), messages) if with_ids else messages)
-        if limit is not None and len(out) >= limit:
+def first_exchange(messages: Conversation) -> Conversation:
+    """The first user turn and the reply to it (of a conversation from training_conversation)."""
+    body = [m for m in messages if m["role"] != "system"]
+    return body[:2]
+
+
+def task_label(obj: dict[str, Any]) -> str | None:
+    return next((str(obj[k]) for k in LABEL_FIELDS if obj.get(k) not in (None, "")), None)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _line_col(text: str, pos: int) -> str:
+    return f"line {text.count(chr(10), 0, pos) + 1} column {pos - text.rfind(chr(10), 0, pos)}"
+
+
+def _cut_off(text: str, err: json.JSONDecodeError) -> bool:
+    """Whether a decode error is the text ending inside a value (a truncated file)."""
+    return err.msg.startswith("Unterminated string") or err.pos >= len(text.rstrip())
+
+
+def iter_json_array(text: str, file: str | Path, truncated_tail: bool = False) -> Iterator[tuple[int, str, Any]]:
+    """(index, place, element) for each element of the JSON array in `text`; `place` names `file`,
+    the record and its line.
+
+    Malformed JSON is a PlmtoolError naming `file`, the line and column and the record. With
+    `truncated_tail` (the embedded ShareGPT file only), text that ends inside an element ends the
+    array there: that element comes as `...` (Ellipsis), for the caller to count.
+    """
+    decoder = json.JSONDecoder()
+    n = len(text)
+
+    def skip(i: int) -> int:
+        while i < n and text[i] in " \t\r\n":
+            i += 1
+        return i
+
+    def error(pos: int, what: str) -> PlmtoolError:
+        return PlmtoolError(f"{file}: {_line_col(text, pos)}{what}")
+
+    seen = [0, 1]  # (position, its line): lines are counted once, as the reading moves on
+
+    def line_at(pos: int) -> int:
+        seen[1] += text.count("\n", seen[0], pos)
+        seen[0] = pos
+        return seen[1]
+
+    i = skip(0)
+    if i >= n or text[i] != "[":
+        found = "nothing" if i >= n else "an object" if text[i] == "{" else f"'{text[i]}'"
+        raise error(i, f": expected a JSON array of conversations, found {found}")
+    i = skip(i + 1)
+    index = 0
+    while not (index == 0 and i < n and text[i] == "]"):  # an empty array has no element to read
+        place = f"{file}: record {index + 1} (line {line_at(i)})"
+        try:
+            obj, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            if truncated_tail and _cut_off(text, e):
+                yield index, place, ...
+                return
+            raise error(e.pos, f" (record {index + 1}): malformed JSON ({e.msg})") from None
+        yield index, place, obj
+        index += 1
+        i = skip(i)
+        if i < n and text[i] == ",":
+            i = skip(i + 1)
+        elif i < n and text[i] == "]":
             break
-    if not out:
-        raise PlmtoolError(f"{file}: no complete conversations found")
-    return out
-
-
-def record_to_messages(obj: Any, where: str) -> Conversation:
-    """One JSONL record -> messages. Accepts `messages`, ShareGPT `conversations`, or instruction/input/output."""
-    if not isinstance(obj, dict):
-        raise PlmtoolError(f"{where}: expected a JSON object")
-    if "messages" in obj:
-        msgs = obj["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise PlmtoolError(f"{where}: 'messages' must be a non-empty list")
-        for m in msgs:
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
-                raise PlmtoolError(f"{where}: each message needs role (system/user/assistant) and string content")
-        return [{"role": m["role"], "content": m["content"]} for m in msgs]
-    if "conversations" in obj:
-        msgs = sharegpt_to_messages(obj)
-        if msgs is None:
-            raise PlmtoolError(f"{where}: 'conversations' is not an alternating human/gpt conversation")
-        return msgs
-    if "instruction" in obj:
-        if "output" not in obj:
-            raise PlmtoolError(f"{where}: missing field 'output'")
-        if not isinstance(obj["instruction"], str) or not isinstance(obj["output"], str):
-            raise PlmtoolError(f"{where}: 'instruction' and 'output' must be strings")
-        prompt = obj["instruction"]
-        if obj.get("input"):
-            prompt = f"{prompt}\n\n{obj['input']}"
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": obj["output"]}]
-    raise PlmtoolError(f"{where}: expected 'messages', 'conversations' or 'instruction'/'output' fields")
+        elif i >= n and truncated_tail:
+            return
+        else:
+            found = "the end of the file" if i >= n else f"'{text[i]}'"
+            raise error(i, f" (after record {index}): malformed JSON (expected ',' or ']', found {found})")
+    i = skip(i + 1)
+    if i < n:
+        raise error(i, ": malformed JSON (text after the array's closing ']')")
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
@@ -133,24 +243,69 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
             try:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
-                raise PlmtoolError(f"{file}:{lineno}: malformed JSON ({e.msg})") from None
+                raise PlmtoolError(f"{file}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
 
 
-def load_chat_jsonl(path: str | Path) -> list[Conversation]:
-    convs = [record_to_messages(obj, f"{path}:{lineno}") for lineno, obj in iter_jsonl(path)]
-    if not convs:
-        raise PlmtoolError(f"{path}: no records")
-    return convs
-
-
-def load_conversations(source: str, limit: int | None = None) -> list[Conversation]:
-    """`sharegpt` (embedded), a ShareGPT .json file, or a chat/instruction .jsonl file."""
+def _records(source: str) -> tuple[Iterator[tuple[str, str, Any]], bool]:
+    """(default id, place, record) of each record of a source, and whether it is the embedded file."""
     if source == "sharegpt":
-        return load_sharegpt(limit=limit)
-    if source.endswith(".json"):
-        return load_sharegpt(source, limit=limit)
-    convs = load_chat_jsonl(source)
-    return convs[:limit] if limit else convs
+        file = embedded_file("sharegpt")
+        text = file.read_text(encoding="utf-8")
+        return ((str(i), place, r) for i, place, r in iter_json_array(text, file, truncated_tail=True)), True
+    file = Path(source).expanduser()
+    if not file.is_file():
+        raise PlmtoolError(f"chat data file {file} not found (give 'sharegpt', a .json array or a .jsonl file)")
+    if file.suffix == ".json":
+        text = file.read_text(encoding="utf-8")
+        return ((f"{file.stem}-{i}", place, r) for i, place, r in iter_json_array(text, file)), False
+    return ((f"{file.stem}-{n}", f"{file}:{n}", r) for n, r in iter_jsonl(file)), False
+
+
+def load_chat(source: str, limit: int | None = None) -> ChatData:
+    """The first `limit` usable conversations of `source` (see the module doc) with their ids and
+    task labels, and the count of records skipped on the way.
+
+    A user's file is checked whole, also past the limit, so that a mistake anywhere in it stops
+    the run before any model is loaded; the embedded file is read only as far as needed.
+    """
+    records, embedded = _records(source)
+    samples: list[Sample] = []
+    skipped: Counter[str] = Counter()
+    for default_id, place, obj in records:
+        full = limit is not None and len(samples) >= limit
+        if full and embedded:
+            break
+        if obj is ...:
+            skipped["truncated"] += 1
+            continue
+        try:
+            messages = record_messages(obj)
+        except BadRecord as e:
+            raise PlmtoolError(f"{place}: {e}") from None
+        if full:
+            continue  # checked only: the data set is complete
+        conv, why = training_conversation(messages)
+        if conv is None:
+            skipped[why] += 1
+            continue
+        # the embedded file's ids repeat across the chunks of a chat: there they carry the position
+        sid = f"sharegpt-{len(samples)}-{obj.get('id', len(samples))}" if embedded else str(obj.get("id", default_id))
+        samples.append({"id": sid, "messages": conv, "task": task_label(obj)})
+    if not samples:
+        what = embedded_file("sharegpt") if embedded else Path(source).expanduser()
+        raise PlmtoolError(f"{what}: no usable conversations (a user turn answered by an assistant turn)"
+                           + (f"; {skipped_line(skipped)}" if skipped else ""))
+    return ChatData(source, samples, dict(skipped))
+
+
+def split_heldout(n: int, heldout: int, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded (train, held-out) indices into n items, each list in the items' order: `heldout` of
+    them drawn by a seeded permutation, at least one left to train on."""
+    import numpy as np
+
+    n_held = min(max(0, int(heldout)), max(0, n - 1))
+    perm = np.random.default_rng(seed).permutation(n)
+    return sorted(perm[n_held:].tolist()), sorted(perm[:n_held].tolist())
 
 
 def load_mtbench(path: str | None = None) -> list[dict[str, Any]]:

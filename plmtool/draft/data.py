@@ -1,11 +1,8 @@
 """Chat data for drafter training: tokenization with assistant-token masks and self-distillation.
 
-A conversation is rendered once through the tokenizer's chat template; a token is supervised when
-it belongs to an assistant turn (the reply and its end-of-turn marker, not the generation prompt).
-Assistant spans are found by rendering each prefix of the conversation: the text before the i-th
-reply is `render(messages[:i], add_generation_prompt=True)`, the text through it is
-`render(messages[:i+1])`. This works for any template whose prefixes render as prefixes, which
-holds for Llama/Qwen/Mistral/SmolLM templates; otherwise the reply text is located directly.
+Conversations are rendered through the tokenizer's chat template, as `draft bench` and `draft
+serve` prompt the target; a token is supervised when it belongs to an assistant turn (the reply
+and its end-of-turn marker: plmtool.data.chat_tokens, shared with the experts).
 
 Self-distillation regenerates the assistant turns with the target itself (greedy, batched), so the
 heads learn the target's own distribution rather than ChatGPT's. Results are cached per chunk under
@@ -21,54 +18,18 @@ from typing import Any
 
 import torch
 
+from plmtool.data.chat import Conversation
+from plmtool.data.chat_tokens import assistant_tokens, render_prompt
 from plmtool.errors import PlmtoolError
 
 log = logging.getLogger("plmtool")
-
-Conversation = list[dict[str, str]]
-
-
-def _render(tokenizer, messages: Conversation, add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
-def assistant_spans(tokenizer, messages: Conversation) -> tuple[str, list[tuple[int, int]]]:
-    """Rendered text and the [start, end) character spans of every assistant turn."""
-    full = _render(tokenizer, messages, False)
-    spans = []
-    cursor = 0
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before = _render(tokenizer, messages[:i], True) if i else ""
-        through = _render(tokenizer, messages[: i + 1], False)
-        if full.startswith(through) and through.startswith(before) and len(before) >= cursor:
-            # the newline a template puts after the end-of-turn marker is glue, not the reply
-            start, end = len(before), len(through.rstrip("\n"))
-        else:  # template renders history differently: locate the reply text itself
-            start = full.find(m["content"], cursor)
-            if start < 0:
-                continue
-            end = start + len(m["content"])
-        spans.append((start, end))
-        cursor = end
-    return full, spans
 
 
 def tokenize_conversation(tokenizer, messages: Conversation, max_len: int) -> tuple[list[int], list[bool]]:
     """Token ids of the rendered conversation (truncated to max_len) and the assistant mask."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise PlmtoolError("the tokenizer has no chat template; drafter training renders conversations with it")
-    text, spans = assistant_spans(tokenizer, messages)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=True, max_length=max_len)
-    ids = list(enc["input_ids"])
-    mask = []
-    j = 0
-    for start, end in enc["offset_mapping"]:
-        while j < len(spans) and start >= spans[j][1]:
-            j += 1
-        mask.append(j < len(spans) and spans[j][0] <= start < spans[j][1] and end > start)
-    return ids, mask
+    return assistant_tokens(tokenizer, messages, max_len)
 
 
 def build_examples(tokenizer, conversations: list[Conversation], max_len: int, min_assistant_tokens: int = 1) -> list[dict[str, Any]]:
@@ -112,7 +73,7 @@ def _prompts(conversations: list[Conversation], max_turns: int) -> list[list[str
 def generate_replies(model, tokenizer, histories: list[Conversation], max_new_tokens: int, max_prompt_tokens: int) -> list[str]:
     """Greedy replies of the target to each history, in one left-padded batch."""
     device = next(model.parameters()).device
-    texts = [_render(tokenizer, h, True) for h in histories]
+    texts = [render_prompt(tokenizer, h) for h in histories]
     rows = [tokenizer(t, add_special_tokens=False)["input_ids"][-max_prompt_tokens:] for t in texts]
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from plmtool.data.chat import split_heldout
 from plmtool.draft.config import DraftDataConfig, DrafterConfig, DraftTrainerConfig
 from plmtool.draft.data import build_examples, collate
 from plmtool.draft.drafter import Drafter, build_drafter, save_drafter, target_dims, target_hidden
@@ -302,14 +303,6 @@ def validate_trainer_config(t: DraftTrainerConfig) -> None:
         raise PlmtoolError(f"trainer.labels must be one of {', '.join(LABEL_SOURCES)}, got '{t.labels}'")
 
 
-def split_heldout(examples: list, heldout: int, seed: int) -> tuple[list, list]:
-    """Seeded split; at least one training example stays."""
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(examples), generator=g).tolist()
-    n = min(max(0, heldout), len(examples) - 1)
-    return [examples[i] for i in order[n:]], [examples[i] for i in order[:n]]
-
-
 def train_drafter(target_model, tokenizer, drafter_cfg, trainer_cfg, conversations, out_dir, data_cfg=None,
                   base_model_info: dict | None = None, drafter: Drafter | None = None) -> dict[str, Any]:
     """Train a drafter on `conversations` for the frozen `target_model`; returns the metrics dict.
@@ -345,7 +338,12 @@ def train_drafter(target_model, tokenizer, drafter_cfg, trainer_cfg, conversatio
     base_info = {**dims, **(base_model_info or {})}
 
     examples = build_examples(tokenizer, conversations, data_cfg.max_seq_len, data_cfg.min_assistant_tokens)
-    train_set, heldout = split_heldout(examples, data_cfg.heldout, data_cfg.seed)
+    short = len(conversations) - len(examples)
+    if short:
+        log.info("drafter training: %d conversations left out (fewer than data.min_assistant_tokens=%d supervised tokens)",
+                 short, data_cfg.min_assistant_tokens)
+    train_idx, held_idx = split_heldout(len(examples), data_cfg.heldout, data_cfg.seed)
+    train_set, heldout = [examples[i] for i in train_idx], [examples[i] for i in held_idx]
     log.info("drafter training: %d train / %d held-out conversations", len(train_set), len(heldout))
 
     if drafter is None:
@@ -513,6 +511,7 @@ def train_drafter(target_model, tokenizer, drafter_cfg, trainer_cfg, conversatio
         "parameters": drafter.num_parameters(),
         "trainable_parameters": drafter.num_parameters(trainable_only=True),
         "train_conversations": len(train_set),
+        "short_conversations": short,
         "heldout_conversations": len(heldout),
         "checkpoint": str(out_dir / "drafter"),
         "base_model": base_info.get("name_or_path"),

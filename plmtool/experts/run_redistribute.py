@@ -28,7 +28,8 @@ from plmtool.experts.embed import embed_cached, make_embedder
 from plmtool.experts.need import KINDS as NEED_KINDS
 from plmtool.experts.need import need_signal
 from plmtool.experts.router import Router
-from plmtool.experts.samples import load_samples, prompt_text, read_samples, split_heldout, write_samples
+from plmtool.data.chat import split_heldout
+from plmtool.experts.samples import load_samples, prompt_text, read_samples, write_samples
 from plmtool.experts.space import build_space, validate
 from plmtool.io import Stages, atomic_write, write_json
 
@@ -77,12 +78,14 @@ def run(o: Any, run_dir: Path, seed: int, load: Loader, model_id: str, cache: Pa
     # 1. data and the held-out split
     t = time.perf_counter()
     if not stages.done("data"):
-        samples = load_samples(o.data, o.limit, o.turns)
-        train_idx, held_idx = split_heldout(len(samples), o.heldout, seed)
+        data = load_samples(o.data, o.limit, o.turns)
+        samples = data.samples
+        # the held-out part never enters clustering or training
+        train_idx, held_idx = split_heldout(len(samples), round(len(samples) * o.heldout), seed)
         validate(o, len(train_idx))  # K vs number of samples, before any model is loaded
         write_samples(run_dir / "samples.jsonl", [samples[i] for i in train_idx])
         write_samples(run_dir / "heldout.jsonl", [samples[i] for i in held_idx])
-        stages.mark("data", {"pool": len(train_idx), "heldout": len(held_idx)})
+        stages.mark("data", {"pool": len(train_idx), "heldout": len(held_idx), **data.summary()})
     pool = read_samples(run_dir / "samples.jsonl")
     held = read_samples(run_dir / "heldout.jsonl")
     validate(o, len(pool))
@@ -144,10 +147,11 @@ def run(o: Any, run_dir: Path, seed: int, load: Loader, model_id: str, cache: Pa
 
         plot_space(emb, space.labels, red.selected, space.centroids, run_dir / "semantic_space.png", o.plot_points, seed)
         timings["plot"] = time.perf_counter() - t
-    return make_report(o, pool, held, held_cluster, space, need, embed_info, timings, seed)
+    data = stages.result("data")
+    return make_report(o, pool, held, held_cluster, space, need, embed_info, timings, seed, data)
 
 
-def make_report(o, pool, held, held_cluster, space, need, embed_info, timings, seed) -> dict[str, Any]:
+def make_report(o, pool, held, held_cluster, space, need, embed_info, timings, seed, data) -> dict[str, Any]:
     red, dens = space.redistribution, space.density
     clusters = []
     for c in range(space.k):
@@ -184,6 +188,9 @@ def make_report(o, pool, held, held_cluster, space, need, embed_info, timings, s
         "clusters": clusters,
         "seed": seed,
         "seconds": {k: round(v, 3) for k, v in timings.items()},
+        # what was read: usable conversations and the records skipped on the way (by reason)
+        "data": {"source": data.get("source", o.data), "conversations": data.get("conversations"),
+                 "skipped": data.get("skipped", {})},
     }
     tasks = [s.get("task") for s in pool]
     if any(tasks):
