@@ -2,15 +2,23 @@
 
 Each primary config (`conf/<command>.yaml`) starts from a dataclass registered here (or in the
 command's own schema module), so a wrong type (`data.seqlen=abc`) or an unknown key fails when
-Hydra composes the config, with Hydra's own message, before anything heavy is loaded.
+Hydra composes the config, with Hydra's own message, before anything heavy is loaded. A key added
+with `+key=value` passes composition (Hydra opens the config for it); `check_known_keys` rejects it
+when the run starts.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError
+
+from plmtool.errors import PlmtoolError
 
 
 @dataclass
@@ -91,6 +99,31 @@ class EvalApp:
     seed: int = 0
     # run the 2:4 linear layers on sparse tensor cores (CUDA, fp16/bf16; plmtool.prune.semi_structured)
     semi_structured: bool = False
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """Raise PlmtoolError naming the first key of the composed `cfg` that its schema lacks.
+
+    The schema is the dataclass the config was composed from (`eval_schema`, `prune_sds_schema`,
+    ...); merging the composed values into a fresh, closed instance of it applies OmegaConf's own
+    rules (dataclass nodes are closed, dict-typed fields accept any key).
+    """
+    schema = OmegaConf.get_type(cfg)
+    if not dataclasses.is_dataclass(schema):
+        return
+    values = OmegaConf.to_container(cfg, resolve=False)
+    values.pop("hydra", None)
+    closed = OmegaConf.structured(schema)
+    try:
+        OmegaConf.merge(closed, values)
+    except ConfigKeyError as e:
+        key = str(e.full_key)
+        parent, _, name = key.rpartition(".")
+        siblings = OmegaConf.select(closed, parent) if parent else closed
+        known = list(siblings.keys()) if isinstance(siblings, DictConfig) else []
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {'.'.join(filter(None, (parent, close[0])))}?" if close else ""
+        raise PlmtoolError(f"unknown config key '{key}'{hint}") from None
 
 
 def register(name: str, node: Any) -> None:

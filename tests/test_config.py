@@ -12,6 +12,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from plmtool import cli
+from plmtool.config import check_known_keys
+from plmtool.errors import PlmtoolError
 from plmtool.paths import CONF_DIR
 
 CONF = Path(CONF_DIR)
@@ -59,6 +61,19 @@ def test_compose(primary, group, option):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name=primary, overrides=[f"{group}={option}"], return_hydra_config=True)
     assert cfg.model.name_or_path
+    check_known_keys(cfg)  # every shipped option holds only keys of the command's schema
+
+
+@pytest.mark.parametrize("primary", primaries())
+def test_added_keys_the_schema_lacks_are_rejected(primary):
+    """`+key=value` passes composition (Hydra opens the config for it); the schema check names it."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        typo = compose(config_name=primary, overrides=["+model.name_or_paht=x"])
+        nested = compose(config_name=primary, overrides=["+nosuch.group.key=1"])
+    with pytest.raises(PlmtoolError, match=r"^unknown config key 'model.name_or_paht'; did you mean model.name_or_path\?$"):
+        check_known_keys(typo)
+    with pytest.raises(PlmtoolError, match=r"^unknown config key 'nosuch'$"):
+        check_known_keys(nested)
 
 
 def test_every_command_has_a_smoke_preset():
