@@ -47,7 +47,7 @@ def usage() -> str:
         "  plmtool eval experiment=smoke",
         "  plmtool eval model.name_or_path=meta-llama/Meta-Llama-3-8B data.corpus=wikitext2",
         "  plmtool eval --cfg job            # print the composed config",
-        "  plmtool eval -m data.seqlen=512,1024",
+        "  plmtool eval -m eval.seqlen=512,1024   # a sweep: one run per value",
     ]
     return "\n".join(lines)
 
@@ -78,10 +78,13 @@ def main(argv: list[str] | None = None) -> int:
         print(usage(), file=sys.stderr)
         return 2
     words, rest = found
-    module = importlib.import_module(COMMANDS[words][0])
     # Hydra parses sys.argv itself; it must see only the overrides.
     sys.argv = [f"plmtool {' '.join(words)}", *rest]
-    module.main()
+    try:
+        importlib.import_module(COMMANDS[words][0]).main()
+    except KeyboardInterrupt:  # before or after a run (a run itself records it and exits 130)
+        print("plmtool: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

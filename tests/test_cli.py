@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
+import json
+import os
 import subprocess
 import sys
 import time
+
+import pytest
 
 from plmtool import cli
 
@@ -74,3 +79,77 @@ def test_semi_structured_eval_needs_cuda_and_says_so_before_loading(tmp_path):
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
     # checked before the (missing) model is looked up
     assert lines[-1] == "plmtool: error: semi_structured=true needs a CUDA GPU (2:4 sparse tensor cores, Ampere or newer)"
+
+
+def _examples() -> list[list[str]]:
+    """The command lines of usage()'s examples, as argv after `plmtool`."""
+    import shlex
+
+    lines = cli.usage().split("examples:", 1)[1].splitlines()
+    return [shlex.split(ln.split("#", 1)[0])[1:] for ln in lines if ln.strip()]
+
+
+def test_every_usage_example_composes_and_its_sweeps_change_what_the_command_reads():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from plmtool.config import check_known_keys
+    from plmtool.paths import CONF_DIR
+    from omegaconf import OmegaConf
+
+    examples = _examples()
+    assert examples and all(cli.resolve(argv) for argv in examples)
+    for argv in examples:
+        words, rest = cli.resolve(argv)
+        module = cli.COMMANDS[words][0]
+        importlib.import_module(module)  # registers the schema
+        overrides = [a for a in rest if a not in ("-m", "--multirun", "--cfg", "job")]
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+        sweeps = [o for o in parsed if o.is_sweep_override()]
+        assert ("-m" in rest) == bool(sweeps), argv
+        variants = [fixed] + [[*fixed, f"{o.get_key_element()}={v}"] for o in sweeps for v in o.sweep_string_iterator()]
+        seen = []
+        for variant in variants:
+            with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+                cfg = compose(config_name=module.rsplit(".", 1)[1], overrides=variant)
+            check_known_keys(cfg)
+            seen.append(OmegaConf.to_container(cfg, resolve=True))
+        if words == ("eval",) and sweeps:
+            # eval reads its settings from model.* and eval.* (eval.corpus follows data.corpus);
+            # data.seqlen / data.nsamples size calibration windows, which eval never draws
+            reads = [(v["model"], v["eval"]) for v in seen[1:]]
+            assert len({repr(r) for r in reads}) == len(reads), f"{argv}: the sweep does not change what eval reads"
+
+
+def test_unknown_key_is_one_line_before_the_model_for_every_command(tmp_path):
+    for words in cli.available():
+        out = _run(*words, "+nosuch.sparsty=0.6", "model.name_or_path=/nonexistent", f"hydra.run.dir={tmp_path / '_'.join(words)}")
+        lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+        assert out.returncode == 2 and "Traceback" not in out.stderr, (words, out.stderr[-2000:])
+        # checked before the (missing) model is looked up
+        assert lines[-1] == "plmtool: error: unknown config key 'nosuch'", (words, lines[-1])
+    out = _run("eval", "+eval.seqln=512", "model.name_or_path=/nonexistent", f"hydra.run.dir={tmp_path / 'typo'}")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == "plmtool: error: unknown config key 'eval.seqln'; did you mean eval.seqlen?"
+    run = json.loads((tmp_path / "typo" / "run.json").read_text())
+    assert run["status"] == "failed" and "eval.seqln" in run["error"]
+
+
+def test_unwritable_run_dir_is_one_line(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    out = _run("eval", f"hydra.run.dir={blocker / 'run'}")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines() == [f"plmtool: error: hydra.run.dir={blocker / 'run'}: {blocker} is a file, not a directory"]
+    out = _run("eval", "-m", f"hydra.sweep.dir={blocker / 'sweep'}", "eval.seqlen=32,64")
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith("plmtool: error: hydra.sweep.dir=")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_run_dir_is_one_line(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    out = _run("eval", f"hydra.run.dir={locked / 'run'}")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines() == [f"plmtool: error: hydra.run.dir={locked / 'run'}: {locked} is not writable"]
