@@ -73,6 +73,22 @@ def test_local_text_and_jsonl(tmp_path):
         corpora.load_documents(str(jl), "eval", data_cfg(text_field="body"))
 
 
+def test_non_utf8_corpus_is_one_line_naming_file_line_and_byte(tmp_path):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("first document\n\nun café au lait\n\nthird".encode("latin-1"))
+    with pytest.raises(PlmtoolError) as e:
+        corpora.check_corpus(str(latin1))
+    assert str(e.value) == f"{latin1}:3: not UTF-8 text (byte 0xe9 at offset 22); convert the file to UTF-8"
+    jl = tmp_path / "c.jsonl"
+    jl.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(PlmtoolError, match=r"c\.jsonl:2: not UTF-8 text \(byte 0xe9 at offset 28\)"):
+        corpora.load_documents(str(jl), "eval")
+    # a missing file is named before anything loads; the named corpora are not read here
+    with pytest.raises(PlmtoolError, match="unknown corpus .*no file at"):
+        corpora.check_corpus(str(tmp_path / "missing.txt"))
+    corpora.check_corpus("c4")
+
+
 def test_unknown_corpus_and_short_corpus(tiny_tokenizer, tmp_path):
     with pytest.raises(PlmtoolError, match="unknown corpus 'nope'"):
         corpora.load_documents("nope", "eval")

@@ -45,3 +45,37 @@ def test_bad_zeroshot_settings_are_one_line_before_loading(tmp_path):
         lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
         # reported before the model (whose path does not exist) is looked at
         assert lines[-1].startswith("plmtool: error:") and needle in lines[-1], lines[-1]
+
+
+def _last_error(out: subprocess.CompletedProcess) -> str:
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    return [ln for ln in out.stderr.splitlines() if ln.strip()][-1]
+
+
+def test_bad_corpus_and_model_config_are_one_line_before_loading(tmp_path):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("un café\n\nau lait".encode("latin-1"))
+    # the corpus is checked before the model (whose path does not exist) is looked at
+    for corpus, needle in [(tmp_path / "missing.txt", f"no file at {tmp_path / 'missing.txt'}"),
+                           (latin1, f"{latin1}:1: not UTF-8 text (byte 0xe9 at offset 6)")]:
+        out = _run("eval", f"data.corpus={corpus}", "model.name_or_path=/nonexistent", f"hydra.run.dir={tmp_path / 'run'}", timeout=120)
+        assert needle in _last_error(out)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"hidden_size": 64, "num_hidden_layers": 2}))
+    out = _run("eval", f"model.name_or_path={model}", f"hydra.run.dir={tmp_path / 'run'}", timeout=120)
+    assert _last_error(out) == (f"plmtool: error: {model / 'config.json'} has no 'model_type' (e.g. \"llama\"): "
+                                "transformers cannot tell which architecture to load")
+
+
+def test_outputs_follow_the_umask(tmp_path, tiny_llama_dir):
+    import os
+
+    out = subprocess.run(
+        [sys.executable, "-m", "plmtool.cli", "eval", f"model.name_or_path={tiny_llama_dir}", "model.device=cpu", "eval.seqlen=32",
+         "eval.max_tokens=64", "eval.zeroshot=[]", f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.umask(0o002),
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    for name in ("report.json", "report.md", "run.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o664, name

@@ -20,13 +20,18 @@ from plmtool.runner import Report, execute, md_table
 
 
 def run(cfg: DictConfig, run_dir: Path) -> Report:
+    from plmtool.data.corpora import check_corpus
     from plmtool.eval.suite import check_config, evaluate
-    from plmtool.models import load_model
+    from plmtool.models import load_model, resolve_model_source
     from plmtool.models.loader import model_info
 
-    check_config(cfg.eval)  # bad settings fail before the model is loaded
+    # bad settings and inputs fail in a second, before the model is loaded
+    check_config(cfg.eval)
     if cfg.semi_structured:
         check_semi_structured(cfg.model)
+    if cfg.eval.ppl:
+        check_corpus(cfg.eval.corpus, cfg.data)
+    resolve_model_source(cfg.model.name_or_path, cfg.model.gguf_file)
     model, tokenizer = load_model(cfg.model)
     extra = {}
     if cfg.semi_structured:

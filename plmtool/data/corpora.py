@@ -77,6 +77,13 @@ def load_documents(name: str, split: str, data_cfg: Any = None) -> list[str]:
     raise PlmtoolError(f"unknown corpus '{name}': not one of {', '.join(known_corpora())} and no file at {path}")
 
 
+def check_corpus(name: str, data_cfg: Any = None) -> None:
+    """A local corpus file exists, decodes as UTF-8 and splits into parts: checked before any model
+    loads. (Embedded and hub corpora are found where they are read.)"""
+    if name not in known_corpora():
+        load_documents(name, "eval", data_cfg)
+
+
 def joined_text(name: str, split: str, data_cfg: Any = None) -> str:
     docs = load_documents(name, split, data_cfg)
     return JOINERS.get(name, DEFAULT_JOINER).join(docs)
@@ -112,22 +119,32 @@ def _wiki_articles(cache: str | None) -> list[dict[str, str]]:
 
 
 def _local_documents(path: Path, text_field: str) -> list[str]:
+    text = _read_utf8(path)
     if path.suffix == ".jsonl":
         docs = []
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise PlmtoolError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-                    raise PlmtoolError(f"{path}:{lineno}: expected an object with a string field '{text_field}'")
-                docs.append(obj[text_field])
+        for lineno, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PlmtoolError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
+                raise PlmtoolError(f"{path}:{lineno}: expected an object with a string field '{text_field}'")
+            docs.append(obj[text_field])
         return docs
-    text = path.read_text(encoding="utf-8")
     return [block.strip() for block in text.split("\n\n") if block.strip()]
+
+
+def _read_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise PlmtoolError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); convert the file to UTF-8"
+        ) from None
 
 
 # --- hub (for users who have one) -------------------------------------------------------------

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from plmtool.errors import PlmtoolError
+from plmtool.io import follow_umask
 from plmtool.paths import cache_dir
 
 log = logging.getLogger("plmtool")
@@ -79,6 +80,7 @@ def resolve_model_source(name_or_path: str, gguf_file: str | None = None) -> Mod
             return ModelSource("gguf", str((path / gguf_file).resolve()))
         if not (path / "config.json").is_file():
             raise PlmtoolError(f"model directory {path} has no config.json (not a Hugging Face checkpoint)")
+        _check_model_config(path / "config.json")
         return ModelSource("local", str(path.resolve()))
     if _looks_like_path(name_or_path) or name_or_path.count("/") != 1:
         known = ", ".join(sorted(EMBEDDED))
@@ -87,6 +89,16 @@ def resolve_model_source(name_or_path: str, gguf_file: str | None = None) -> Mod
             "and not a hub id of the form org/name"
         )
     return ModelSource("hub", name_or_path, gguf_file)
+
+
+def _check_model_config(path: Path) -> None:
+    """What transformers needs from config.json to pick the architecture, checked without it."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PlmtoolError(f"{path}: not a valid JSON model config ({e})") from None
+    if not isinstance(config, dict) or not config.get("model_type"):
+        raise PlmtoolError(f"{path} has no 'model_type' (e.g. \"llama\"): transformers cannot tell which architecture to load")
 
 
 def _converted_dir(gguf: Path, cache: str | None) -> Path:
@@ -112,6 +124,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / "plmtool_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+    follow_umask(tmp)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
 
@@ -187,11 +200,21 @@ def load_model(cfg: Any, device: str | None = None):
         if source.kind == "hub":
             raise PlmtoolError(f"could not load '{source.location}' from the hub (offline or no access?): {str(e).splitlines()[0]}") from e
         raise
+    except ValueError as e:  # e.g. a model_type this transformers does not know
+        if source.kind == "local":
+            raise PlmtoolError(f"could not load the model in {source.location}: {str(e).splitlines()[0]}") from e
+        raise
     if not device_map:
         model.to(device or pick_device(getattr(cfg, "device", "auto")))
     model.eval()
     tokenizer = load_tokenizer(cfg)
     return model, tokenizer
+
+
+def saved_bytes(model) -> int:
+    """Size of the model's weights on disk as save_pretrained writes them: every parameter once
+    (tied weights once), in its dtype."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def model_info(model) -> dict[str, Any]:
