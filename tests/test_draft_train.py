@@ -207,22 +207,21 @@ def test_resume_continues_from_the_saved_step(tmp_path, tok, monkeypatch):
 def test_time_limit_checkpoints_and_the_rerun_finishes_the_same_drafter(tmp_path, tok, monkeypatch):
     """trainer.max_time_s stops training with a checkpoint of the step it reached; the same call
     again resumes and ends with the drafter an uninterrupted run trains."""
-    import plmtool.draft.train as train_mod
+    from plmtool import train_loop
 
     target = tiny_target(len(tok))
     straight = _train(tok, target, tmp_path / "a", 10)
     ref = load_drafter(tmp_path / "a" / "drafter").state_dict()
-    real = train_mod._out_of_time
-    assert not real(time.perf_counter(), 50, "cpu", 1) and real(time.perf_counter() - 51, 50, "cpu", 1)
-    checks = iter(range(10**6))
-    monkeypatch.setattr(train_mod, "_out_of_time", lambda *a: next(checks) == 3)  # time is up after step 4
+    assert not train_loop.TimeLimit(seconds=50).reached() and train_loop.TimeLimit(deadline=time.time() - 1).reached()
+    clock = iter([0.0] * 4 + [1e12] * 1000)  # the start and the checks after steps 1-3 in time: time is up after step 4
+    monkeypatch.setattr(train_loop, "now", lambda: next(clock))
     part = _train(tok, target, tmp_path / "b", 10, max_time_s=50)
     assert {k: v for k, v in part.items() if k != "wall_time_s"} == {
         "kind": "amphista", "finished": False, "steps_done": 4, "steps": 10,
         "checkpoint": str(tmp_path / "b" / "checkpoints" / "last.pt")}
     assert torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False)["step"] == 4
     assert not (tmp_path / "b" / "drafter").exists()  # no drafter from an unfinished run
-    monkeypatch.setattr(train_mod, "_out_of_time", real)
+    monkeypatch.setattr(train_loop, "now", time.time)
     done = _train(tok, target, tmp_path / "b", 10, max_time_s=50)  # the limit is not part of the run's config
     assert done["finished"] and done["heads"]["top1"] == straight["heads"]["top1"]
     got = load_drafter(tmp_path / "b" / "drafter").state_dict()
@@ -232,7 +231,7 @@ def test_time_limit_checkpoints_and_the_rerun_finishes_the_same_drafter(tmp_path
         _train(tok, target, tmp_path / "c", 10, max_time_s=-1)
 
 
-def test_command_end_to_end(tmp_path, tok):
+def test_command_end_to_end(tmp_path, tok, monkeypatch):
     from hydra import compose, initialize_config_dir
 
     from plmtool.commands.draft_train import render, run
@@ -269,16 +268,14 @@ def test_command_end_to_end(tmp_path, tok):
     assert report["drafter"] == "medusa" and (tmp_path / "medusa" / "medusa_export" / "medusa_lm_head.safetensors").is_file()
 
     # a time limit: a report that says so, no stage marked done; the same command then finishes
-    import plmtool.draft.train as train_mod
+    from plmtool import train_loop
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         limited = compose(config_name="draft_train", overrides=[*overrides, "trainer.max_time_s=30"])
-    real = train_mod._out_of_time
-    train_mod._out_of_time = lambda *a: True
-    try:
-        paused = run(limited, tmp_path / "limited")
-    finally:
-        train_mod._out_of_time = real
+    clock = iter([0.0] + [1e12] * 1000)  # time is up at the first check
+    monkeypatch.setattr(train_loop, "now", lambda: next(clock))
+    paused = run(limited, tmp_path / "limited")
+    monkeypatch.setattr(train_loop, "now", time.time)
     assert not paused["finished"] and paused["steps_done"] == 1 and "Rerun the same command to resume" in render(paused)
     finished = run(limited, tmp_path / "limited")
     assert finished["finished"] and finished["steps"] == 6 and "Held-out accuracy" in render(finished)
@@ -422,3 +419,22 @@ def test_a_malformed_sharegpt_json_is_one_line_naming_the_file_before_any_model_
     if case.startswith("syntax"):
         assert "record 31" in err[0]
     assert not loaded
+
+
+@pytest.mark.parametrize("floor", [0.1, 0.0])  # drafter training decays to 10% of the lr, the experts' adapters to 0
+def test_shared_schedule_warms_up_linearly_then_follows_a_cosine_to_its_floor(floor):
+    import math
+
+    from plmtool.train_loop import cosine_schedule
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = cosine_schedule(opt, warmup=4, total=14, floor=floor)
+    lrs = []
+    for _ in range(14):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.5, 1.0, 1.5, 2.0])
+    for step in range(4, 14):
+        assert lrs[step] == pytest.approx(2.0 * (floor + (1 - floor) * (1 + math.cos(math.pi * (step - 4) / 10)) / 2))
+    assert opt.param_groups[0]["lr"] == pytest.approx(2.0 * floor)

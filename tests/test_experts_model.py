@@ -233,6 +233,10 @@ def test_bad_input_fails_cleanly_without_half_written_outputs(tmp_path, tiny_lla
         assert not list(out.rglob("*.tmp"))
     assert plmtool("experts", "train", f"experts.redistribution={tmp_path / 'nope'}", f"hydra.run.dir={tmp_path / 'E'}") == 2
     assert "not a finished redistribution run" in capsys.readouterr().err
+    # the trainer settings are checked as drafter training checks them (plmtool.train_config)
+    assert plmtool("experts", "train", "trainer.precision=half", f"experts.redistribution={tmp_path / 'nope'}",
+                   f"hydra.run.dir={tmp_path / 'E'}") == 2
+    assert "trainer.precision must be auto, bf16 or fp32, got 'half'" in capsys.readouterr().err
 
 
 @pytest.mark.real_model

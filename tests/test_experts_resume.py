@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from plmtool import train_loop
 from plmtool.errors import PlmtoolError
 from plmtool.experts import lora
 from plmtool.experts.lora import add_adapters, lora_config, train_adapter
@@ -45,7 +46,8 @@ def lora_weights(model) -> dict[str, torch.Tensor]:
 
 
 def clock_after(monkeypatch, ticks: int, then=float("inf")):
-    """Deadline checks see a time before any deadline for `ticks` steps, then `then` (a time, or an exception)."""
+    """Deadline checks (one after each step but the last) see a time before any deadline `ticks`
+    times, then `then` (a time, or an exception)."""
     calls = iter(range(10**9))
 
     def now() -> float:
@@ -55,7 +57,7 @@ def clock_after(monkeypatch, ticks: int, then=float("inf")):
             raise then
         return then
 
-    monkeypatch.setattr(lora, "_wall_clock", now)
+    monkeypatch.setattr(train_loop, "now", now)
 
 
 def test_training_resumed_in_pieces_equals_uninterrupted(tiny_llama, encoded, tiny_tokenizer, tmp_path, monkeypatch):
@@ -67,15 +69,15 @@ def test_training_resumed_in_pieces_equals_uninterrupted(tiny_llama, encoded, ti
 
     # piece 1: the deadline passes after 7 steps
     ckpt = tmp_path / "unit.pt"
-    clock_after(monkeypatch, 7)
+    clock_after(monkeypatch, 6)
     part = train_adapter(fresh_model(tiny_llama), "unit", encoded, pad, **HP, checkpoint=ckpt, deadline=1.0)
     assert not part["finished"] and part["steps_done"] == 7 and part["final_loss"] is None and ckpt.is_file()
-    # piece 2: killed at step 11, after a periodic checkpoint at step 10
-    clock_after(monkeypatch, 4, then=KeyboardInterrupt())
+    # piece 2: killed after step 11, after a periodic checkpoint at step 10
+    clock_after(monkeypatch, 3, then=KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         train_adapter(fresh_model(tiny_llama), "unit", encoded, pad, **HP, checkpoint=ckpt, checkpoint_every=5, deadline=1.0)
     # piece 3: a new process (other global random state, other adapter initialisation) finishes
-    monkeypatch.setattr(lora, "_wall_clock", lambda: 0.0)
+    monkeypatch.setattr(train_loop, "now", lambda: 0.0)
     torch.manual_seed(12345)
     model = add_adapters(copy.deepcopy(tiny_llama), ["unit"], lora_config(r=4, alpha=8, dropout=0.1))
     done = train_adapter(model, "unit", encoded, pad, **HP, checkpoint=ckpt, deadline=1.0)
@@ -161,11 +163,11 @@ def test_bench_run_killed_then_stopped_by_its_time_budget_resumes_to_the_same_lo
 
     def stopping_full(model, name, *args, **kwargs):
         if name == "full":  # the budget runs out after 5 of the full-data unit's 12 steps
-            clock_after(monkeypatch, 5, then=float("inf"))
+            clock_after(monkeypatch, 4, then=float("inf"))
         try:
             return recording(model, name, *args, **kwargs)
         finally:
-            monkeypatch.setattr(lora, "_wall_clock", lambda: 0.0)
+            monkeypatch.setattr(train_loop, "now", lambda: 0.0)
 
     def command(*extra: str) -> None:
         torch.manual_seed(0)  # each command is a new process: the same global random state at its start

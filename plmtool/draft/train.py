@@ -6,8 +6,10 @@
 
 The vocabulary projection (the expensive part) runs only on the supervised rows of each head.
 Per-head held-out top-1/top-5 accuracy is measured every `eval_every` steps into metrics.jsonl.
-A resumable checkpoint (drafter, optimizer, scheduler, step, config) is written every
-`save_every` steps; rerunning into the same directory continues from it. With WORLD_SIZE > 1
+A resumable checkpoint (plmtool.train_loop.Checkpoint: drafter, optimizer, scheduler, step,
+random state, history, config) is written every `save_every` steps; rerunning into the same
+directory continues from it. The schedule, autocast and time limit are plmtool.train_loop's, as
+for the experts' adapters. With WORLD_SIZE > 1
 (torchrun) the drafter is wrapped in DistributedDataParallel, each rank reads its share of every
 batch through a DistributedSampler, and only rank 0 writes.
 
@@ -35,6 +37,9 @@ from plmtool.draft.config import DraftDataConfig, DrafterConfig, DraftTrainerCon
 from plmtool.draft.data import build_examples, collate
 from plmtool.draft.drafter import Drafter, build_drafter, save_drafter, target_dims, target_hidden
 from plmtool.errors import PlmtoolError
+from plmtool.train_config import check_trainer
+from plmtool.train_loop import (Checkpoint, TimeLimit, autocast, cosine_schedule, optimizer_step, resolved_precision, restore,
+                                run_steps)
 
 log = logging.getLogger("plmtool")
 
@@ -115,17 +120,6 @@ class DraftLoss(nn.Module):
 # ----------------------------------------------------------------------------- distributed
 
 
-def _out_of_time(start: float, limit_s: float, device: str, world: int) -> bool:
-    """Whether training has run `limit_s` seconds; under DDP every rank takes rank 0's answer (all
-    must stop at the same step)."""
-    over = float(time.perf_counter() - start >= limit_s)
-    if world > 1:
-        t = torch.tensor([over], device=device)
-        torch.distributed.broadcast(t, src=0)
-        over = float(t.item())
-    return over > 0
-
-
 def _dist_info() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -151,12 +145,6 @@ def _all_sum(values: list[float], device) -> list[float]:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def _autocast(device: str, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
-    return torch.autocast(device_type="cpu", enabled=False)
-
-
 @torch.no_grad()
 def evaluate_heads(target, loss_module: DraftLoss, examples: list[dict], batch_size: int, pad_id: int, device: str,
                    precision: str, hidden_cache: dict | None = None, key_offset: int = 0,
@@ -173,7 +161,7 @@ def evaluate_heads(target, loss_module: DraftLoss, examples: list[dict], batch_s
         idx = mine[i : i + batch_size]
         ids, attn, mask = collate([examples[j] for j in idx], pad_id)
         ids, attn, mask = ids.to(device), attn.to(device), mask.to(device)
-        with _autocast(device, precision):
+        with autocast(device, precision):
             hidden, pred = _target_outputs(target, ids, attn, [key_offset + j for j in idx], hidden_cache, predictions)
             _, stats = loss_module(hidden, ids, mask, pred)
         for h, (n, ce, t1, t5) in enumerate(stats):
@@ -231,31 +219,6 @@ def _target_outputs(target, ids, attn, keys: list[int], cache: dict | None,
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _lr_lambda(warmup: int, total: int):
-    def f(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine to 10%
-
-    return f
-
-
-def _save_checkpoint(path: Path, drafter: Drafter, optimizer, scheduler, step: int, config: dict, history: dict) -> None:
-    from plmtool.io import atomic_write
-
-    state = {
-        "drafter": drafter.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "step": step,
-        "config": config,
-        "history": history,
-        "rng": torch.get_rng_state(),
-    }
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
 def _config_key(drafter_cfg: DrafterConfig, trainer_cfg: DraftTrainerConfig) -> dict:
     # what must match for a resume to be the same run (max_steps may grow, logging may change)
     t = dataclasses.asdict(trainer_cfg)
@@ -288,17 +251,14 @@ def _as_dataclass(obj: Any, cls):
 
 
 def validate_trainer_config(t: DraftTrainerConfig) -> None:
-    if t.precision not in ("auto", "bf16", "fp32"):
-        raise PlmtoolError(f"trainer.precision must be auto, bf16 or fp32, got '{t.precision}'")
-    for name in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_every", "save_every", "eval_batch_size"):
+    check_trainer(t)
+    for name in ("eval_every", "eval_batch_size"):
         if getattr(t, name) < 1:
             raise PlmtoolError(f"trainer.{name} must be >= 1, got {getattr(t, name)}")
     if t.max_time_s < 0:
         raise PlmtoolError(f"trainer.max_time_s must be >= 0 (0 = no limit), got {t.max_time_s}")
     if t.cpu_threads < 0:
         raise PlmtoolError(f"trainer.cpu_threads must be >= 0 (0 = torch's default), got {t.cpu_threads}")
-    if t.lr <= 0:
-        raise PlmtoolError(f"trainer.lr must be > 0, got {t.lr}")
     if t.labels not in LABEL_SOURCES:
         raise PlmtoolError(f"trainer.labels must be one of {', '.join(LABEL_SOURCES)}, got '{t.labels}'")
 
@@ -325,9 +285,7 @@ def train_drafter(target_model, tokenizer, drafter_cfg, trainer_cfg, conversatio
         torch.set_num_threads(trainer_cfg.cpu_threads)
     world, rank = _init_distributed(device)
     is_main = rank == 0
-    precision = trainer_cfg.precision
-    if precision == "auto":
-        precision = "bf16" if device.startswith("cuda") else "fp32"
+    precision = resolved_precision(trainer_cfg.precision, device)
     torch.manual_seed(trainer_cfg.seed)
     predictions = trainer_cfg.labels == "target"
 
@@ -364,26 +322,20 @@ def train_drafter(target_model, tokenizer, drafter_cfg, trainer_cfg, conversatio
 
     params = drafter.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=trainer_cfg.lr, weight_decay=trainer_cfg.weight_decay, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(trainer_cfg.warmup_steps, trainer_cfg.max_steps))
+    # linear warm-up, then cosine to 10% of trainer.lr
+    scheduler = cosine_schedule(optimizer, trainer_cfg.warmup_steps, trainer_cfg.max_steps, floor=0.1)
 
     step = 0
     history: dict[str, list] = {"loss": [], "eval": []}
     ckpt_path = out_dir / CHECKPOINT
-    key = _config_key(drafter_cfg, trainer_cfg)
-    if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if state["config"] != key:
-            diff = [f"{part}.{k}: {state['config'].get(part, {}).get(k)!r} there, {key[part].get(k)!r} now"
-                    for part in key for k in sorted(set(key[part]) | set(state["config"].get(part, {})))
-                    if state["config"].get(part, {}).get(k) != key[part].get(k)]
-            raise PlmtoolError(f"{ckpt_path} was written with a different drafter/trainer config "
-                               f"({'; '.join(diff)}); use a new run dir")
-        drafter.load_state_dict(state["drafter"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+    checkpoint = Checkpoint(ckpt_path, _config_key(drafter_cfg, trainer_cfg), "a different drafter/trainer config",
+                            "use a new run dir")
+    state = checkpoint.load()
+    if state is not None:
+        drafter.load_state_dict(state["model"])
+        restore(state, optimizer, scheduler)
         step = int(state["step"])
-        history = state["history"]
-        torch.set_rng_state(state["rng"].cpu())  # map_location moved the CPU generator's state too
+        history = state["extra"]["history"]
         log.info("resuming drafter training from step %d (%s)", step, ckpt_path)
 
     hidden_cache: dict | None = {} if trainer_cfg.cache_hidden else None
@@ -414,30 +366,33 @@ def train_drafter(target_model, tokenizer, drafter_cfg, trainer_cfg, conversatio
         history["eval"].append({"step": at_step, **res})
         return res
 
+    def save(done: int) -> None:
+        if is_main:
+            checkpoint.save(done, drafter.state_dict(), optimizer, scheduler, {"history": history})
+
     sampler = torch.utils.data.DistributedSampler(range(len(train_set)), num_replicas=world, rank=rank, shuffle=True,
                                                   seed=trainer_cfg.seed, drop_last=False)
     per_rank = max(1, trainer_cfg.batch_size // world)
     batches_per_epoch = max(1, math.ceil(len(sampler) / per_rank))
-    order_epoch, order = -1, []
-
-    from plmtool.progress import track
-
+    order = {"epoch": -1, "indices": []}
     start = time.perf_counter()
     window: list[float] = []
     head_window = [[0, 0.0, 0] for _ in weights]
-    for step in track(range(step, trainer_cfg.max_steps), "training drafter", total=trainer_cfg.max_steps - step):
+
+    def train_step(step: int) -> None:
+        nonlocal window, head_window
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for micro in range(trainer_cfg.grad_accum):
             b = step * trainer_cfg.grad_accum + micro
             epoch, within = divmod(b, batches_per_epoch)
-            if epoch != order_epoch:  # deterministic in the step number, so a resume continues exactly
+            if epoch != order["epoch"]:  # deterministic in the step number, so a resume continues exactly
                 sampler.set_epoch(epoch)
-                order, order_epoch = list(iter(sampler)), epoch
-            idx = order[within * per_rank : (within + 1) * per_rank] or order[:per_rank]
+                order["epoch"], order["indices"] = epoch, list(iter(sampler))
+            idx = order["indices"][within * per_rank : (within + 1) * per_rank] or order["indices"][:per_rank]
             ids, attn, mask = collate([train_set[i] for i in idx], pad_id)
             ids, attn, mask = ids.to(device), attn.to(device), mask.to(device)
-            with _autocast(device, precision):
+            with autocast(device, precision):
                 hidden, pred = _target_outputs(target_model, ids, attn, idx, hidden_cache, predictions)
                 loss, stats = model_for_step(hidden, ids, mask, pred)
             (loss / trainer_cfg.grad_accum).backward()
@@ -446,13 +401,10 @@ def train_drafter(target_model, tokenizer, drafter_cfg, trainer_cfg, conversatio
                 head_window[h][0] += n
                 head_window[h][1] += ce * n
                 head_window[h][2] += t1
-        if trainer_cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, trainer_cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
+        optimizer_step(params, optimizer, scheduler, trainer_cfg.grad_clip)
         window.append(step_loss)
         done = step + 1
-        if done % trainer_cfg.log_every == 0 or done == trainer_cfg.max_steps:
+        if (trainer_cfg.log_every and done % trainer_cfg.log_every == 0) or done == trainer_cfg.max_steps:
             mean = sum(window) / len(window)
             record = {
                 "step": done,
@@ -468,20 +420,20 @@ def train_drafter(target_model, tokenizer, drafter_cfg, trainer_cfg, conversatio
             window, head_window = [], [[0, 0.0, 0] for _ in weights]
         if done % trainer_cfg.eval_every == 0 and done != trainer_cfg.max_steps:
             run_eval(done)
-        if done % trainer_cfg.save_every == 0 and done != trainer_cfg.max_steps and is_main:
-            _save_checkpoint(ckpt_path, drafter, optimizer, scheduler, done, key, history)
-        if trainer_cfg.max_time_s and done != trainer_cfg.max_steps and _out_of_time(start, trainer_cfg.max_time_s, device, world):
-            if is_main:
-                _save_checkpoint(ckpt_path, drafter, optimizer, scheduler, done, key, history)
-            log.warning("trainer.max_time_s=%g reached at step %d of %d: checkpoint %s; rerun the same command to resume",
-                        trainer_cfg.max_time_s, done, trainer_cfg.max_steps, ckpt_path)
-            return {"kind": drafter_cfg.kind, "finished": False, "steps_done": done, "steps": trainer_cfg.max_steps,
-                    "wall_time_s": round(time.perf_counter() - start, 2), "checkpoint": str(ckpt_path)}
+
+    done = run_steps(step, trainer_cfg.max_steps, train_step, description="training drafter", save=save,
+                     save_every=trainer_cfg.save_every, limit=TimeLimit(seconds=trainer_cfg.max_time_s, device=device))
+    if done < trainer_cfg.max_steps:  # stopped by trainer.max_time_s
+        save(done)
+        log.warning("trainer.max_time_s=%g reached at step %d of %d: checkpoint %s; rerun the same command to resume",
+                    trainer_cfg.max_time_s, done, trainer_cfg.max_steps, ckpt_path)
+        return {"kind": drafter_cfg.kind, "finished": False, "steps_done": done, "steps": trainer_cfg.max_steps,
+                "wall_time_s": round(time.perf_counter() - start, 2), "checkpoint": str(ckpt_path)}
     wall = time.perf_counter() - start
 
     final = run_eval(trainer_cfg.max_steps)
+    save(trainer_cfg.max_steps)
     if is_main:
-        _save_checkpoint(ckpt_path, drafter, optimizer, scheduler, trainer_cfg.max_steps, key, history)
         save_drafter(drafter, out_dir / "drafter", base_info)
     losses = [v for _, v in history["loss"]]
     metrics = {

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from plmtool.train_config import TrainerConfig
+
 
 @dataclass
 class DensityConfig:
@@ -89,8 +91,19 @@ class TrainExpertsConfig:
     lm_eval_limit: Optional[int] = None
 
 
+@dataclass
+class ExpertsTrainerConfig(TrainerConfig):
+    """`trainer.*` of `experts train`: every baseline and expert trains for `epochs` passes over its
+    own data (the same budget per sample); `max_steps` is only a safety cap."""
+
+    lr: float = 2e-4
+    max_steps: int = 1_000_000
+    epochs: int = 1
+    max_seq_len: int = 512  # tokens per training / held-out sequence
+
+
 try:
-    from plmtool.config import ModelConfig, TrainerConfig, register
+    from plmtool.config import ModelConfig, register
 except ImportError:  # no hydra here (e.g. a bare GPU box running a benchmark script)
     register = None  # type: ignore[assignment]
 
@@ -106,7 +119,7 @@ if register is not None:
     class ExpertsTrainApp:
         model: ModelConfig = field(default_factory=ModelConfig)
         experts: TrainExpertsConfig = field(default_factory=TrainExpertsConfig)
-        trainer: TrainerConfig = field(default_factory=TrainerConfig)
+        trainer: ExpertsTrainerConfig = field(default_factory=ExpertsTrainerConfig)
         seed: int = 0
 
     register("experts_redistribute_schema", ExpertsRedistributeApp)

@@ -6,7 +6,6 @@ parameters require grad); evaluation can mix adapters per sample (`adapter_names
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -22,7 +21,8 @@ import torch
 
 from plmtool.errors import PlmtoolError
 from plmtool.experts.tokenize import IGNORE, collate
-from plmtool.io import atomic_write
+from plmtool.train_loop import Checkpoint, TimeLimit, autocast, cosine_schedule, optimizer_step, restore, run_steps
+from plmtool.train_loop import set_torch_rng_state, torch_rng_state  # noqa: F401  (scripts/bench_experts.py imports them from here)
 
 log = logging.getLogger("plmtool")
 BASE = "__base__"  # peft's name for "no adapter" in mixed batches
@@ -98,14 +98,6 @@ def assistant_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return torch.nn.functional.cross_entropy(head(picked).float(), target)
 
 
-CHECKPOINT_VERSION = 1
-
-
-def _wall_clock() -> float:
-    """The clock a deadline is compared with (one place, so tests can move time forward)."""
-    return time.time()
-
-
 def _schedule(n: int, epochs: float, per_step: int, max_steps: int | None, warmup_ratio: float,
               warmup_steps: int) -> tuple[int, bool, int]:
     """(optimizer steps, whether max_steps cut them, warm-up steps)."""
@@ -116,13 +108,6 @@ def _schedule(n: int, epochs: float, per_step: int, max_steps: int | None, warmu
     # warm-up scales with each adapter's own step count unless a fixed number is asked for
     warmup = min(int(warmup_steps), steps) if warmup_steps else int(round(steps * warmup_ratio))
     return steps, capped, warmup
-
-
-def _lr_factor(warmup: int, steps: int, step: int) -> float:
-    """Linear warm-up, cosine decay to 0."""
-    if step < warmup:
-        return (step + 1) / max(1, warmup)
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
 class _DataOrder:
@@ -148,20 +133,6 @@ class _DataOrder:
     def load(self, state: dict[str, Any]) -> None:
         self.rng.bit_generator.state = json.loads(state["generator"])
         self.rest = list(state["rest"])
-
-
-def torch_rng_state() -> dict[str, Any]:
-    """The global torch generators (LoRA dropout and adapter initialisation draw from them)."""
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_torch_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _data_digest(encoded: Sequence[dict[str, Any]]) -> str:
@@ -260,43 +231,16 @@ class _Progress:
         return [*self.pieces, {"steps": [self.first, self.step], "seconds": round(seconds, 3), "device": device}]
 
 
-def _save_checkpoint(path: Path, hparams: dict[str, Any], prog: _Progress, seconds: float, device: str,
-                     named, opt, sched, order: _DataOrder) -> None:
-    t = time.perf_counter()
-    state = {"version": CHECKPOINT_VERSION, "hparams": hparams, "step": prog.step, "tokens": prog.tokens,
-             "seconds": prog.earlier_seconds + seconds, "checkpoint_s": prog.checkpoint_s,
-             "pieces": prog.with_piece(seconds, device), "losses": torch.tensor(prog.all_losses(), dtype=torch.float64),
-             "adapter": {n: p.detach().cpu().clone() for n, p in named}, "optimizer": opt.state_dict(),
-             "scheduler": sched.state_dict(), "data_order": order.state(), "torch_rng": torch_rng_state()}
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
-    prog.checkpoint_s += time.perf_counter() - t
-
-
-def _load_checkpoint(path: Path, hparams: dict[str, Any]) -> dict[str, Any]:
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    if ck.get("version") != CHECKPOINT_VERSION:
-        raise PlmtoolError(f"checkpoint {path} has format version {ck.get('version')}, expected {CHECKPOINT_VERSION}: "
-                           "delete it to train from scratch")
-    saved = ck["hparams"]
-    diff = [f"{k}: {saved.get(k)!r} there, {hparams.get(k)!r} now" for k in sorted(set(saved) | set(hparams))
-            if saved.get(k) != hparams.get(k)]
-    if diff:
-        raise PlmtoolError(f"checkpoint {path} was written with other hyper-parameters or data ({'; '.join(diff)}): "
-                           "delete it (or give another checkpoint path) to train from scratch")
-    return ck
-
-
-def _restore(ck: dict[str, Any], named, opt, sched, order: _DataOrder) -> _Progress:
+def _restore(state: dict[str, Any], named, opt, sched, order: _DataOrder) -> _Progress:
     with torch.no_grad():
         for n, p in named:
-            p.copy_(ck["adapter"][n])
-    opt.load_state_dict(ck["optimizer"])
-    sched.load_state_dict(ck["scheduler"])
-    order.load(ck["data_order"])
+            p.copy_(state["model"][n])
     # dropout continues with the random numbers the uninterrupted run would have drawn
-    set_torch_rng_state(ck["torch_rng"])
-    return _Progress(step=ck["step"], first=ck["step"], earlier_losses=ck["losses"].tolist(), tokens=ck["tokens"],
-                     earlier_seconds=ck["seconds"], checkpoint_s=ck["checkpoint_s"], pieces=list(ck["pieces"]))
+    restore(state, opt, sched)
+    extra = state["extra"]
+    order.load(extra["data_order"])
+    return _Progress(step=state["step"], first=state["step"], earlier_losses=extra["losses"].tolist(), tokens=extra["tokens"],
+                     earlier_seconds=extra["seconds"], checkpoint_s=extra["checkpoint_s"], pieces=list(extra["pieces"]))
 
 
 def _device_batch(encoded: Sequence[dict[str, Any]], idx: list[int], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -317,17 +261,17 @@ def train_adapter(model, name: str, encoded: Sequence[dict[str, Any]], pad_id: i
                   deadline: float | None = None) -> dict[str, Any]:
     """Train adapter `name` on `encoded` for `epochs` passes; returns timing and loss stats.
 
-    With `checkpoint` (a file path) the training can be resumed: the adapter's trainable weights,
-    optimizer, scheduler, data order, torch generators, per-step losses and training seconds are
-    written there atomically every `checkpoint_every` steps (0: not in between), when `deadline`
-    (a `time.time()` value) has passed, and at the end. A later call with the same path, adapter,
+    The schedule (linear warm-up, cosine decay to 0), autocast, checkpoint and deadline are
+    plmtool.train_loop's. With `checkpoint` (a file path) the training can be resumed: the
+    adapter's trainable weights, optimizer, scheduler, data order, torch generators, per-step
+    losses and training seconds are written there atomically every `checkpoint_every` steps (0: not
+    in between), when `deadline` (a `plmtool.train_loop.now()` value, checked after each step, so
+    that every call makes progress) has passed, and at the end. A later call with the same path, adapter,
     data and hyper-parameters continues from it and ends where an uninterrupted run would; a
     finished checkpoint is loaded without training. A checkpoint of other hyper-parameters or data
     raises PlmtoolError. A call stopped by the deadline returns `finished` False and `steps_done`
     < `steps`. `seconds` sums the training time of all calls (checkpoint writing excluded).
     """
-    from plmtool.progress import track
-
     if len(encoded) == 0:
         raise PlmtoolError(f"adapter '{name}': no training samples")
     if deadline is not None and checkpoint is None:
@@ -341,58 +285,64 @@ def train_adapter(model, name: str, encoded: Sequence[dict[str, Any]], pad_id: i
     device_name = torch.cuda.get_device_name(device) if cuda else device.type
     # fused: one kernel for the whole adapter's update instead of a few per parameter tensor
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=cuda)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(_lr_factor, warmup, steps))
+    sched = cosine_schedule(opt, warmup, steps)  # linear warm-up, cosine decay to 0
     order = _DataOrder(len(encoded), seed)
-    prog, path, hparams = _Progress(), None, {}
+    prog, ckpt = _Progress(), None
     if checkpoint is not None:
-        path = Path(checkpoint)
         hparams = {"adapter": name, "samples": len(encoded), "data_sha256": _data_digest(encoded), "pad_id": pad_id,
                    "lr": lr, "epochs": epochs, "batch_size": batch_size, "grad_accum": grad_accum, "max_steps": max_steps,
                    "steps": steps, "warmup": warmup, "weight_decay": weight_decay, "grad_clip": grad_clip, "seed": seed,
                    "bf16": bf16, "lora": _adapter_digest(model, name, named)}
-        if path.is_file():
-            prog = _restore(_load_checkpoint(path, hparams), named, opt, sched, order)
-            log.info("%s: resuming at step %d/%d from %s", name, prog.step, steps, path)
+        ckpt = Checkpoint(checkpoint, hparams, "other hyper-parameters or data",
+                          "delete it (or give another checkpoint path) to train from scratch")
+        state = ckpt.load()
+        if state is not None:
+            prog = _restore(state, named, opt, sched, order)
+            log.info("%s: resuming at step %d/%d from %s", name, prog.step, steps, checkpoint)
     loss_log = _LossLog(name, steps, log_every, cuda)
     clock = _Clock(cuda)
+    precision = "bf16" if bf16 else "fp32"
 
     def save() -> None:
-        _save_checkpoint(path, hparams, prog, clock.seconds, device_name, named, opt, sched, order)
+        extra = {"tokens": prog.tokens, "seconds": prog.earlier_seconds + clock.seconds, "checkpoint_s": prog.checkpoint_s,
+                 "pieces": prog.with_piece(clock.seconds, device_name),
+                 "losses": torch.tensor(prog.all_losses(), dtype=torch.float64), "data_order": order.state()}
+        adapter = {n: p.detach().cpu().clone() for n, p in named}
+        prog.checkpoint_s += ckpt.save(prog.step, adapter, opt, sched, extra)
 
-    model.train()
-    clock.start()
-    for step in track(range(prog.step, steps), f"training {name}", total=steps - prog.step):
-        if deadline is not None and _wall_clock() >= deadline:
-            break
+    def periodic_save(done: int) -> None:
+        clock.stop()  # checkpoint writing is not training time
+        save()
+        clock.start()
+
+    def train_step(step: int) -> None:
         opt.zero_grad(set_to_none=True)
         step_loss = torch.zeros((), device=device)
         for _ in range(grad_accum):
             idx = order.take(batch_size)
             b = _device_batch(encoded, idx, pad_id, device)
             prog.tokens += sum(len(encoded[i]["input_ids"]) for i in idx)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            with autocast(device, precision):
                 loss = assistant_loss(model, b["input_ids"], b["attention_mask"], positions=(b["pos"], b["target"]))
             (loss / grad_accum).backward()
             step_loss += loss.detach() / grad_accum
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        opt.step()
-        sched.step()
+        optimizer_step(params, opt, sched, grad_clip)
         prog.losses.append(step_loss)  # kept on the device: read back when logging, checkpointing and at the end
         prog.step = step + 1
         loss_log.step(prog.step, prog.losses)
-        if path is not None and checkpoint_every and prog.step % checkpoint_every == 0 and prog.step < steps:
-            clock.stop()
-            save()
-            clock.start()
+
+    model.train()
+    clock.start()
+    run_steps(prog.step, steps, train_step, description=f"training {name}", save=periodic_save if ckpt else None,
+              save_every=checkpoint_every, limit=TimeLimit(deadline=deadline) if deadline is not None else None)
     clock.stop()
     loss_log.flush()
-    if path is not None and (prog.step > prog.first or not path.is_file()):
+    if ckpt is not None and (prog.step > prog.first or not ckpt.path.is_file()):
         save()
     model.eval()
     for p in params:
         p.requires_grad_(False)
-    return _train_stats(name, len(encoded), epochs, steps, capped, prog, clock.seconds, device_name, path is not None)
+    return _train_stats(name, len(encoded), epochs, steps, capped, prog, clock.seconds, device_name, ckpt is not None)
 
 
 def _train_stats(name: str, samples: int, epochs: float, steps: int, capped: bool, prog: _Progress, seconds: float,

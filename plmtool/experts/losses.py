@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from plmtool.experts.tokenize import IGNORE, collate
+from plmtool.train_loop import autocast as precision_autocast
 
 
 def token_logprobs(
@@ -33,7 +34,7 @@ def token_logprobs(
             kwargs = {}
             if adapter_names is not None:
                 kwargs["adapter_names"] = [adapter_names[i] for i in idx]
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+            with precision_autocast(device, "bf16" if autocast else "fp32"):
                 logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device), **kwargs).logits
             target = b["labels"][:, 1:].to(device)
             logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)

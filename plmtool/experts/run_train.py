@@ -38,6 +38,8 @@ from plmtool.experts.router import Router
 from plmtool.experts.samples import read_samples
 from plmtool.experts.tokenize import encode
 from plmtool.io import read_json
+from plmtool.train_config import check_trainer
+from plmtool.train_loop import resolved_precision
 
 log = logging.getLogger("plmtool")
 BASELINES = ("full", "random", "redistributed")
@@ -92,8 +94,9 @@ def check_options(o: Any, trainer: Any) -> tuple[Path, dict[str, Any]]:
         raise PlmtoolError(f"experts.top_k must be >= 1, got {o.top_k}")
     if o.mode == "generate" and not o.prompt:
         raise PlmtoolError("experts.mode=generate needs experts.prompt=\"...\"")
-    if trainer.epochs <= 0 or trainer.batch_size < 1 or trainer.lr <= 0:
-        raise PlmtoolError("trainer.epochs, trainer.batch_size and trainer.lr must be positive")
+    check_trainer(trainer)
+    if trainer.epochs < 1:
+        raise PlmtoolError(f"trainer.epochs must be >= 1, got {trainer.epochs}")
     d, meta = load_meta(o.redistribution)
     if o.expert_index is not None and not 0 <= o.expert_index < meta["k"]:
         raise PlmtoolError(f"experts.expert_index={o.expert_index} out of range: the redistribution has K={meta['k']} experts")
@@ -159,7 +162,7 @@ def run(o: Any, trainer: Any, run_dir: Path, seed: int, load: Callable[[], tuple
     model, tok = load()
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     device = next(model.parameters()).device
-    bf16 = trainer.precision == "bf16" or (trainer.precision == "auto" and device.type == "cuda")
+    bf16 = resolved_precision(trainer.precision, device) == "bf16"
     cfg = lora_config(o.lora.r, o.lora.alpha, o.lora.dropout, _targets(o))
     fps = {u: _fingerprint(u, [s["id"] for s in data[u]], o, trainer, model_id, seed, max_len, mpl) for u in data}
     train_stats: dict[str, Any] = {}
@@ -181,9 +184,8 @@ def run(o: Any, trainer: Any, run_dir: Path, seed: int, load: Callable[[], tuple
             ckpt = checkpoint_path(adapters, u, fps[u])
             stats = train_adapter(model, u, enc, pad, lr=trainer.lr, epochs=trainer.epochs, batch_size=trainer.batch_size,
                                   grad_accum=trainer.grad_accum, max_steps=trainer.max_steps, weight_decay=trainer.weight_decay,
-                                  warmup_steps=getattr(trainer, "warmup_steps", 0) or 0,
-                                  grad_clip=trainer.grad_clip, seed=seed, bf16=bf16, log_every=trainer.log_every,
-                                  checkpoint=ckpt, checkpoint_every=int(getattr(trainer, "save_every", 0) or 0))
+                                  warmup_steps=trainer.warmup_steps, grad_clip=trainer.grad_clip, seed=seed, bf16=bf16,
+                                  log_every=trainer.log_every, checkpoint=ckpt, checkpoint_every=trainer.save_every)
             save_adapter(model, u, path, {"fingerprint": fps[u], "stats": stats})
             _drop_checkpoints(adapters, u)  # the saved adapter is the result now
             train_stats[u] = {**stats, "reused": False}
