@@ -153,3 +153,31 @@ def test_read_only_run_dir_is_one_line(tmp_path):
     out = _run("eval", f"hydra.run.dir={locked / 'run'}")
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert out.stderr.strip().splitlines() == [f"plmtool: error: hydra.run.dir={locked / 'run'}: {locked} is not writable"]
+
+
+def _in_process(monkeypatch, *argv: str) -> int:
+    monkeypatch.setattr(sys, "argv", ["plmtool"])
+    try:
+        return cli.main(list(argv))
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
+def test_prune_checks_inputs_and_free_space_before_the_long_work(tmp_path, tiny_llama_dir, monkeypatch, capsys):
+    import shutil
+    from collections import namedtuple
+
+    fast = ["data.nsamples=4", "data.seqlen=32", "eval.seqlen=32", "eval.max_tokens=256", "eval.zeroshot=[]", "model.device=cpu"]
+    # a missing corpus is named before the (missing) model is looked at
+    rc = _in_process(monkeypatch, "prune", "sds", *fast, f"data.corpus={tmp_path / 'missing.txt'}", "model.name_or_path=/nonexistent",
+                     f"hydra.run.dir={tmp_path / 'corpus'}")
+    assert rc == 2 and f"no file at {tmp_path / 'missing.txt'}" in capsys.readouterr().err.strip().splitlines()[-1]
+    # the saved model needs more than the disk has: one line, before any stage runs
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 4096, 4096))
+    run = tmp_path / "full"
+    rc = _in_process(monkeypatch, "prune", "sds", *fast, "prune.save_model=true", f"model.name_or_path={tiny_llama_dir}", f"hydra.run.dir={run}")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "Traceback" not in "\n".join(err)
+    assert err[-1].startswith(f"plmtool: error: {run}: 0.00 GiB free, but the pruned model (prune.save_model=true) needs"), err[-1]
+    assert not (run / "stages").exists() and not (run / "weights").exists()
