@@ -19,7 +19,6 @@ from plmtool.experts.embed import ModelEmbedder
 from plmtool.experts.losses import token_logprobs
 from plmtool.experts.lora import BASE
 from plmtool.experts.router import Router
-from plmtool.experts.samples import prompt_text
 from plmtool.experts.tokenize import encode_prompt
 
 
@@ -99,12 +98,6 @@ class RoutedExperts:
         return {"prompt": prompt, "expert": k, "adapter": self.names[k], "scores": [float(s) for s in scores], "response": text}
 
 
-def routes_for_samples(experts: RoutedExperts, samples: Sequence[dict[str, Any]]) -> np.ndarray:
-    return experts.route([prompt_text(s) for s in samples])
-
-
-
-
 def load_routed(redistribution: str, model_cfg: Any, adapters_dir: str | None = None,
                 expert_data: str = "redistributed") -> RoutedExperts:
     """Python entry point: the model of `model_cfg` with every trained expert and the router.
@@ -118,7 +111,7 @@ def load_routed(redistribution: str, model_cfg: Any, adapters_dir: str | None = 
 
     from plmtool.experts.embed import make_embedder
     from plmtool.experts.lora import load_adapter
-    from plmtool.experts.run_train import load_meta
+    from plmtool.experts.run_redistribute import load_meta
     from plmtool.models import load_model
 
     check_expert_data(expert_data)
@@ -133,4 +126,4 @@ def load_routed(redistribution: str, model_cfg: Any, adapters_dir: str | None = 
     return RoutedExperts(model, tok, Router.load(d / "centroids.npy"), embedder, names)
 
 
-__all__ = ["EXPERT_DATA", "RoutedExperts", "check_expert_data", "expert_name", "load_routed", "of_kind", "routes_for_samples", "BASE"]
+__all__ = ["EXPERT_DATA", "RoutedExperts", "check_expert_data", "expert_name", "load_routed", "of_kind", "BASE"]

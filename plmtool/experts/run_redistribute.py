@@ -31,7 +31,7 @@ from plmtool.experts.router import Router
 from plmtool.data.chat import split_heldout
 from plmtool.experts.samples import load_samples, prompt_text, read_samples, write_samples
 from plmtool.experts.space import build_space, validate
-from plmtool.io import Stages, atomic_write, write_json
+from plmtool.io import Stages, atomic_write, read_json, write_json
 
 log = logging.getLogger("plmtool")
 Loader = Callable[[], tuple[Any, Any]]
@@ -52,6 +52,16 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
     atomic_write(path, write)
+
+
+def load_meta(redistribution: str | None) -> tuple[Path, dict[str, Any]]:
+    """The run dir of a finished redistribution and its redistribution.json (written after its data, shards and centroids)."""
+    if not redistribution:
+        raise PlmtoolError("experts.redistribution is required: the run dir of `plmtool experts redistribute`")
+    d = Path(redistribution).expanduser()
+    if not (d / "redistribution.json").is_file():
+        raise PlmtoolError(f"{d} is not a finished redistribution run (no redistribution.json)")
+    return d, read_json(d / "redistribution.json")
 
 
 def check_options(o: Any) -> None:

@@ -34,10 +34,10 @@ from plmtool.errors import PlmtoolError
 from plmtool.experts.losses import encoded_losses, mean_loss
 from plmtool.experts.lora import BASE, adapter_meta, add_adapters, load_adapter, lora_config, save_adapter, train_adapter
 from plmtool.experts.routed import RoutedExperts, check_expert_data, expert_name
+from plmtool.experts.run_redistribute import load_meta
 from plmtool.experts.router import Router
 from plmtool.experts.samples import read_samples
 from plmtool.experts.tokenize import encode
-from plmtool.io import read_json
 from plmtool.train_config import check_trainer
 from plmtool.train_loop import resolved_precision
 
@@ -68,15 +68,6 @@ def expert_samples(d: Path, k: int, expert_data: str) -> dict[str, list[dict[str
     if expert_data == "cluster":
         return {expert_name(c, expert_data): samples for c, samples in enumerate(whole_clusters(d, k))}
     return {expert_name(c): read_samples(unit_file(d, expert_name(c))) for c in range(k)}
-
-
-def load_meta(redistribution: str | None) -> tuple[Path, dict[str, Any]]:
-    if not redistribution:
-        raise PlmtoolError("experts.redistribution is required: the run dir of `plmtool experts redistribute`")
-    d = Path(redistribution).expanduser()
-    if not (d / "redistribution.json").is_file():
-        raise PlmtoolError(f"{d} is not a finished redistribution run (no redistribution.json)")
-    return d, read_json(d / "redistribution.json")
 
 
 def check_options(o: Any, trainer: Any) -> tuple[Path, dict[str, Any]]:
