@@ -128,6 +128,7 @@ def execute(
         write_json(out / "report.json", report)
         markdown = (render or render_generic)(report)
         write_text(out / "report.md", markdown)
+        _finish(out, record, "completed", start)
     except KeyboardInterrupt:
         _finish(out, record, "interrupted", start)
         print(f"plmtool: interrupted; {out / 'run.json'} records status interrupted", file=sys.stderr, flush=True)
@@ -144,7 +145,6 @@ def execute(
         if message:
             sys.exit(2)
         raise
-    _finish(out, record, "completed", start)
     print_markdown(markdown)
     # last lines: where everything went (every command, every run)
     print(f"run directory: {out}\nreport: {out / 'report.md'}", flush=True)
