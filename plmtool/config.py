@@ -73,25 +73,6 @@ class EvalConfig:
 
 
 @dataclass
-class TrainerConfig:
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_steps: int = 1000
-    epochs: int = 1
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_seq_len: int = 1024
-    precision: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU | bf16 | fp32
-    grad_clip: float = 1.0
-    log_every: int = 10
-    eval_every: int = 200
-    save_every: int = 200
-    num_workers: int = 0
-    seed: int = 0
-
-
-@dataclass
 class EvalApp:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
