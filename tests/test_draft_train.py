@@ -255,7 +255,7 @@ def test_command_end_to_end(tmp_path, tok, monkeypatch):
     report = run(cfg, tmp_path / "run")
     assert len(report["heads"]["top1"]) == 2 and report["steps"] == 6 and report["drafter"] == "amphista"
     assert report["data"] == {"source": str(data), "conversations": 16, "skipped": {"not_alternating": 1, "empty_turn": 1},
-                              "self_distill": False}
+                              "self_distill": False, "distilled_without_reply": 0}
     assert "(skipped 2 records: 1 with an empty turn, 1 with two turns of one role in a row)" in render(report)
     assert (tmp_path / "run" / "drafter" / "drafter.safetensors").is_file()
     conf = json.loads((tmp_path / "run" / "drafter" / "drafter_config.json").read_text())
@@ -303,6 +303,31 @@ def test_self_distillation_replaces_replies_with_the_targets_own(tmp_path, tok):
     # cached: a second call reads the parts instead of generating
     assert sorted(p.name for p in (tmp_path / "distill").iterdir()) == ["part-00000.jsonl", "part-00001.jsonl"]
     assert self_distill(None, tok, convs, tmp_path / "distill", max_new_tokens=6, batch_size=2) == out
+
+
+def test_conversations_the_target_leaves_unanswered_are_counted_in_the_report(tmp_path, tok, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    import plmtool.draft.data as data_mod
+    from plmtool.commands.draft_train import render, run
+    from plmtool.paths import CONF_DIR
+
+    target = tiny_target(len(tok))
+    model_dir = save_tiny_checkpoint(tmp_path / "model", target, tok)
+    data = write_chat_jsonl(tmp_path / "chats.jsonl", tiny_conversations(12))
+    real = data_mod.generate_replies
+    # the target answers nothing to the conversations that count from 0
+    monkeypatch.setattr(data_mod, "generate_replies", lambda model, tok_, histories, *a: [
+        "" if h[-1]["content"] == "count from 0" else r for h, r in zip(histories, real(model, tok_, histories, *a))])
+    overrides = [f"model.name_or_path={model_dir}", "model.device=cpu", f"data.source={data}", "data.heldout=2",
+                 "data.max_seq_len=96", "data.min_assistant_tokens=1", "data.self_distill=true", "data.distill_max_new_tokens=8",
+                 "draft.num_heads=2", "trainer.max_steps=2", "trainer.batch_size=4"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        report = run(compose(config_name="draft_train", overrides=overrides), tmp_path / "run")
+    unanswered = sum(c[0]["content"] == "count from 0" for c in tiny_conversations(12))
+    assert unanswered > 0 and report["data"]["distilled_without_reply"] == unanswered
+    assert report["data"]["conversations"] == 12 - unanswered
+    assert f"{unanswered} without a reply from the target" in render(report)
 
 
 def test_self_distillation_cache_keeps_replies_with_unicode_line_separators(tmp_path, tok):

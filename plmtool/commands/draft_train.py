@@ -82,12 +82,17 @@ def run(cfg: DictConfig, run_dir: Path) -> Report:
         log.warning("%s: %s", data.source, skipped_line(data.skipped))
     conversations = data.conversations
     model, tokenizer = load_model(cfg.model, device=_rank_device(cfg.model.device))
+    no_reply = 0
     if cfg.data.self_distill:
+        read = len(conversations)
         conversations = self_distill(
             model, tokenizer, conversations, run_dir / "distill",
             max_new_tokens=cfg.data.distill_max_new_tokens, max_turns=cfg.data.distill_max_turns,
             batch_size=cfg.data.distill_batch_size, max_prompt_tokens=cfg.data.distill_prompt_tokens,
         )
+        no_reply = read - len(conversations)  # the target answered none of the replayed turns
+        if no_reply:
+            log.warning("self-distillation: %d conversations left out, the target generated no reply", no_reply)
     if stages.done("train"):
         metrics = stages.result("train")
     else:
@@ -109,7 +114,8 @@ def run(cfg: DictConfig, run_dir: Path) -> Report:
         "model": cfg.model.name_or_path,
         "model_info": model_info(model),
         "drafter": metrics["kind"],
-        "data": {**data.summary(), "conversations": len(conversations), "self_distill": bool(cfg.data.self_distill)},
+        "data": {**data.summary(), "conversations": len(conversations), "self_distill": bool(cfg.data.self_distill),
+                 "distilled_without_reply": no_reply},
         **{k: v for k, v in metrics.items() if k != "eval_history"},
     }
 
@@ -139,10 +145,11 @@ def _data_line(report: Report) -> str:
 
     data = report["data"]
     skipped = skipped_line(data.get("skipped", {}))
-    dropped = report.get("short_conversations", 0)
-    short = f"; {dropped} with fewer than data.min_assistant_tokens supervised tokens left out" if dropped else ""
-    return (f"Data: {data['conversations']} conversations from {data['source']}"
-            + (f" ({skipped})" if skipped else "") + f"{short}.\n\n")
+    left_out = [f"{n} {why}" for n, why in ((data.get("distilled_without_reply", 0), "without a reply from the target"),
+                                            (report.get("short_conversations", 0), "with fewer than data.min_assistant_tokens supervised tokens"))
+                if n]
+    return (f"Data: {data['conversations']} conversations from {data['source']}" + (f" ({skipped})" if skipped else "")
+            + (f"; left out: {', '.join(left_out)}" if left_out else "") + ".\n\n")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="draft_train")
