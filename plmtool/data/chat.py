@@ -10,7 +10,8 @@ A record is one JSON object of one of three shapes, with an optional `id` and an
 label (`task`, `source` or `category`, used by experts):
   * ShareGPT: {"conversations": [{"from": "human" | "gpt" | ..., "value": str}, ...]}
   * chat: {"messages": [{"role": "user" | "assistant" | "system", "content": str}, ...]}
-    (either list may use either key pair, and the role aliases of ROLES)
+    (either list may use either key pair and the role aliases of ROLES; older ShareGPT dumps
+    name the list `items`)
   * instruction: {"instruction": str, "input": str (optional), "output": str}
 
 Malformed input is a PlmtoolError naming the file and the place: invalid JSON, a file that is
@@ -19,7 +20,9 @@ unknown role. A well-formed record that is no usable conversation is skipped and
 reason (`SKIP_REASONS`, `ChatData.skipped`), for the command's report: ShareGPT dumps hold many
 such records, so they cannot each stop a run.
 
-Every loader returns conversations as lists of {"role": "system"|"user"|"assistant", "content": str}.
+A conversation is a list of {"role": "system"|"user"|"assistant", "content": str}; `load_chat`
+returns them as samples (id, messages, task) in a ChatData, with the skipped counts. A sample's id
+is the record's `id`, else `<file stem>-<line>` (JSONL) or `<file stem>-<index>` (`.json`).
 """
 
 from __future__ import annotations
