@@ -31,6 +31,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -111,10 +112,9 @@ def quality(args, rec: Recorder, data: dict, patterns: list[str], requests: list
 
     from plmtool.eval.perplexity import perplexity
     from plmtool.eval.zeroshot import average, score_requests
-    from plmtool.prune.oneshot import OneShotOptions, SparseGptOptions, prune_model
-    from plmtool.prune.patterns import parse_pattern
-    from plmtool.prune.sds import OptimOptions, SdsOptions, linear_weights, redense_model, reprune_model
-    from plmtool.prune.sequential import WalkOptions
+    from plmtool.prune.config import OptimConfig, PruneConfig, SdsConfig
+    from plmtool.prune.oneshot import prune_model
+    from plmtool.prune.sds import linear_weights, redense_model, reprune_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.tiny:
@@ -129,8 +129,7 @@ def quality(args, rec: Recorder, data: dict, patterns: list[str], requests: list
         calib, val, ev, seqlen = data["calib"], data["val"], data["eval"], 2048
     tok = tokenizer_of("smollm2-135m" if args.tiny else args.model)
     dense = linear_weights(model, device=device)
-    walk = WalkOptions(device=device, batch_size=args.batch_size)
-    sgpt = SparseGptOptions()
+    base = PruneConfig(sparsity=0.5, batch_size=args.batch_size)  # unstructured = 50 %
     tasks = [t.task for t in requests]
 
     def zero_shot() -> dict:
@@ -157,26 +156,26 @@ def quality(args, rec: Recorder, data: dict, patterns: list[str], requests: list
     if not args.no_dense:
         evaluate("dense", "-", None)
 
-    def sds_options(spec: str = "") -> SdsOptions:
+    def sds_config(spec: str = "") -> SdsConfig:
         """SDS settings from the command line, overridden by "key=value,..." (keys: l1, l2, lr,
         alr (adjustment lr), it, opt, inputs)."""
         kv = dict(part.split("=", 1) for part in spec.split(",") if part)
         it = int(kv.get("it", args.iterations))
         opt = kv.get("opt", "adam")
-        return SdsOptions(l1=float(kv.get("l1", args.l1)), l2=float(kv.get("l2", args.l2)), inputs=kv.get("inputs", "pruned"),
-                          redense=OptimOptions(iterations=it, lr=float(kv.get("lr", args.lr)), optimizer=opt),
-                          adjust=OptimOptions(iterations=it, lr=float(kv.get("alr", args.adjust_lr)), optimizer=opt))
+        return SdsConfig(l1=float(kv.get("l1", args.l1)), l2=float(kv.get("l2", args.l2)), inputs=kv.get("inputs", "pruned"),
+                         redense=OptimConfig(iterations=it, lr=float(kv.get("lr", args.lr)), optimizer=opt),
+                         adjust=OptimConfig(iterations=it, lr=float(kv.get("alr", args.adjust_lr)), optimizer=opt))
 
-    variants = {spec: sds_options(spec) for spec in (args.sds_variants.split(";") if args.sds_variants else [""])}
+    variants = {spec: sds_config(spec) for spec in (args.sds_variants.split(";") if args.sds_variants else [""])}
     for pat_text in patterns:
-        pattern = parse_pattern(pat_text, 0.5)
-        shown = pat_text if pattern.structured else "50%"
+        at = replace(base, pattern=pat_text)
+        shown = pat_text if at.parsed_pattern.structured else "50%"
         oneshot = {}
         for method in args.oneshot_methods.split(","):
             restore(model, dense)
             sync()
             t = time.perf_counter()
-            prune_model(model, calib, pattern, OneShotOptions(method=method, walk=walk, sparsegpt=sgpt))
+            prune_model(model, calib, replace(at, method=method), device)
             sync()
             secs = round(time.perf_counter() - t, 2)
             oneshot[method] = linear_weights(model, device=device)
@@ -188,12 +187,13 @@ def quality(args, rec: Recorder, data: dict, patterns: list[str], requests: list
             # evaluated on the test data (the only numbers reported for SDS)
             candidates: dict[str, float] = {}
             best = None
-            for spec, opts in variants.items():
+            for spec, sds in variants.items():
+                opts = replace(at, method=method, sds=sds)
                 restore(model, oneshot[method])
                 sync()
                 t = time.perf_counter()
-                redense_model(model, calib, dense, opts, walk)
-                res = reprune_model(model, calib, dense, oneshot[method], method, pattern, opts, walk, sgpt)
+                redense_model(model, calib, dense, opts, device)
+                res = reprune_model(model, calib, dense, oneshot[method], opts, device)
                 sync()
                 secs = round(time.perf_counter() - t, 2)
                 candidates[spec or "default"] = round(perplexity(model, val, seqlen)["ppl"], 3)
@@ -202,12 +202,12 @@ def quality(args, rec: Recorder, data: dict, patterns: list[str], requests: list
                     choices: dict = {}
                     for v in res["layers"].values():
                         choices[v["choice"]] = choices.get(v["choice"], 0) + 1
-                    best = (candidates[spec or "default"], spec, linear_weights(model, device="cpu"), secs, opts, choices, res["early_exit"])
-            _, spec, weights, secs, opts, choices, early = best
+                    best = (candidates[spec or "default"], spec, linear_weights(model, device="cpu"), secs, sds, choices, res["early_exit"])
+            _, spec, weights, secs, sds, choices, early = best
             restore(model, weights)
             evaluate(f"SDS({method})", shown, secs, {"picked": spec or "default", "picked_on": "validation ppl", "candidates_val_ppl": candidates,
-                                                     "iterations": opts.redense.iterations, "lr": opts.redense.lr, "adjust_lr": opts.adjust.lr,
-                                                     "l1": opts.l1, "l2": opts.l2, "optimizer": opts.redense.optimizer,
+                                                     "iterations": sds.redense.iterations, "lr": sds.redense.lr, "adjust_lr": sds.adjust.lr,
+                                                     "l1": sds.l1, "l2": sds.l2, "optimizer": sds.redense.optimizer,
                                                      "layer_choices": choices, "early_exit": early})
     del model
     if torch.cuda.is_available():
@@ -240,10 +240,10 @@ def llama3_8b(tiny: bool):
 
 
 def speed(args, rec: Recorder) -> None:
-    from plmtool.prune.oneshot import OneShotOptions, SparseGptOptions, prune_model
-    from plmtool.prune.patterns import parse_pattern, verify
-    from plmtool.prune.sds import OptimOptions, SdsOptions, linear_weights, redense_model, reprune_model
-    from plmtool.prune.sequential import WalkOptions
+    from plmtool.prune.config import OptimConfig, PruneConfig, SdsConfig
+    from plmtool.prune.oneshot import prune_model
+    from plmtool.prune.patterns import verify
+    from plmtool.prune.sds import linear_weights, redense_model, reprune_model
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -253,8 +253,8 @@ def speed(args, rec: Recorder) -> None:
     build = round(time.perf_counter() - t, 1)
     n, L = (4, 64) if args.tiny else (args.speed_nsamples, 2048)
     calib = torch.randint(0, cfg.vocab_size, (n, L), generator=torch.Generator().manual_seed(0))
-    pattern = parse_pattern("2:4")
-    walk = WalkOptions(device=device, batch_size=args.batch_size)
+    base_opts = PruneConfig(pattern="2:4", batch_size=args.batch_size, cuda_graphs=not args.no_graphs)
+    pattern = base_opts.parsed_pattern
     dense = linear_weights(model, device="cpu")  # targets of SDS, kept off the GPU
     base = {"shape": "llama3-8b" if not args.tiny else "tiny", "layers": cfg.num_hidden_layers, "calibration": f"{n}x{L}",
             "dtype": str(next(model.parameters()).dtype), "batch_size": args.batch_size, "build_seconds": build}
@@ -299,7 +299,7 @@ def speed(args, rec: Recorder) -> None:
 
         oneshot_mod.prune_sparsegpt = wrapped
         try:
-            prune_model(model, calib, pattern, OneShotOptions(method="sparsegpt", walk=walk, sparsegpt=SparseGptOptions(cuda_graphs=not args.no_graphs)))
+            prune_model(model, calib, replace(base_opts, method="sparsegpt"), device)
         finally:
             oneshot_mod.prune_sparsegpt = solver
         return {**check(), "solver_seconds": round(inner["seconds"], 1), "cuda_graphs": not args.no_graphs}
@@ -312,14 +312,15 @@ def speed(args, rec: Recorder) -> None:
         if method == "sparsegpt":
             t_os = measure("SparseGPT 2:4", timed_sparsegpt)
         else:
-            t_os = measure("Wanda 2:4", lambda: (prune_model(model, calib, pattern, OneShotOptions(method="wanda", walk=walk)), check())[1])
+            t_os = measure("Wanda 2:4", lambda: (prune_model(model, calib, replace(base_opts, method="wanda"), device), check())[1])
         if sds_key in wanted:
             oneshot = linear_weights(model, device="cpu")
             it = 5 if args.tiny else args.speed_iterations
-            opts = SdsOptions(redense=OptimOptions(iterations=it, lr=args.lr), adjust=OptimOptions(iterations=it, lr=args.adjust_lr))
-            t_rd = measure(f"SDS({method}) re-dense ({it} it)", lambda: redense_model(model, calib, dense, opts, walk) and None)
+            opts = replace(base_opts, method=method, sds=SdsConfig(redense=OptimConfig(iterations=it, lr=args.lr),
+                                                                    adjust=OptimConfig(iterations=it, lr=args.adjust_lr)))
+            t_rd = measure(f"SDS({method}) re-dense ({it} it)", lambda: redense_model(model, calib, dense, opts, device) and None)
             t_rp = measure(f"SDS({method}) re-prune + adjust ({it} it)",
-                           lambda: (reprune_model(model, calib, dense, oneshot, method, pattern, opts, walk, SparseGptOptions()), check())[1])
+                           lambda: (reprune_model(model, calib, dense, oneshot, opts, device), check())[1])
             rec.add("speed", {**base, "method": f"SDS({method}) total = one-shot + re-dense + re-prune/adjust ({it} it)",
                               "seconds": round(t_os + t_rd + t_rp, 1), "peak_gib": None})
         restore(model, dense)
@@ -328,15 +329,15 @@ def speed(args, rec: Recorder) -> None:
 def semi_part(args, rec: Recorder) -> None:
     """LLaMA-3-8B shapes, 2:4 by magnitude (kernel speed does not depend on which weights
     survive), dense vs sparse tensor cores."""
-    from plmtool.prune.oneshot import OneShotOptions, prune_model
-    from plmtool.prune.patterns import parse_pattern
+    from plmtool.prune.config import PruneConfig
+    from plmtool.prune.oneshot import prune_model
 
     if not torch.cuda.is_available():
         rec.add("semi_structured", {"error": "needs a CUDA GPU"})
         return
     linear_kernels(rec, tiny=args.tiny)
     model, cfg = llama3_8b(args.tiny)
-    prune_model(model, None, parse_pattern("2:4"), OneShotOptions(method="magnitude"))
+    prune_model(model, None, PruneConfig(method="magnitude", pattern="2:4"))
     semi_structured(model, rec, {"shape": "llama3-8b" if not args.tiny else "tiny", "dtype": str(next(model.parameters()).dtype)})
 
 
@@ -346,17 +347,16 @@ def semi_real(args, rec: Recorder, data: dict) -> None:
     with the pruned weights as dense tensors and then on the sparse kernels: the conversion must
     not change the model (bf16 rounding aside)."""
     from plmtool.eval.perplexity import perplexity
-    from plmtool.prune.oneshot import OneShotOptions, prune_model
-    from plmtool.prune.patterns import parse_pattern
+    from plmtool.prune.config import PruneConfig
+    from plmtool.prune.oneshot import prune_model
     from plmtool.prune.semi_structured import to_semi_structured
-    from plmtool.prune.sequential import WalkOptions
 
     if not torch.cuda.is_available():
         rec.add("semi_structured", {"error": "needs a CUDA GPU"})
         return
     model = load_target(args.model, "bfloat16", "cuda")
     calib, ev = (data["calib"][:8, :256], data["eval"][:4096]) if args.tiny else (data["calib"], data["eval"])
-    prune_model(model, calib, parse_pattern("2:4"), OneShotOptions(method="wanda", walk=WalkOptions(device="cuda", batch_size=args.batch_size)))
+    prune_model(model, calib, PruneConfig(method="wanda", pattern="2:4", batch_size=args.batch_size), "cuda")
     seqlen = 256 if args.tiny else 2048
     t = time.perf_counter()
     dense = perplexity(model, ev, seqlen)
@@ -470,6 +470,9 @@ def semi_structured(model, rec: Recorder, base: dict) -> None:
 
 
 def main() -> None:
+    from plmtool.prune.config import PruneConfig
+
+    defaults = PruneConfig()  # the command's defaults, unless a flag says otherwise
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare")
@@ -487,12 +490,12 @@ def main() -> None:
     r.add_argument("--speed-nsamples", type=int, default=128)
     r.add_argument("--speed-iterations", type=int, default=200)
     r.add_argument("--iterations", type=int, default=200, help="SDS iterations in the quality runs (the paper: 200)")
-    r.add_argument("--lr", type=float, default=0.01, help="SDS re-dense learning rate")
-    r.add_argument("--adjust-lr", type=float, default=0.05, help="SDS adjustment learning rate")
+    r.add_argument("--lr", type=float, default=defaults.sds.redense.lr, help="SDS re-dense learning rate")
+    r.add_argument("--adjust-lr", type=float, default=defaults.sds.adjust.lr, help="SDS adjustment learning rate")
     r.add_argument("--no-graphs", action="store_true", help="SparseGPT without CUDA graphs (speed runs)")
-    r.add_argument("--l1", type=float, default=0.01)
-    r.add_argument("--l2", type=float, default=0.01)
-    r.add_argument("--batch-size", type=int, default=8, help="calibration samples per block call")
+    r.add_argument("--l1", type=float, default=defaults.sds.l1)
+    r.add_argument("--l2", type=float, default=defaults.sds.l2)
+    r.add_argument("--batch-size", type=int, default=defaults.batch_size, help="calibration samples per block call")
     r.add_argument("--sds-variants", default="l1=0.01,l2=0.01;l1=0.1,l2=0.1", help='SDS settings to choose from on the validation split, ";"-separated, e.g. "l1=0,l2=0;lr=0.03,alr=0.1" ("" = the defaults)')
     r.add_argument("--zeroshot-dtype", default="bfloat16", choices=["bfloat16", "float32"], help="dtype of the copy that scores zero-shot")
     r.add_argument("--zeroshot-batch", type=int, default=256)

@@ -85,6 +85,9 @@ def test_oneshot_only_baseline(monkeypatch, tmp_path, tiny_llama_dir):
         (["prune.pattern=2:5"], "does not divide"),
         (["prune.method=obs"], "unknown method"),
         (["prune.stages=[dense,foo]"], "unknown stage"),
+        (["prune.sds.redense.iterations=-1"], "prune.sds.redense.iterations=-1"),
+        (["prune.sds.adjust.optimizer=lion"], "prune.sds.adjust.optimizer=lion"),
+        (["prune.sds.inputs=both"], "prune.sds.inputs=both"),
     ],
 )
 def test_bad_input_is_one_clear_error_before_loading(monkeypatch, tmp_path, tiny_llama_dir, capsys, override, message):
@@ -94,7 +97,7 @@ def test_bad_input_is_one_clear_error_before_loading(monkeypatch, tmp_path, tiny
         raise AssertionError("model loaded before validation")
 
     monkeypatch.setattr(plmtool.models, "load_model", no_load)
-    rc = _prune(monkeypatch, f"model.name_or_path={tiny_llama_dir}", *override, *FAST, f"hydra.run.dir={tmp_path}")
+    rc = _prune(monkeypatch, f"model.name_or_path={tiny_llama_dir}", *FAST, *override, f"hydra.run.dir={tmp_path}")
     err = capsys.readouterr().err
     assert rc == 2
     lines = [ln for ln in err.splitlines() if ln.startswith("plmtool: error")]
@@ -107,8 +110,57 @@ def test_every_method_has_its_yaml_and_back():
     import yaml
 
     from plmtool.paths import CONF_DIR
-    from plmtool.prune.oneshot import METHODS
+    from plmtool.prune.config import METHODS
 
     files = {p.stem: yaml.safe_load(p.read_text()) for p in (Path(CONF_DIR) / "prune").glob("*.yaml")}
     assert set(files) == set(METHODS)
     assert all(cfg["method"] == name for name, cfg in files.items())
+
+
+def _composed(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    import plmtool.prune.schema  # noqa: F401  (registers prune_sds_schema)
+    from plmtool.paths import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="prune_sds", overrides=list(overrides))
+
+
+def test_command_defaults_are_the_math_defaults():
+    """What the command hands the math from its default config is the dataclass's own default
+    object: one source of every default (30 SDS iterations, adjustment lr 0.05, 8 samples per
+    block call), and an override reaches the math."""
+    from plmtool.commands.prune_sds import validate
+    from plmtool.prune.config import OptimConfig, PruneConfig, SdsConfig
+
+    prune = validate(_composed())
+    assert type(prune) is PruneConfig and type(prune.sds) is SdsConfig and type(prune.sds.redense) is OptimConfig
+    assert prune == PruneConfig()
+    assert (prune.sds.redense.iterations, prune.sds.adjust.iterations, prune.sds.redense.lr, prune.sds.adjust.lr) == (30, 30, 0.01, 0.05)
+    assert prune.batch_size == 8 and prune.parsed_pattern.structured and prune.parsed_pattern.m == 4
+    changed = validate(_composed("prune.sds.redense.iterations=5", "prune=sparsegpt", "prune.exclude=[mlp]"))
+    assert changed == PruneConfig(method="sparsegpt", exclude=["mlp"], sds=SdsConfig(redense=OptimConfig(iterations=5)))
+
+
+@pytest.mark.parametrize(
+    "build,message",
+    [
+        (lambda c: c.SdsConfig(redense=c.OptimConfig(iterations=-1)), "prune.sds.redense.iterations=-1"),
+        (lambda c: c.SdsConfig(adjust=c.OptimConfig(optimizer="lion")), "prune.sds.adjust.optimizer=lion"),
+        (lambda c: c.SdsConfig(redense=c.OptimConfig(lr=0.0)), "prune.sds.redense.lr=0.0"),
+        (lambda c: c.SdsConfig(l2=-0.1), "prune.sds.l2=-0.1"),
+        (lambda c: c.PruneConfig(propagate="x"), "prune.propagate=x"),
+        (lambda c: c.PruneConfig(batch_size=0), "prune.batch_size=0"),
+        (lambda c: c.PruneConfig(method="wanda", pattern="8:4"), "prune.pattern=8:4"),
+    ],
+)
+def test_bad_settings_fail_where_they_are_built(build, message):
+    """Scripts build the dataclasses directly: a bad value fails as it is built, in one line that
+    names its config key."""
+    import plmtool.prune.config as c
+    from plmtool.errors import PlmtoolError
+
+    with pytest.raises(PlmtoolError) as err:
+        build(c)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)

@@ -192,9 +192,12 @@ def test_sparsegpt_fused_rows_equal_separate_layers(pattern):
 
 
 def test_oneshot_sparsegpt_fusion_matches_unfused():
+    from dataclasses import replace
+
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from plmtool.prune.oneshot import OneShotOptions, SparseGptOptions, prune_model
+    from plmtool.prune.config import PruneConfig
+    from plmtool.prune.oneshot import prune_model
     from plmtool.prune.sds import linear_weights
 
     torch.manual_seed(0)
@@ -203,9 +206,10 @@ def test_oneshot_sparsegpt_fusion_matches_unfused():
     b = LlamaForCausalLM(cfg).eval()
     b.load_state_dict(a.state_dict())
     ids = torch.randint(0, 96, (4, 24), generator=torch.Generator().manual_seed(1))
-    for pattern in (parse_pattern("2:4"), parse_pattern("unstructured", 0.6)):
-        info_a = prune_model(a, ids, pattern, OneShotOptions(method="sparsegpt", sparsegpt=SparseGptOptions(fuse=True)))
-        info_b = prune_model(b, ids, pattern, OneShotOptions(method="sparsegpt", sparsegpt=SparseGptOptions(fuse=False)))
+    for pattern, sparsity in (("2:4", 0.5), ("unstructured", 0.6)):
+        opts = PruneConfig(method="sparsegpt", pattern=pattern, sparsity=sparsity, batch_size=1)
+        info_a = prune_model(a, ids, replace(opts, fuse=True))
+        info_b = prune_model(b, ids, replace(opts, fuse=False))
         wa, wb = linear_weights(a), linear_weights(b)
         assert wa.keys() == wb.keys() == info_a.keys() == info_b.keys()
         for k in wa:

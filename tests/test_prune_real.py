@@ -4,6 +4,7 @@ SDS beats its own one-shot start."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -32,29 +33,27 @@ def _ppl(model, ev) -> float:
 
 
 def test_wanda_beats_magnitude_and_sds_beats_oneshot(setup):
-    from plmtool.prune.oneshot import OneShotOptions, SparseGptOptions, prune_model
-    from plmtool.prune.patterns import parse_pattern
-    from plmtool.prune.sds import OptimOptions, SdsOptions, linear_weights, redense_model, reprune_model
-    from plmtool.prune.sequential import WalkOptions
+    from plmtool.prune.config import OptimConfig, PruneConfig, SdsConfig
+    from plmtool.prune.oneshot import prune_model
+    from plmtool.prune.sds import linear_weights, redense_model, reprune_model
 
     base, calib, ev = setup
-    pattern = parse_pattern("2:4")
+    sds = SdsConfig(redense=OptimConfig(iterations=10, lr=0.01), adjust=OptimConfig(iterations=10, lr=0.05), early_exit=False)
+    opts = PruneConfig(method="wanda", pattern="2:4", batch_size=4, sds=sds)
     mag = copy.deepcopy(base)
-    prune_model(mag, None, pattern, OneShotOptions(method="magnitude"))
+    prune_model(mag, None, replace(opts, method="magnitude"))
     ppl_mag = _ppl(mag, ev)
     del mag
 
     model = copy.deepcopy(base)
     dense = linear_weights(model)
-    walk = WalkOptions(batch_size=4)
-    prune_model(model, calib, pattern, OneShotOptions(method="wanda", walk=walk))
+    prune_model(model, calib, opts)
     ppl_wanda = _ppl(model, ev)
     assert ppl_wanda < 0.5 * ppl_mag, (ppl_wanda, ppl_mag)
 
     oneshot = linear_weights(model)
-    opts = SdsOptions(redense=OptimOptions(iterations=10, lr=0.01), adjust=OptimOptions(iterations=10, lr=0.05), early_exit=False)
-    redense_model(model, calib, dense, opts, walk)
-    res = reprune_model(model, calib, dense, oneshot, "wanda", pattern, opts, walk, SparseGptOptions())
+    redense_model(model, calib, dense, opts)
+    res = reprune_model(model, calib, dense, oneshot, opts)
     ppl_sds = _ppl(model, ev)
     assert ppl_sds < 0.95 * ppl_wanda, (ppl_sds, ppl_wanda)
     assert all(v["final"] <= v["oneshot"] + 1e-9 for v in res["layers"].values())

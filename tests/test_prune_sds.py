@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
+from plmtool.errors import PlmtoolError
+from plmtool.prune.config import OptimConfig
 from plmtool.prune.patterns import parse_pattern, verify
-from plmtool.prune.sds import OptimOptions, Reconstruction, adjust, redense, token_loss
+from plmtool.prune.sds import Reconstruction, adjust, redense, token_loss
 from plmtool.prune.stats import InputStats
 from plmtool.prune.wanda import prune_wanda
 
@@ -41,7 +43,7 @@ def test_redense_decreases_loss(optimizer, lr):
     W, X, st = _layer()
     Ws, _ = prune_wanda(W, st.sq_norm, parse_pattern("2:4"))
     rec = Reconstruction(W, st.gram)
-    out, hist = redense(Ws, rec, OptimOptions(iterations=40, lr=lr, optimizer=optimizer), l1=0.0, l2=0.0)
+    out, hist = redense(Ws, rec, OptimConfig(iterations=40, lr=lr, optimizer=optimizer), l1=0.0, l2=0.0)
     h = hist["history"]
     assert h[-1] < 0.5 * h[0]
     # mostly monotone: the loss at the end of each quarter keeps falling
@@ -55,7 +57,7 @@ def test_penalties_shrink_weights():
     W, X, st = _layer()
     Ws, _ = prune_wanda(W, st.sq_norm, parse_pattern("2:4"))
     rec = Reconstruction(W, st.gram)
-    opts = OptimOptions(iterations=60, lr=1.0, optimizer="sgd")
+    opts = OptimConfig(iterations=60, lr=1.0, optimizer="sgd")
     plain, _ = redense(Ws, rec, opts, l1=0.0, l2=0.0)
     shrunk, _ = redense(Ws, rec, opts, l1=0.5, l2=0.5)
     assert shrunk.abs().sum() < plain.abs().sum()
@@ -67,7 +69,7 @@ def test_adjust_keeps_pattern_and_does_not_increase_loss(pattern):
     W, X, st = _layer()
     Ws, _ = prune_wanda(W, st.sq_norm, pat)
     rec = Reconstruction(W, st.gram)
-    out, hist = adjust(Ws, rec, pat, OptimOptions(iterations=30, lr=0.05))
+    out, hist = adjust(Ws, rec, pat, OptimConfig(iterations=30, lr=0.05))
     assert verify(out, pat) is None
     assert rec.loss(out) < rec.loss(Ws)
 
@@ -77,8 +79,15 @@ def test_divergence_guard_halves_step_and_logs(caplog):
     Ws, _ = prune_wanda(W, st.sq_norm, parse_pattern("2:4"))
     rec = Reconstruction(W, st.gram)
     # 50x the largest stable SGD step: diverges, gets caught, step reduced until it converges
-    out, hist = redense(Ws, rec, OptimOptions(iterations=40, lr=50.0, optimizer="sgd", schedule="constant"), l1=0.0, l2=0.0)
+    out, hist = redense(Ws, rec, OptimConfig(iterations=40, lr=50.0, optimizer="sgd", schedule="constant"), l1=0.0, l2=0.0)
     assert hist["retries"] >= 1
     assert "diverged" in caplog.text
     assert torch.isfinite(out).all()
     assert rec.loss(out) <= rec.loss(Ws)
+
+
+def test_optimiser_settings_built_in_code_are_checked():
+    W, X, st = _layer()
+    rec = Reconstruction(W, st.gram)
+    with pytest.raises(PlmtoolError, match="prune.sds.redense.optimizer=lion"):
+        redense(W, rec, OptimConfig(optimizer="lion"), l1=0.0, l2=0.0)

@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from plmtool.prune.oneshot import OneShotOptions, prune_model
+from plmtool.prune.config import PruneConfig
+from plmtool.prune.oneshot import prune_model
 from plmtool.prune.patterns import parse_pattern, verify
-from plmtool.prune.sequential import WalkOptions, block_linears, decoder_layers, walk
+from plmtool.prune.sequential import block_linears, decoder_layers, walk
 
 
 def _llama():
@@ -76,7 +77,7 @@ def test_walk_statistics_match_full_model(family, batch_size):
         for name in linears:
             got[f"{i}.{name}"] = stats[name].sq_norm.clone()
 
-    walk(model, ids, process, stats="norms", opts=WalkOptions(batch_size=batch_size, propagate="dense"))
+    walk(model, ids, process, stats="norms", opts=PruneConfig(batch_size=batch_size, propagate="dense"))
     assert set(got) == set(expected)
     for k in expected:
         assert torch.allclose(got[k], expected[k], rtol=1e-4, atol=1e-5), k
@@ -90,9 +91,10 @@ def test_pruned_propagation_feeds_next_block(family, method):
     torch.manual_seed(0)
     model = FAMILIES[family]().eval()
     ids = torch.randint(0, 128, (2, 16))
+    opts = PruneConfig(method=method, pattern="2:4", propagate="pruned", batch_size=1)
     pattern = parse_pattern("2:4")
     seen: dict[str, torch.Tensor] = {}
-    prune_model(model, ids, pattern, OneShotOptions(method=method, walk=WalkOptions(propagate="pruned")))
+    prune_model(model, ids, opts)
     for block in decoder_layers(model):
         for name, lin in block_linears(block).items():
             assert verify(lin.weight, pattern) is None, name
@@ -104,7 +106,7 @@ def test_pruned_propagation_feeds_next_block(family, method):
             for name in linears:
                 seen[name] = stats[name].sq_norm.clone()
 
-    walk(model, ids, process, stats="norms", opts=WalkOptions(propagate="pruned"))
+    walk(model, ids, process, stats="norms", opts=opts)
     full = _full_model_norms(model, ids)
     for name, v in seen.items():
         assert torch.allclose(v, full[f"{last}.{name}"], rtol=1e-4, atol=1e-5)
@@ -116,7 +118,7 @@ def test_offload_one_block_at_a_time_keeps_results():
     a, b = _llama().eval(), _llama().eval()
     b.load_state_dict(a.state_dict())
     ids = torch.randint(0, 128, (2, 16))
-    prune_model(a, ids, parse_pattern("4:8"), OneShotOptions(method="wanda"))
-    prune_model(b, ids, parse_pattern("4:8"), OneShotOptions(method="wanda", walk=WalkOptions(activations="cpu", batch_size=2)))
+    prune_model(a, ids, PruneConfig(method="wanda", pattern="4:8", batch_size=1))
+    prune_model(b, ids, PruneConfig(method="wanda", pattern="4:8", activations="cpu", batch_size=2))
     for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(pa, pb), na

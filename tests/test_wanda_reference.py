@@ -16,9 +16,10 @@ import pytest
 import torch
 from torch import nn
 
-from plmtool.prune.oneshot import OneShotOptions, prune_model
+from plmtool.prune.config import PruneConfig
+from plmtool.prune.oneshot import prune_model
 from plmtool.prune.patterns import parse_pattern
-from plmtool.prune.sequential import WalkOptions, block_linears, decoder_layers
+from plmtool.prune.sequential import block_linears, decoder_layers
 
 PATTERNS = ["2:4", "4:8", "unstructured"]
 
@@ -149,8 +150,7 @@ def dense_and_ids():
 
 
 def ours_masks(model: nn.Module, ids: torch.Tensor, sparsity_type: str, batch_size: int, **walk) -> dict[str, torch.Tensor]:
-    pattern = parse_pattern(sparsity_type, 0.5)
-    prune_model(model, ids, pattern, OneShotOptions(method="wanda", walk=WalkOptions(device="cpu", batch_size=batch_size, **walk)))
+    prune_model(model, ids, PruneConfig(method="wanda", pattern=sparsity_type, sparsity=0.5, batch_size=batch_size, **walk), device="cpu")
     return {
         f"layers.{i}.{name}": lin.weight.data == 0
         for i, block in enumerate(decoder_layers(model))

@@ -16,65 +16,31 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-import plmtool.prune.config  # noqa: F401  (registers prune_sds_schema)
+import plmtool.prune.schema  # noqa: F401  (registers prune_sds_schema)
 from plmtool.errors import PlmtoolError
 from plmtool.paths import CONF_DIR
+from plmtool.prune.config import STAGES, PruneConfig
 from plmtool.runner import Report, execute, md_table
 
 log = logging.getLogger("plmtool")
 
-STAGES = ("dense", "oneshot", "redense", "sds")
 PRUNED_STAGES = ("oneshot", "redense", "sds")
 
 
 # ------------------------------------------------------------------------------------ validation
 
 
-def validate(cfg: DictConfig):
-    """Every check that does not need the weights; raises PlmtoolError. Returns the Pattern."""
-    from plmtool.prune.oneshot import check_method
-    from plmtool.prune.patterns import parse_pattern
-    from plmtool.prune.sds import OPTIMIZERS
-
-    p = cfg.prune
-    check_method(p.method)
-    if not (0.0 < float(p.sparsity) < 1.0):
-        raise PlmtoolError(f"prune.sparsity={p.sparsity}: must lie strictly between 0 and 1")
-    pattern = parse_pattern(p.pattern, p.sparsity)
-    stages = list(p.stages)
-    if not stages:
-        raise PlmtoolError("prune.stages is empty (choose from dense, oneshot, redense, sds)")
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        raise PlmtoolError(f"prune.stages: unknown stage(s) {unknown} (choose from {', '.join(STAGES)})")
-    if p.propagate not in ("pruned", "dense"):
-        raise PlmtoolError(f"prune.propagate={p.propagate}: expected 'pruned' or 'dense'")
-    if p.activations not in ("auto", "device", "cpu"):
-        raise PlmtoolError(f"prune.activations={p.activations}: expected auto, device or cpu")
-    if p.batch_size < 1 or p.blocksize < 1:
-        raise PlmtoolError("prune.batch_size and prune.blocksize must be at least 1")
-    if not p.percdamp > 0:
-        raise PlmtoolError(f"prune.percdamp={p.percdamp}: must be positive")
-    s = p.sds
-    if s.inputs not in ("pruned", "dense"):
-        raise PlmtoolError(f"prune.sds.inputs={s.inputs}: expected 'pruned' or 'dense'")
-    if s.l1 < 0 or s.l2 < 0:
-        raise PlmtoolError("prune.sds.l1 and prune.sds.l2 must be non-negative")
-    for name in ("redense", "adjust"):
-        o = s[name]
-        if o.optimizer not in OPTIMIZERS:
-            raise PlmtoolError(f"prune.sds.{name}.optimizer={o.optimizer}: choose from {', '.join(OPTIMIZERS)}")
-        if o.schedule not in ("cosine", "constant"):
-            raise PlmtoolError(f"prune.sds.{name}.schedule={o.schedule}: expected cosine or constant")
-        if o.iterations < 0 or not o.lr > 0:
-            raise PlmtoolError(f"prune.sds.{name}: iterations must be >= 0 and lr > 0")
+def validate(cfg: DictConfig) -> PruneConfig:
+    """Every check that does not need the weights; raises PlmtoolError. Returns `cfg.prune` as
+    the dataclass the math takes (built once here; its fields check themselves as it is built,
+    plmtool/prune/config.py)."""
     from plmtool.eval.suite import check_config
 
-    if "dense" in stages or any(st in stages for st in PRUNED_STAGES):
-        check_config(cfg.eval)
-    return pattern
+    prune = OmegaConf.to_object(cfg.prune)
+    check_config(cfg.eval)  # every stage is evaluated
+    return prune
 
 
 def check_widths(cfg: DictConfig, pattern) -> None:
@@ -211,14 +177,13 @@ def run(cfg: DictConfig, run_dir: Path) -> Report:
     from plmtool.io import Stages
     from plmtool.models import load_model
     from plmtool.models.loader import model_info, pick_device
-    from plmtool.prune.oneshot import OneShotOptions, SparseGptOptions, prune_model
+    from plmtool.prune.oneshot import prune_model
     from plmtool.prune.patterns import check_width
-    from plmtool.prune.sds import OptimOptions, SdsOptions, linear_weights, redense_model, reprune_model
-    from plmtool.prune.sequential import WalkOptions
+    from plmtool.prune.sds import linear_weights, redense_model, reprune_model
 
-    pattern = validate(cfg)
+    p = validate(cfg)
+    pattern = p.parsed_pattern
     check_widths(cfg, pattern)
-    p = cfg.prune
     stages_wanted = [s for s in STAGES if s in p.stages]
     torch.manual_seed(cfg.seed)
 
@@ -231,15 +196,6 @@ def run(cfg: DictConfig, run_dir: Path) -> Report:
     for name, w in dense.items():
         check_width(pattern, w.shape[1], name)
 
-    walk_opts = WalkOptions(device=device, batch_size=p.batch_size, propagate=p.propagate, activations=p.activations, exclude=exclude)
-    sgpt = SparseGptOptions(blocksize=p.blocksize, percdamp=p.percdamp, cuda_graphs=p.cuda_graphs, fuse=p.fuse)
-
-    def optim(o) -> OptimOptions:
-        return OptimOptions(iterations=o.iterations, lr=o.lr, optimizer=o.optimizer, schedule=o.schedule,
-                            divergence=o.divergence, max_retries=o.max_retries, tf32=o.tf32)
-
-    sds_opts = SdsOptions(inputs=p.sds.inputs, l1=p.sds.l1, l2=p.sds.l2, redense=optim(p.sds.redense), adjust=optim(p.sds.adjust),
-                          early_exit=p.sds.early_exit, keep_oneshot_if_better=p.sds.keep_oneshot_if_better)
     stages = Stages(run_dir)
     report: dict[str, Any] = {
         "model": cfg.model.name_or_path,
@@ -285,7 +241,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Report:
         if stage == "dense":
             weights = dense
         elif stage == "oneshot":
-            info = prune_model(model, calib() if p.method != "magnitude" else None, pattern, OneShotOptions(method=p.method, walk=walk_opts, sparsegpt=sgpt))
+            info = prune_model(model, calib() if p.method != "magnitude" else None, p, device)
             weights = oneshot_w = linear_weights(model, exclude)
             _verify_all(weights, pattern, stage)
             errs = [v["sparsegpt_error"] for v in info.values() if "sparsegpt_error" in v]
@@ -294,7 +250,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Report:
         elif stage == "redense":
             if oneshot_w is None:
                 oneshot_w = _prepare_oneshot(stages, run_dir, model, exclude)
-            info = redense_model(model, calib(), dense, sds_opts, walk_opts)
+            info = redense_model(model, calib(), dense, p, device)
             weights = linear_weights(model, exclude)
             extra["reconstruction_mean"] = sum(v["reconstruction"] for v in info.values()) / len(info)
             extra["optimizer_retries"] = sum(v["retries"] for v in info.values())
@@ -303,8 +259,8 @@ def run(cfg: DictConfig, run_dir: Path) -> Report:
                 oneshot_w = _prepare_oneshot(stages, run_dir, model, exclude)
             if "redense" not in stages_wanted:
                 # re-dense is part of SDS even when its own evaluation is not requested
-                redense_model(model, calib(), dense, sds_opts, walk_opts)
-            res = reprune_model(model, calib(), dense, oneshot_w, p.method, pattern, sds_opts, walk_opts, sgpt)
+                redense_model(model, calib(), dense, p, device)
+            res = reprune_model(model, calib(), dense, oneshot_w, p, device)
             weights = linear_weights(model, exclude)
             _verify_all(weights, pattern, stage)
             info = res["layers"]

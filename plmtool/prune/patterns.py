@@ -2,55 +2,16 @@
 
 Convention everywhere in plmtool.prune: a mask is a bool tensor shaped like the weight with
 True = *pruned* (set to zero), as in the Wanda and SparseGPT code. "N:M" means *keep* N weights in
-every group of M consecutive input columns of a row (2:4 and 4:8 both prune half).
+every group of M consecutive input columns of a row (2:4 and 4:8 both prune half). `Pattern` and
+`parse_pattern` live in plmtool.prune.config beside the settings they parse.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-
 import torch
 
 from plmtool.errors import PlmtoolError
-
-
-@dataclass(frozen=True)
-class Pattern:
-    """`n`/`m` set for N:M; `sparsity` is the fraction of weights pruned per layer."""
-
-    sparsity: float
-    n: int = 0
-    m: int = 0
-
-    @property
-    def structured(self) -> bool:
-        return self.m > 0
-
-    @property
-    def prune_per_group(self) -> int:
-        return self.m - self.n
-
-    def __str__(self) -> str:
-        return f"{self.n}:{self.m}" if self.structured else f"unstructured {self.sparsity:.0%}"
-
-
-def parse_pattern(pattern: str, sparsity: float | None = None) -> Pattern:
-    """`"2:4"`, `"4:8"`, ... or `"unstructured"` (needs `sparsity` in (0, 1))."""
-    text = str(pattern).strip().lower()
-    match = re.fullmatch(r"(\d+)\s*:\s*(\d+)", text)
-    if match:
-        n, m = int(match.group(1)), int(match.group(2))
-        if m < 2 or n < 1:
-            raise PlmtoolError(f"prune.pattern={pattern}: N and M must be positive with M >= 2")
-        if n >= m:
-            raise PlmtoolError(f"prune.pattern={pattern}: N must be smaller than M (keep N of every M weights)")
-        return Pattern(sparsity=1.0 - n / m, n=n, m=m)
-    if text in ("unstructured", "dense-rows", "none"):
-        if sparsity is None or not (0.0 < float(sparsity) < 1.0):
-            raise PlmtoolError(f"prune.sparsity={sparsity}: must lie strictly between 0 and 1")
-        return Pattern(sparsity=float(sparsity))
-    raise PlmtoolError(f"prune.pattern={pattern}: expected 'unstructured' or N:M such as 2:4 or 4:8")
+from plmtool.prune.config import Pattern, parse_pattern  # noqa: F401  (parsed with the other settings)
 
 
 def check_width(pattern: Pattern, in_features: int, where: str) -> None:

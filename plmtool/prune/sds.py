@@ -23,29 +23,16 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
 
-from plmtool.errors import PlmtoolError
+from plmtool.prune.config import OptimConfig, PruneConfig
 from plmtool.prune.patterns import Pattern, magnitude_reselect
 from plmtool.prune.precision import tf32_matmuls
 
 log = logging.getLogger("plmtool")
-
-OPTIMIZERS = ("adam", "sgd")
-
-
-@dataclass
-class OptimOptions:
-    iterations: int = 50
-    lr: float = 0.01
-    optimizer: str = "adam"  # adam | sgd
-    schedule: str = "cosine"  # cosine | constant
-    divergence: float = 4.0  # loss above this multiple of the starting loss counts as divergence
-    max_retries: int = 6  # step halvings before giving up (keeps the best weights seen)
-    tf32: bool = True  # TF32 matmuls on GPU for the Gram iterations (reconstruction tolerates it)
 
 
 @dataclass
@@ -94,7 +81,7 @@ def token_loss(dense: torch.Tensor, W: torch.Tensor, X: torch.Tensor) -> float:
     return float(((X @ (W - dense).t()) ** 2).sum() / ((X @ dense.t()) ** 2).sum())
 
 
-def _lr_at(opts: OptimOptions, base: float, t: int) -> float:
+def _lr_at(opts: OptimConfig, base: float, t: int) -> float:
     if opts.schedule == "constant":
         return base
     return base * 0.5 * (1 + math.cos(math.pi * t / max(1, opts.iterations)))
@@ -103,22 +90,22 @@ def _lr_at(opts: OptimOptions, base: float, t: int) -> float:
 def _optimize(
     W0: torch.Tensor,
     rec: Reconstruction,
-    opts: OptimOptions,
+    opts: OptimConfig,
     l1: float = 0.0,
     l2: float = 0.0,
     project: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-    what: str = "re-dense",
+    what: str = "redense",
     check_every: int = 10,
 ) -> tuple[torch.Tensor, dict]:
     """Minimise rec + penalties from W0; `project` (hard re-masking) makes it iterative hard
-    thresholding. Returns the best weights by the full objective and a history.
+    thresholding. Returns the best weights by the full objective and a history. `what`: the step
+    (redense / adjust), named in logs and, as prune.sds.<what>, in errors about `opts`.
 
     Losses stay on the device and are read every `check_every` iterations (a host sync per
     iteration would dominate on a GPU): that is where divergence is detected and the best
     weights so far are kept.
     """
-    if opts.optimizer not in OPTIMIZERS:
-        raise PlmtoolError(f"sds optimizer '{opts.optimizer}': choose from {', '.join(OPTIMIZERS)}")
+    opts.validate(f"prune.sds.{what}")  # built in code, not only from the checked config
     dense = rec.dense
     l1_norm = float(dense.abs().sum()) or 1.0
     l2_norm = float((dense**2).sum()) or 1.0
@@ -201,12 +188,12 @@ def _optimize(
     return best_W, {"start": start, "best": best, "reconstruction": rec.loss(best_W), "history": history, "retries": guard.retries, "guard_events": guard.events}
 
 
-def redense(W_sparse: torch.Tensor, rec: Reconstruction, opts: OptimOptions, l1: float, l2: float) -> tuple[torch.Tensor, dict]:
+def redense(W_sparse: torch.Tensor, rec: Reconstruction, opts: OptimConfig, l1: float, l2: float) -> tuple[torch.Tensor, dict]:
     """Every entry trainable, starting from the pruned weights."""
-    return _optimize(W_sparse, rec, opts, l1=l1, l2=l2, what="re-dense")
+    return _optimize(W_sparse, rec, opts, l1=l1, l2=l2, what="redense")
 
 
-def adjust(W_sparse: torch.Tensor, rec: Reconstruction, pattern: Pattern, opts: OptimOptions) -> tuple[torch.Tensor, dict]:
+def adjust(W_sparse: torch.Tensor, rec: Reconstruction, pattern: Pattern, opts: OptimConfig) -> tuple[torch.Tensor, dict]:
     """Reconstruction only, the mask re-selected by magnitude inside `pattern` after every step."""
 
     def project(W: torch.Tensor) -> torch.Tensor:
@@ -219,29 +206,16 @@ def adjust(W_sparse: torch.Tensor, rec: Reconstruction, pattern: Pattern, opts: 
 # Whole-model stages (block walking in plmtool.prune.sequential)
 
 
-@dataclass
-class SdsOptions:
-    inputs: str = "pruned"  # pruned | dense: whose activations X the objectives use
-    l1: float = 0.01
-    l2: float = 0.01
-    redense: OptimOptions = field(default_factory=OptimOptions)
-    adjust: OptimOptions = field(default_factory=lambda: OptimOptions(lr=0.05))
-    early_exit: bool = False  # skip the adjustment when the re-pruned model already beats one-shot (calibration NLL)
-    keep_oneshot_if_better: bool = True  # never end a layer worse than its one-shot weights
-
-
 def _key(i: int, name: str) -> str:
     return f"layers.{i}.{name}"
 
 
-def redense_model(model, calib_ids, dense: dict, opts: SdsOptions, walk_opts) -> dict:
-    """Re-dense every linear of every block in place (the model holds the one-shot weights)."""
-    from dataclasses import replace
-
+def redense_model(model, calib_ids, dense: dict, prune: PruneConfig, device: Optional[str] = None) -> dict:
+    """Re-dense every linear of every block in place (the model holds the one-shot weights), with
+    `prune.sds`; the walk (batch size, activations, exclusions, `device`) as in one-shot pruning."""
     from plmtool.prune.sequential import walk
 
-    if opts.inputs not in ("pruned", "dense"):
-        raise PlmtoolError(f"prune.sds.inputs={opts.inputs}: expected 'pruned' or 'dense'")
+    opts = prune.sds
     info: dict[str, dict] = {}
 
     def process(i, block, linears, stats) -> None:
@@ -266,7 +240,8 @@ def redense_model(model, calib_ids, dense: dict, opts: SdsOptions, walk_opts) ->
     # TF32 (when allowed) also speeds up accumulating the Gram matrices on the GPU: they only feed
     # the reconstruction objective here.
     with tf32_matmuls(opts.redense.tf32):
-        walk(model, calib_ids, process, stats="gram", opts=replace(walk_opts, propagate="dense"), calib_weights=calib, description="SDS re-dense")
+        walk(model, calib_ids, process, stats="gram", opts=replace(prune, propagate="dense"), device=device, calib_weights=calib,
+             description="SDS re-dense")
     return info
 
 
@@ -285,13 +260,12 @@ def calibration_nll(model, calib_ids, batch_size: int = 8) -> float:
     return total / count
 
 
-def adjust_model(model, calib_ids, dense: dict, oneshot: dict, pattern: Pattern, opts: SdsOptions, walk_opts) -> dict:
-    """Weight adjustment of every layer (mask re-selected by magnitude each step), block by
-    block on the current model's activations, pruned outputs propagated."""
-    from dataclasses import replace
-
+def adjust_model(model, calib_ids, dense: dict, oneshot: dict, prune: PruneConfig, device: Optional[str] = None) -> dict:
+    """Weight adjustment of every layer (mask re-selected by magnitude inside `prune.pattern`
+    each step), block by block on the current model's activations, pruned outputs propagated."""
     from plmtool.prune.sequential import walk
 
+    opts, pattern = prune.sds, prune.parsed_pattern
     info: dict[str, dict] = {}
 
     def process(i, block, linears, stats) -> None:
@@ -316,35 +290,36 @@ def adjust_model(model, calib_ids, dense: dict, oneshot: dict, pattern: Pattern,
     calib = (lambda i, n: dense[_key(i, n)]) if opts.inputs == "dense" else None
     propagate = "dense" if opts.inputs == "dense" else "pruned"
     with tf32_matmuls(opts.adjust.tf32):
-        walk(model, calib_ids, process, stats="gram", opts=replace(walk_opts, propagate=propagate), calib_weights=calib, description="SDS adjust")
+        walk(model, calib_ids, process, stats="gram", opts=replace(prune, propagate=propagate), device=device, calib_weights=calib,
+             description="SDS adjust")
     return info
 
 
-def reprune_model(model, calib_ids, dense: dict, oneshot: dict, method: str, pattern: Pattern, opts: SdsOptions, walk_opts, sgpt) -> dict:
-    """SDS step 3 on a re-dense model: re-prune with the one-shot method (a full one-shot pass),
-    then - unless the early exit applies - adjust every layer.
+def reprune_model(model, calib_ids, dense: dict, oneshot: dict, prune: PruneConfig, device: Optional[str] = None) -> dict:
+    """SDS step 3 on a re-dense model: re-prune with the one-shot method and pattern of `prune`
+    (a full one-shot pass), then - unless the early exit applies - adjust every layer.
 
     Early exit: when the re-pruned model's calibration loss (mean NLL on the calibration windows)
     is already below the one-shot model's, the adjustment is skipped.
     Returns {"early_exit", "nll": {...}, "layers": per-layer info}.
     """
-    from plmtool.prune.oneshot import OneShotOptions, prune_model
+    from plmtool.prune.oneshot import prune_model
 
-    prune_model(model, calib_ids, pattern, OneShotOptions(method=method, walk=walk_opts, sparsegpt=sgpt))
+    prune_model(model, calib_ids, prune, device)
     result: dict = {"early_exit": False, "nll": {}, "layers": {}}
-    if opts.early_exit:
-        current = {k: v for k, v in _current(model, walk_opts.exclude).items()}
-        nll_rp = calibration_nll(model, calib_ids, walk_opts.batch_size)
-        _load(model, oneshot, walk_opts.exclude)
-        nll_os = calibration_nll(model, calib_ids, walk_opts.batch_size)
-        _load(model, current, walk_opts.exclude)
+    if prune.sds.early_exit:
+        current = {k: v for k, v in _current(model, prune.exclude).items()}
+        nll_rp = calibration_nll(model, calib_ids, prune.batch_size)
+        _load(model, oneshot, prune.exclude)
+        nll_os = calibration_nll(model, calib_ids, prune.batch_size)
+        _load(model, current, prune.exclude)
         result["nll"] = {"oneshot": nll_os, "reprune": nll_rp}
         log.info("SDS early-exit check: calibration NLL one-shot %.4f, re-pruned %.4f", nll_os, nll_rp)
         if nll_rp < nll_os:
             result["early_exit"] = True
             return result
-    if opts.adjust.iterations > 0:
-        result["layers"] = adjust_model(model, calib_ids, dense, oneshot, pattern, opts, walk_opts)
+    if prune.sds.adjust.iterations > 0:
+        result["layers"] = adjust_model(model, calib_ids, dense, oneshot, prune, device)
     return result
 
 

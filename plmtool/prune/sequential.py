@@ -29,6 +29,7 @@ from torch import nn
 
 from plmtool.errors import PlmtoolError
 from plmtool.progress import track
+from plmtool.prune.config import PruneConfig
 from plmtool.prune.stats import InputStats
 
 log = logging.getLogger("plmtool")
@@ -108,15 +109,6 @@ def _to(obj: Any, device: torch.device | str) -> Any:
     return obj
 
 
-@dataclass
-class WalkOptions:
-    device: str = "cpu"  # where a block runs
-    batch_size: int = 1  # calibration samples per block call
-    propagate: str = "pruned"  # pruned | dense
-    activations: str = "auto"  # auto | device | cpu
-    exclude: tuple[str, ...] = ()  # linear names (substrings) never touched
-
-
 class _StatsHooks:
     """Forward pre-hooks accumulating InputStats; linears fed the *same* tensor (q/k/v, gate/up)
     share one accumulator, which saves memory and time for Gram matrices."""
@@ -184,14 +176,14 @@ def capture_inputs(model: nn.Module, input_ids: torch.Tensor, device: str, batch
     return sink
 
 
-def _activation_device(opts: WalkOptions, shape: tuple, dtype: torch.dtype, streams: int) -> str:
-    if opts.activations != "auto":
-        return opts.device if opts.activations == "device" else "cpu"
-    if not str(opts.device).startswith("cuda"):
-        return opts.device
+def _activation_device(activations: str, device: str, shape: tuple, dtype: torch.dtype, streams: int) -> str:
+    if activations != "auto":
+        return device if activations == "device" else "cpu"
+    if not device.startswith("cuda"):
+        return device
     need = streams * 2 * torch.Size(shape).numel() * torch.finfo(dtype).bits // 8
-    free, _ = torch.cuda.mem_get_info(torch.device(opts.device))
-    return opts.device if need < 0.3 * free else "cpu"
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return device if need < 0.3 * free else "cpu"
 
 
 ProcessFn = Callable[[int, nn.Module, dict, dict], Optional[dict]]
@@ -203,30 +195,33 @@ def walk(
     input_ids: torch.Tensor,
     process: ProcessFn,
     stats: str = "norms",
-    opts: Optional[WalkOptions] = None,
+    opts: Optional[PruneConfig] = None,
+    device: Optional[str] = None,
     calib_weights: Optional[Callable[[int, str], torch.Tensor]] = None,
     description: str = "pruning",
 ) -> list[Optional[dict]]:
     """Run `process(index, block, linears, stats)` on every decoder block in order.
 
     `stats`: "none" (no calibration pass), "norms" (Wanda) or "gram" (SparseGPT, SDS).
+    `opts`: the walk reads batch_size, propagate, activations and exclude (defaults: PruneConfig's).
+    `device`: where each block runs (None: where the model is); a model kept elsewhere (CPU) has
+    one block at a time moved there.
     `calib_weights(index, name)`: weights swapped into the block for the calibration pass only
     (e.g. the dense weights, so statistics come from the dense model); the block's own weights are
     put back before `process`. Returns what `process` returned, per block.
     """
-    opts = opts or WalkOptions()
-    if opts.propagate not in ("pruned", "dense"):
-        raise PlmtoolError(f"prune.propagate={opts.propagate}: expected 'pruned' or 'dense'")
+    opts = opts or PruneConfig()
     layers = decoder_layers(model)
     model_device = next(model.parameters()).device
-    offload = torch.device(opts.device) != model_device
+    device = str(device or model_device)
+    offload = torch.device(device) != model_device
     base = getattr(model, "base_model", model)
     outer = [m for m in base.children() if m is not layers and not any(m is x for x in layers)]
     if offload:
         for m in outer:
-            m.to(opts.device)
+            m.to(device)
     try:
-        cap = capture_inputs(model, input_ids, opts.device, opts.batch_size)
+        cap = capture_inputs(model, input_ids, device, opts.batch_size)
     finally:
         if offload:
             for m in outer:
@@ -234,7 +229,7 @@ def walk(
     # activations: one buffer per batch; moved to the chosen device
     first = cap.hidden[0]
     total_shape = (input_ids.shape[0], *first.shape[1:])
-    act_dev = _activation_device(opts, total_shape, first.dtype, streams=2)
+    act_dev = _activation_device(opts.activations, device, total_shape, first.dtype, streams=2)
     inps = [h.to(act_dev) for h in cap.hidden]
     del cap.hidden
     log.info("%s: %d blocks, %d calibration samples, activations on %s", description, len(layers), input_ids.shape[0], act_dev)
@@ -242,11 +237,11 @@ def walk(
     for i in track(range(len(layers)), description=description):
         block = layers[i]
         if offload:
-            block.to(opts.device)
-        args, kwargs = _to(cap.call.get(i, cap.call[0]), opts.device)
+            block.to(device)
+        args, kwargs = _to(cap.call.get(i, cap.call[0]), device)
 
         def run_block(h: torch.Tensor) -> torch.Tensor:
-            return _block_output(block(h.to(opts.device), *args, **kwargs)).to(act_dev)
+            return _block_output(block(h.to(device), *args, **kwargs)).to(act_dev)
 
         linears = block_linears(block, opts.exclude)
         block_stats: dict[str, InputStats] = {}
@@ -275,6 +270,6 @@ def walk(
         inps = outs
         if offload:
             block.to(model_device)
-            if str(opts.device).startswith("cuda"):
+            if device.startswith("cuda"):
                 torch.cuda.empty_cache()
     return results
