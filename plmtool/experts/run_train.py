@@ -102,7 +102,10 @@ def _fingerprint(unit: str, ids: list[str], o: Any, trainer: Any, model_id: str,
                        "trainer": {k: getattr(trainer, k, None) for k in keys}, "model": model_id, "seed": seed,
                        "max_len": max_len, "max_prompt_len": mpl,
                        # adapters initialised from the unit's own stream (unit_seed), not the process's
-                       "seeding": "per-unit"}, sort_keys=True, default=str)
+                       "seeding": "per-unit",
+                       # labelled: each reply and its end-of-turn marker, not the newline after it
+                       # (plmtool.data.chat_tokens); adapters trained with that newline are retrained
+                       "labels": "reply+end-of-turn"}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
