@@ -32,7 +32,6 @@ import gzip
 import json
 import logging
 import lzma
-import os
 import sys
 import time
 from pathlib import Path
@@ -103,7 +102,7 @@ def _first_user_len(conv: list[dict]) -> int:
 def run(args) -> None:
     import torch
 
-    from plmtool.draft.config import DraftDataConfig, DrafterConfig, DraftTrainerConfig
+    from plmtool.draft.config import DraftDataConfig, DrafterConfig, DraftTrainerConfig, EngineOptions
     from plmtool.draft.data import self_distill
     from plmtool.draft.bench.benchmark import (
         DEVICE_FAULT, engine_method, hf_generate_method, prepare_questions, render_markdown, run_benchmark, spec_bench_lines,
@@ -119,8 +118,6 @@ def run(args) -> None:
     if args.tiny:
         for k, v in TINY.items():
             setattr(args, k, v)
-    if args.sync_check:  # read by the engines' programs (plmtool.draft.decoding.switches)
-        os.environ["PLMTOOL_SYNC_CHECK"] = "1"
     if not args.cudnn_sdpa and torch.cuda.is_available():
         # cuDNN attention is SDPA's first choice on H100/H200 with recent cuDNN; off = flash /
         # memory-efficient kernels (a bisection switch for attention-kernel faults)
@@ -141,8 +138,7 @@ def run(args) -> None:
     report: dict = {"command": " ".join(sys.argv), "args": vars(args), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "gpu": torch.cuda.get_device_name(0) if cuda else None, "torch": torch.__version__,
                     "phases": {}, "notes": [],
-                    "cudnn": torch.backends.cudnn.version() if cuda else None,
-                    "switches": {k: v for k, v in os.environ.items() if k.startswith("PLMTOOL_")}}
+                    "cudnn": torch.backends.cudnn.version() if cuda else None}
     try:
         import transformers
 
@@ -228,8 +224,10 @@ def run(args) -> None:
         (method -> paths) and `dynamic` (method -> pool report) repeat an earlier pass's trees."""
         t_setup = time.perf_counter()
         runner = TargetRunner(dtype_model, args.max_len, compile=compile)
-        graphs = "auto" if args.cuda_graphs else False
-        ar_engine = SpeculativeEngine(dtype_model, max_len=args.max_len, runner=runner, cuda_graphs=graphs)
+        graphs = bool(args.cuda_graphs)
+        options = EngineOptions(cuda_graphs="auto" if graphs else "false", drafter_graph=bool(args.drafter_graph),
+                                static_drafter=bool(args.static_drafter), compile=compile, sync_check=bool(args.sync_check))
+        ar_engine = SpeculativeEngine(dtype_model, max_len=args.max_len, runner=runner, options=options)
         engines = {"ar": ar_engine}
         setups = {}
         if trees is None:  # auto trees from rank accuracies on the target's answers to second turns
@@ -239,10 +237,8 @@ def run(args) -> None:
         else:
             cal, tree_spec = [], trees
         def drafter_engine(drafter, tree, prefill_graphs: bool = True, pool=None) -> SpeculativeEngine:
-            return SpeculativeEngine(dtype_model, drafter, tree, max_len=args.max_len, runner=runner, cuda_graphs=graphs,
-                                     drafter_graph=bool(args.drafter_graph), compile=compile,
-                                     static_drafter=bool(args.static_drafter), prefill_graphs=prefill_graphs,
-                                     dynamic_pool=pool)
+            return SpeculativeEngine(dtype_model, drafter, tree, max_len=args.max_len, runner=runner, dynamic_pool=pool,
+                                     options=dataclasses.replace(options, prefill_graphs=prefill_graphs))
 
         for k, p in ckpts.items():
             if k in methods_wanted or any(m.startswith(k + "_") for m in methods_wanted):
@@ -304,6 +300,7 @@ def run(args) -> None:
                      "setup": {"device": device, "dtype": str(dtype_model.dtype).replace("torch.", ""),
                                "max_new_tokens": max_new, "runs": 1, "warmup": 1, "no_warmup": ["hf_generate"], "question_caps": caps,
                                "interleaved": True, "setup_s": round(time.perf_counter() - t_setup, 1),
+                               "engine_options": dataclasses.asdict(options),
                                "engines": {k: {"cuda_graphs": e.cuda_graphs, "compiled_target_step": e.compiled,
                                                "drafter_graph": e.drafter_graph,
                                                "drafter_compiled": e.drafter_compiled,

@@ -57,7 +57,7 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from plmtool.draft.config import DrafterConfig
+    from plmtool.draft.config import DrafterConfig, EngineOptions
     from plmtool.draft.decoding import GenerationConfig, SpeculativeEngine, resolve_tree
     from plmtool.draft.bench.step_timing import engine_program_times, rest_of_step
     from plmtool.draft.decoding.target import TargetRunner
@@ -101,7 +101,8 @@ def main() -> None:
             else:
                 drafter = build_drafter(DrafterConfig(kind=kind, num_heads=4), target=model).to(device, model.dtype).eval()
             tree = resolve_tree(args.tree, drafter.num_heads)
-            engine = SpeculativeEngine(model, drafter, tree, max_len=args.max_len, runner=runner, compile=bool(args.compile))
+            engine = SpeculativeEngine(model, drafter, tree, max_len=args.max_len, runner=runner,
+                                       options=EngineOptions(compile=bool(args.compile)))
         engine.generate(prompt, gen)  # warm-up (allocator, lazy init)
         walls, steps, accepted = [], [], 0.0
         for _ in range(args.new_lengths or args.repeats):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
 import pytest
 
 from plmtool import cli
-from plmtool.draft.config import DrafterConfig
+from plmtool.draft.config import DrafterConfig, EngineOptions
 from plmtool.draft.drafter import build_drafter, save_drafter, target_dims
 
 
@@ -54,6 +55,7 @@ def test_bench_writes_report_and_spec_bench_answers(monkeypatch, tmp_path, tiny_
     assert report["identical_to_ar"] is True
     assert report["speedups"]["amphista"]["ar"] > 0 and "hf_generate" in report["speedups"]["ar"]
     assert report["trees"]["amphista"]["nodes"] == 9
+    assert report["engine"] == dataclasses.asdict(EngineOptions())  # the engine options it decoded with
     assert (run / "report.md").read_text().startswith("# plmtool draft bench")
 
 
@@ -91,6 +93,7 @@ def test_bench_refuses_a_dynamic_pool_smaller_than_its_tree(monkeypatch, capsys,
     ("draft.tree=[[0],[1,0]]", "no parent"),
     ("draft.tree_accuracy=joint", "draft.tree_accuracy must be one of conditional, marginal"),
     ("draft.dynamic_pool=-1", "draft.dynamic_pool must be >= 0"),
+    ("engine.cuda_graphs=maybe", "engine.cuda_graphs must be one of auto, true, false, got 'maybe'"),
     ("bench.max_new_tokens=100000", "exceeds the context"),
 ])
 def test_bench_bad_input_is_one_clear_error(monkeypatch, capsys, tmp_path, tiny_llama_dir, drafters, override, msg):
@@ -142,6 +145,17 @@ def test_serve_dry_run(monkeypatch, tmp_path, tiny_llama_dir, drafters):
          f"draft.checkpoint={drafters['amphista']}", "draft.tree=chain", f"hydra.run.dir={run}")
     report = json.loads((run / "report.json").read_text())
     assert report["drafter"] == "amphista" and report["tree_nodes"] == 4 and report["host"] == "127.0.0.1"
+    assert report["engine"] == dataclasses.asdict(EngineOptions()) and report["static_drafter"] and report["greedy_loop"]
+
+
+def test_engine_options_reach_the_engine_and_the_report(monkeypatch, tmp_path, tiny_llama_dir, drafters):
+    run = tmp_path / "serve"
+    _cli(monkeypatch, "draft", "serve", "experiment=smoke", f"model.name_or_path={tiny_llama_dir}",
+         f"draft.checkpoint={drafters['medusa']}", "draft.tree=chain", "engine.static_drafter=false", "engine.sync_check=true",
+         f"hydra.run.dir={run}")
+    report = json.loads((run / "report.json").read_text())
+    assert report["engine"] == {**dataclasses.asdict(EngineOptions()), "static_drafter": False, "sync_check": True}
+    assert report["drafter"] == "medusa" and report["static_drafter"] is False and report["greedy_loop"] is False
 
 
 def test_interleaved_benchmark_cuts_every_method_after_the_same_questions():

@@ -9,6 +9,7 @@ import torch
 
 from draft_decoding_helpers import OracleDrafter, RandomDrafter, perturbed_drafter, plain_greedy, tiny_llama
 from plmtool.cuda_graph import tolerance
+from plmtool.draft.config import EngineOptions
 from plmtool.draft.decoding import GenerationConfig, SpeculativeEngine, build_tree, make_tree, resolve_tree, validate_tree
 from plmtool.draft.decoding.target import TargetRunner
 from plmtool.draft.decoding.tree import expected_accept_length
@@ -323,7 +324,7 @@ def test_static_drafter_step_equals_eager_step_and_plain_greedy(target, kind, ov
     for tree_name in ("chain", "wide", "auto"):
         tree = resolve_tree(TREES[tree_name], 3)
         static = SpeculativeEngine(target, drafter, tree=tree, max_len=96)
-        eager = SpeculativeEngine(target, drafter, tree=tree, max_len=96, static_drafter=False)
+        eager = SpeculativeEngine(target, drafter, tree=tree, max_len=96, options=EngineOptions(static_drafter=False))
         assert static.drafter_step is not None and eager.drafter_step is None
         for prompt in prompts(4, seed=11):
             ref = plain_greedy(target, prompt, 30)
@@ -457,14 +458,14 @@ def test_compiled_target_step_is_checked_against_eager(target, monkeypatch, capl
     else:
         runner.compiled_forward = runner.forward
     drafter = perturbed_drafter(target, "amphista", seed=5)
-    engine = SpeculativeEngine(target, drafter, tree=TREES["wide"], runner=runner, cuda_graphs=False)
+    engine = SpeculativeEngine(target, drafter, tree=TREES["wide"], runner=runner, options=EngineOptions(cuda_graphs="false"))
     with caplog.at_level("WARNING", logger="plmtool"):
         engine.plain_step = StepProgram(runner, engine.plain_step.depth, engine.plain_step.ancestors, cuda_graph=True)
         engine.tree_step = StepProgram(runner, engine.tree.depth, engine.tree.ancestors, cuda_graph=True)
     for step in (engine.plain_step, engine.tree_step):
         assert step.graph is not None and step.compiled == (not broken)
     assert ("compiled 1-node step disabled" in caplog.text) == broken
-    plain = SpeculativeEngine(target, runner=runner, cuda_graphs=False)
+    plain = SpeculativeEngine(target, runner=runner, options=EngineOptions(cuda_graphs="false"))
     plain.plain_step = engine.plain_step
     for prompt in prompts(3, seed=6):
         ref = plain_greedy(target, prompt, 20)
@@ -641,24 +642,38 @@ def test_a_replay_after_a_buffer_was_recreated_is_refused(target, monkeypatch):
         step(torch.tensor([5]), 1)
 
 
-def test_environment_switches_turn_compile_and_graphs_off(target, monkeypatch):
-    from plmtool.draft.decoding.switches import allowed, env_flag
-
-    monkeypatch.setenv("PLMTOOL_COMPILE", "0")
-    assert TargetRunner(target, 32, compile=True).compiled_forward is None
-    monkeypatch.setenv("PLMTOOL_COMPILE", "1")  # the environment never forces a feature on
-    assert TargetRunner(target, 32, compile=False).compiled_forward is None
-    assert allowed("PLMTOOL_DRAFTER_GRAPH", True)
-    monkeypatch.setenv("PLMTOOL_DRAFTER_GRAPH", "off")
-    assert env_flag("PLMTOOL_DRAFTER_GRAPH") is False and not allowed("PLMTOOL_DRAFTER_GRAPH", True)
+def test_engine_options_turn_features_off_and_refuse_bad_values(target):
+    """One options object switches the engine's features; nothing else (no environment) does."""
+    assert TargetRunner(target, 32, compile=True).compiled_forward is not None
+    assert SpeculativeEngine(target, max_len=32).runner.compiled_forward is None  # compile is opt-in
+    assert SpeculativeEngine(target, max_len=32, options=EngineOptions(compile=True)).runner.compiled_forward is not None
     drafter = perturbed_drafter(target, "amphista", seed=9)
-    monkeypatch.setenv("PLMTOOL_STATIC_DRAFTER", "0")  # back to the variable-shape eager step
-    engine = SpeculativeEngine(target, drafter, tree=TREES["wide"], max_len=64)
-    assert engine.drafter_step is None
-    assert engine.generate([5, 9, 11], max_new_tokens=12).tokens == plain_greedy(target, [5, 9, 11], 12)
-    monkeypatch.setenv("PLMTOOL_DRAFTER_GRAPH", "maybe")
-    with pytest.raises(ValueError, match="PLMTOOL_DRAFTER_GRAPH"):
-        env_flag("PLMTOOL_DRAFTER_GRAPH")
+    default = SpeculativeEngine(target, drafter, tree=TREES["wide"], max_len=64)
+    assert default.drafter_step is not None and default.greedy_loop is not None and not default.sync_check
+    eager = SpeculativeEngine(target, drafter, tree=TREES["wide"], max_len=64, options=EngineOptions(static_drafter=False))
+    assert eager.drafter_step is None and eager.greedy_loop is None  # the variable-shape eager step, general loop
+    general = SpeculativeEngine(target, drafter, tree=TREES["wide"], max_len=64, options=EngineOptions(greedy_loop=False))
+    assert general.drafter_step is not None and general.greedy_loop is None
+    for engine in (eager, general):
+        assert engine.generate([5, 9, 11], max_new_tokens=12).tokens == plain_greedy(target, [5, 9, 11], 12)
+    checked = SpeculativeEngine(target, drafter, tree=TREES["wide"], max_len=64, options=EngineOptions(sync_check=True))
+    assert checked.sync_check and checked.plain_step.sync_check and checked.drafter_step.sync_check
+    assert checked.greedy_loop.sync_check
+    with pytest.raises(PlmtoolError, match="engine.cuda_graphs must be one of auto, true, false, got 'maybe'"):
+        SpeculativeEngine(target, max_len=32, options=EngineOptions(cuda_graphs="maybe"))
+    with pytest.raises(PlmtoolError, match="needs a CUDA device"):
+        SpeculativeEngine(target, max_len=32, options=EngineOptions(cuda_graphs=True))
+
+
+def test_graph_options_on_a_cuda_device():
+    """Which programs are captured on a CUDA device (decided on the device type alone): padded
+    prefills only where steps are captured and unless switched off."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert EngineOptions().graphs_on(cuda) and not EngineOptions().graphs_on(cpu)
+    assert EngineOptions().prefill_graphs_on(cuda) and not EngineOptions().prefill_graphs_on(cpu)
+    assert not EngineOptions(prefill_graphs=False).prefill_graphs_on(cuda)
+    assert not EngineOptions(cuda_graphs="false").graphs_on(cuda) and not EngineOptions(cuda_graphs=False).prefill_graphs_on(cuda)
+    assert EngineOptions(cuda_graphs="True").graphs_on(cuda)  # Hydra hands a bool over as its string
 
 
 def test_prefills_run_without_cudnn_attention(target, monkeypatch):
@@ -708,8 +723,7 @@ def test_greedy_loop_equals_the_general_loop_and_leaves_the_same_caches(target, 
     drafter = perturbed_drafter(target, kind, seed=3)
     tree = resolve_tree(TREES["wide"], 3)
     lean = SpeculativeEngine(target, drafter, tree=tree, max_len=96)
-    monkeypatch.setenv("PLMTOOL_GREEDY_LOOP", "0")
-    general = SpeculativeEngine(target, drafter, tree=tree, max_len=96)
+    general = SpeculativeEngine(target, drafter, tree=tree, max_len=96, options=EngineOptions(greedy_loop=False))
     assert lean.greedy_loop is not None and general.greedy_loop is None
     for prompt in prompts(5, seed=21):
         ref = plain_greedy(target, prompt, 30)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from draft_decoding_helpers import perturbed_drafter, plain_greedy, tiny_llama
+from plmtool.draft.config import EngineOptions
 from plmtool.draft.decoding import GenerationConfig, SpeculativeEngine, build_tree, make_tree, validate_tree
 from plmtool.draft.decoding.dynamic_tree import DynamicTree
 from plmtool.errors import PlmtoolError
@@ -148,11 +149,11 @@ def test_the_pick_has_no_host_value_in_it():
     assert not rec.counts, dict(rec.counts)
 
 
-def test_without_the_device_loop_a_dynamic_tree_is_reported_unused(target, monkeypatch, caplog):
-    monkeypatch.setenv("PLMTOOL_GREEDY_LOOP", "0")
+def test_without_the_device_loop_a_dynamic_tree_is_reported_unused(target, caplog):
     drafter = perturbed_drafter(target, "amphista", seed=9)
     with caplog.at_level("WARNING", logger="plmtool"):
-        engine = SpeculativeEngine(target, drafter, tree=[[0], [1], [0, 0]], max_len=96, dynamic_pool=POOL)
+        engine = SpeculativeEngine(target, drafter, tree=[[0], [1], [0, 0]], max_len=96, dynamic_pool=POOL,
+                                   options=EngineOptions(greedy_loop=False))
     assert not engine.dynamic and "dynamic tree unused" in caplog.text
     assert engine.generate([4, 8, 15], max_new_tokens=20).tokens == plain_greedy(target, [4, 8, 15], 20)
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from draft_decoding_helpers import RandomDrafter, perturbed_drafter, plain_greedy, tiny_llama
+from plmtool.draft.config import EngineOptions
 from plmtool.draft.decoding import GenerationConfig, SpeculativeEngine
 from plmtool.draft.decoding.drafter_step import DrafterProgram
 from plmtool.draft.decoding.prefill import DrafterPrefills, PrefillGraphs, bucket_lengths, drafter_prefills, lengths_up_to
@@ -105,7 +106,7 @@ def test_engine_decodes_the_same_through_padded_prefills(target, drafted):
         drafter = RandomDrafter(32, 64, 3, stateful=True, seed=0) if drafted else None
         tree = [[0], [1], [0, 0], [0, 0, 0]] if drafted else None
         engine = SpeculativeEngine(target, drafter, tree, runner=runner)
-        eager = SpeculativeEngine(target, drafter, tree, runner=runner, prefill_graphs=False)
+        eager = SpeculativeEngine(target, drafter, tree, runner=runner, options=EngineOptions(prefill_graphs=False))
         # on the CPU no engine prefills through them (no CUDA graphs): turned on by hand here
         assert not engine.use_prefill_graphs
         engine.use_prefill_graphs = True
@@ -242,10 +243,10 @@ def test_engine_decodes_the_same_through_padded_drafter_prefills(target, monkeyp
     monkeypatch.setattr(DrafterPrefills, "__call__", lambda self, h, t: calls.append(h.shape[0]) or original(self, h, t))
     drafter = _drafter(target, name, seed=2)
     padded = SpeculativeEngine(target, drafter, TREE, max_len=96)
-    eager = SpeculativeEngine(target, drafter, TREE, max_len=96, prefill_graphs=False)
+    eager = SpeculativeEngine(target, drafter, TREE, max_len=96, options=EngineOptions(prefill_graphs=False))
     off = SpeculativeEngine(target, drafter, TREE, max_len=96)
     # on the CPU no drafter step is captured, so no engine builds them itself: attach them, and
-    # turn them on where a CUDA engine would (the switch itself: test_prefill_graphs_switch)
+    # turn them on where a CUDA engine would (the switch itself: test_graph_options_on_a_cuda_device)
     assert padded.drafter_prefills is None and not padded.use_prefill_graphs
     padded.use_prefill_graphs = True
     lengths = lengths_up_to(96, 96 - 1 - padded.tree.n)
@@ -266,14 +267,3 @@ def test_engine_decodes_the_same_through_padded_drafter_prefills(target, monkeyp
     # the general loop (greedy, read the verdict first) through the padded prefill too
     padded.greedy_loop = None
     assert padded.generate([5, 9, 11], max_new_tokens=12).tokens == plain_greedy(target, [5, 9, 11], 12)
-
-
-def test_prefill_graphs_switch(monkeypatch):
-    """Padded prefills only with CUDA graphs, unless the engine argument or the environment says no."""
-    from plmtool.draft.decoding.engine import prefill_graphs_on
-
-    assert prefill_graphs_on(True, True) and not prefill_graphs_on(True, False) and not prefill_graphs_on(False, True)
-    monkeypatch.setenv("PLMTOOL_PREFILL_GRAPHS", "0")
-    assert not prefill_graphs_on(True, True)
-    monkeypatch.setenv("PLMTOOL_PREFILL_GRAPHS", "1")  # the environment never forces it on
-    assert prefill_graphs_on(True, True) and not prefill_graphs_on(True, False)

@@ -15,13 +15,14 @@ import hydra
 from omegaconf import DictConfig
 
 import plmtool.config  # noqa: F401  (registers the shared schemas)
-from plmtool.draft.config import BENCH_METHODS  # also registers draft_bench_schema
+from plmtool.draft.config import BENCH_METHODS, EngineOptions  # also registers draft_bench_schema
 from plmtool.errors import PlmtoolError
 from plmtool.paths import CONF_DIR
 from plmtool.runner import Report, execute
 
 
-def _check_config(cfg: DictConfig) -> None:
+def _check_config(cfg: DictConfig) -> EngineOptions:
+    """Everything checkable before the model loads; returns the engine options."""
     b, d = cfg.bench, cfg.draft
     unknown = [m for m in b.methods if m not in BENCH_METHODS]
     if unknown:
@@ -32,13 +33,16 @@ def _check_config(cfg: DictConfig) -> None:
         raise PlmtoolError("bench.runs and bench.max_new_tokens must be >= 1, bench.warmup >= 0")
     if b.questions != "mtbench" and not Path(b.questions).is_file():
         raise PlmtoolError(f"bench.questions: {b.questions} is neither 'mtbench' nor an existing question file")
-    from plmtool.draft.setup import check_decoding_config
+    from plmtool.draft.setup import check_decoding_config, engine_options
 
     check_decoding_config(d, checkpoints=("checkpoint", "medusa_checkpoint"), trees=("tree", "medusa_tree"))
+    return engine_options(cfg.engine)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> Report:
-    _check_config(cfg)
+    options = _check_config(cfg)
+    import dataclasses
+
     import torch
 
     from plmtool.data.chat import load_mtbench
@@ -64,15 +68,14 @@ def run(cfg: DictConfig, run_dir: Path) -> Report:
 
     model, tokenizer = load_model(cfg.model)
     device = next(model.parameters()).device
-    graphs = {"auto": "auto", "true": True, "false": False}.get(str(d.cuda_graphs).lower(), "auto")
     prepared = prepare_questions(tokenizer, questions, b.system_prompt)
     stops = stop_token_ids(model, tokenizer)
     longest = max(len(q["prompt_ids"]) for q in prepared)
     from plmtool.draft.decoding.target import TargetRunner
 
     # one runner (KV cache, compiled step) for all our engines: they never decode concurrently
-    runner = TargetRunner(model, b.max_len, compile=bool(d.compile))
-    ar_engine = SpeculativeEngine(model, max_len=b.max_len, cuda_graphs=graphs, runner=runner)
+    runner = TargetRunner(model, b.max_len, compile=bool(options.compile))
+    ar_engine = SpeculativeEngine(model, max_len=b.max_len, options=options, runner=runner)
     ar_engine.check_request(longest, b.max_new_tokens)
 
     skipped: dict[str, str] = {}
@@ -96,8 +99,8 @@ def run(cfg: DictConfig, run_dir: Path) -> Report:
         elif name in ("hf_generate", "hf_generate_static"):
             methods[name] = hf_generate_method(model, b.max_new_tokens, stops, tokenizer.pad_token_id, static=name.endswith("static"))
         elif name in setups:
-            engine = SpeculativeEngine(model, setups[name].drafter, setups[name].tree, max_len=b.max_len, cuda_graphs=graphs,
-                                       runner=runner, compile=bool(d.compile), dynamic_pool=setups[name].pool)
+            engine = SpeculativeEngine(model, setups[name].drafter, setups[name].tree, max_len=b.max_len, options=options,
+                                       runner=runner, dynamic_pool=setups[name].pool)
             engine.check_request(longest, b.max_new_tokens)
             methods[name] = engine_method(engine, b.max_new_tokens, stops)
         else:
@@ -116,6 +119,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Report:
         "model_info": model_info(model),
         "num_questions": len(prepared),
         "question_source": b.questions,
+        "engine": dataclasses.asdict(options),
         "setup": {"device": str(device), "dtype": str(model.dtype).replace("torch.", ""), "max_new_tokens": b.max_new_tokens,
                   "runs": b.runs, "warmup": b.warmup, "cuda_graphs": ar_engine.cuda_graphs,
                   "compiled_target_step": ar_engine.compiled, "greedy": True, "batch_size": 1,

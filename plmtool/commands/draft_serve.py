@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -25,7 +26,9 @@ log = logging.getLogger("plmtool")
 def build_server(cfg: DictConfig):
     """Model (+ drafter and tree) -> Server; shared by the command and the tests."""
     from plmtool.draft.decoding.engine import ACCEPTANCE, SpeculativeEngine
-    from plmtool.draft.setup import calibration_sequences, chat_prompt_ids, check_decoding_config, setup_drafter, stop_token_ids
+    from plmtool.draft.setup import (
+        calibration_sequences, chat_prompt_ids, check_decoding_config, engine_options, setup_drafter, stop_token_ids,
+    )
     from plmtool.models import load_model
     from plmtool.serve.app import Server
 
@@ -35,10 +38,10 @@ def build_server(cfg: DictConfig):
     if not 0 < s.port < 65536:
         raise PlmtoolError(f"serve.port must be in 1..65535, got {s.port}")
     check_decoding_config(d)
-    graphs = {"auto": "auto", "true": True, "false": False}.get(str(d.cuda_graphs).lower(), "auto")
+    options = engine_options(cfg.engine)
     model, tokenizer = load_model(cfg.model)
     stops = stop_token_ids(model, tokenizer)
-    plain = SpeculativeEngine(model, max_len=s.max_len, cuda_graphs=graphs, compile=bool(d.compile))
+    plain = SpeculativeEngine(model, max_len=s.max_len, options=options)
     engine, kind, tree_info = plain, None, None
     if d.checkpoint:
         cal = []
@@ -50,15 +53,17 @@ def build_server(cfg: DictConfig):
         setup = setup_drafter(model, d.checkpoint, d.tree, cal, s.max_len, d.tree_accuracy, d.dynamic_pool)
         runner = plain.runner  # reuses the KV cache and any compiled step
         del plain
-        engine = SpeculativeEngine(model, setup.drafter, setup.tree, max_len=s.max_len, cuda_graphs=graphs, runner=runner,
-                                   compile=bool(d.compile), dynamic_pool=setup.pool)
+        engine = SpeculativeEngine(model, setup.drafter, setup.tree, max_len=s.max_len, options=options, runner=runner,
+                                   dynamic_pool=setup.pool)
         kind, tree_info = setup.name, len(setup.tree) + 1
     model_id = s.model_id or str(cfg.model.name_or_path)
     server = Server(engine, tokenizer, model_id, s.max_tokens_default, s.acceptance, s.typical_epsilon, stops, kind)
     return server, {"model_id": model_id, "drafter": kind, "tree_nodes": tree_info, "max_len": engine.max_len,
                     "acceptance": s.acceptance if kind else None, "device": str(engine.device), "cuda_graphs": engine.cuda_graphs,
                     "compiled": engine.compiled, "drafter_graph": engine.drafter_graph, "prefill_graphs": engine.prefill_graphs,
-                    "drafter_prefill_graphs": engine.drafter_prefill_graphs, "dynamic_tree": engine.dynamic}
+                    "drafter_prefill_graphs": engine.drafter_prefill_graphs, "dynamic_tree": engine.dynamic,
+                    "static_drafter": engine.drafter_step is not None, "greedy_loop": engine.greedy_loop is not None,
+                    "engine": dataclasses.asdict(options)}
 
 
 def run(cfg: DictConfig, run_dir: Path) -> Report:

@@ -5,7 +5,8 @@
 Amphista paper leaves open is a knob here, with the default we chose (docs/draft.md says why), and
 every Amphista component has an on/off switch so the paper's ablations can be rerun.
 `DecodeDraftConfig` (the `draft` node of bench and serve) says which drafter checkpoints and trees
-decode, `BenchConfig` and `ServeConfig` the rest of those two commands.
+decode, `EngineOptions` (their `engine` node) how the decoding engine runs, `BenchConfig` and
+`ServeConfig` the rest of those two commands.
 
 Plain dataclasses: the Python API (and the GPU scripts, where Hydra may be missing) take them as
 they are; the Hydra apps are registered only where Hydra is installed.
@@ -160,10 +161,60 @@ class DecodeDraftConfig:
     # tree, from the same accuracies) and every greedy step decodes with the tree's number of nodes
     # picked from it by the drafter's own probabilities at that step; 0 = the static tree
     dynamic_pool: int = 0
-    cuda_graphs: str = "auto"  # auto (on CUDA) | true | false
-    # torch.compile the target step before capturing it (CUDA graphs only; checked against
-    # eager at capture, eager capture on mismatch); compilation takes tens of seconds per shape
+
+
+CUDA_GRAPHS = ("auto", "true", "false")
+
+
+@dataclass
+class EngineOptions:
+    """How the decoding engine runs: which programs are captured as CUDA graphs, compiled, checked.
+
+    The `engine` node of `plmtool draft bench` and `plmtool draft serve` (`engine.compile=true`),
+    the options `SpeculativeEngine` takes, recorded in each report. Every feature is on where it
+    pays (except `compile`, which costs tens of seconds per step shape at start-up, and
+    `sync_check`, a debugging aid); switching one off bisects a device fault without code edits.
+    Without CUDA graphs the captured programs run eagerly, so the graph switches matter on CUDA only.
+    """
+
+    # auto: on CUDA | true | false: every step program (target steps, prefills, drafter step,
+    # the greedy loop's programs) captured as a CUDA graph, each checked and falling back to eager
+    cuda_graphs: str = "auto"
+    # capture the drafter step too (with cuda_graphs); false: it runs eagerly, target steps captured
+    drafter_graph: bool = True
+    # the drafter's fixed-shape step (step_static) over one engine-lifetime cache; false: its
+    # variable-shape eager `step` with a fresh cache per request
+    static_drafter: bool = True
+    # torch.compile the target step (a shared runner: as it was built) and the drafter step before
+    # capturing them; checked against eager at capture, eager capture on mismatch
     compile: bool = False
+    # greedy requests through the device-side loop (greedy_loop.py: no host decision between the
+    # programs); false: the general loop, which reads the verdict before drafting
+    greedy_loop: bool = True
+    # prompts prefilled through padded CUDA graphs (prefill.py; with cuda_graphs), target and drafter
+    prefill_graphs: bool = True
+    # synchronise after every prefill, step replay and drafter step, so that a device fault raises
+    # DeviceStepError naming the program that caused it (slower)
+    sync_check: bool = False
+
+    def check(self) -> None:
+        if str(self.cuda_graphs).lower() not in CUDA_GRAPHS:
+            raise PlmtoolError(f"engine.cuda_graphs must be one of {', '.join(CUDA_GRAPHS)}, got '{self.cuda_graphs}'")
+
+    def graphs_on(self, device) -> bool:
+        """Whether step programs are captured on `device` (a torch.device)."""
+        self.check()
+        value = str(self.cuda_graphs).lower()
+        if value == "auto":
+            return device.type == "cuda"
+        if value == "true" and device.type != "cuda":
+            raise PlmtoolError(f"engine.cuda_graphs=true needs a CUDA device, the model is on {device}")
+        return value == "true"
+
+    def prefill_graphs_on(self, device) -> bool:
+        """Whether prompts are prefilled through padded graphs: only where steps are captured (an
+        engine without graphs never replays the ones another engine captured on a shared runner)."""
+        return self.graphs_on(device) and bool(self.prefill_graphs)
 
 
 @dataclass
@@ -215,6 +266,7 @@ if ModelConfig is not None:
     class DraftBenchApp:
         model: ModelConfig = field(default_factory=ModelConfig)
         draft: DecodeDraftConfig = field(default_factory=DecodeDraftConfig)
+        engine: EngineOptions = field(default_factory=EngineOptions)
         bench: BenchConfig = field(default_factory=BenchConfig)
         seed: int = 0
 
@@ -222,6 +274,7 @@ if ModelConfig is not None:
     class DraftServeApp:
         model: ModelConfig = field(default_factory=ModelConfig)
         draft: DecodeDraftConfig = field(default_factory=DecodeDraftConfig)
+        engine: EngineOptions = field(default_factory=EngineOptions)
         serve: ServeConfig = field(default_factory=ServeConfig)
         seed: int = 0
 

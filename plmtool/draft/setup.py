@@ -1,7 +1,7 @@
 """What `plmtool draft bench` and `plmtool draft serve` both set up: prompts in the chat template,
-stop tokens, the drafter checkpoints checked before any model loads, a drafter loaded for its
-target with its candidate tree (auto trees from rank accuracies measured on the target's own
-answers), and the pool of a dynamic tree.
+stop tokens, the drafter checkpoints and engine options checked before any model loads, a drafter
+loaded for its target with its candidate tree (auto trees from rank accuracies measured on the
+target's own answers), and the pool of a dynamic tree.
 
 Pure Python over torch/transformers (no Hydra), so `scripts/bench_draft.py` uses it too.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from plmtool.draft.accuracy import RankAccuracy, measure_rank_accuracy
-from plmtool.draft.config import check_dynamic_pool, check_tree_accuracy
+from plmtool.draft.config import EngineOptions, check_dynamic_pool, check_tree_accuracy
 from plmtool.draft.decoding.engine import GenerationConfig, SpeculativeEngine
 from plmtool.draft.decoding.target import TargetRunner
 from plmtool.draft.decoding.tree import resolve_tree, validate_tree
@@ -62,6 +62,16 @@ def check_decoding_config(draft, checkpoints: Sequence[str] = ("checkpoint",), t
         spec = getattr(draft, key, None)
         if spec is not None and not isinstance(spec, str):
             validate_tree(plain_tree(spec))
+
+
+def engine_options(node: Any) -> EngineOptions:
+    """The `engine` node of bench and serve as the `EngineOptions` the engine takes, checked."""
+    if not isinstance(node, EngineOptions):
+        from omegaconf import OmegaConf
+
+        node = EngineOptions(**(OmegaConf.to_container(node) if OmegaConf.is_config(node) else dict(node)))
+    node.check()
+    return node
 
 
 def plain_tree(spec: Any) -> Any:

@@ -9,8 +9,6 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from plmtool.draft.decoding.switches import sync_check
-
 
 def synchronize() -> None:
     if torch.cuda.is_available():
@@ -18,14 +16,15 @@ def synchronize() -> None:
 
 
 class DeviceStepError(RuntimeError):
-    """A device fault surfaced right after one program ran (with PLMTOOL_SYNC_CHECK=1)."""
+    """A device fault surfaced right after one program ran (with `EngineOptions.sync_check`)."""
 
 
 def check_device(what: str) -> None:
-    """With PLMTOOL_SYNC_CHECK=1 on CUDA: synchronise and name `what` if the device faulted.
-    Kernels run asynchronously, so without this a fault is reported by whatever synchronises
-    next (often another method's timer) instead of the program that caused it."""
-    if sync_check() and torch.cuda.is_available():
+    """On CUDA: synchronise and name `what` if the device faulted. Called after every program
+    when `EngineOptions.sync_check` is on: kernels run asynchronously, so without it a fault is
+    reported by whatever synchronises next (often another method's timer) instead of the program
+    that caused it."""
+    if torch.cuda.is_available():
         try:
             torch.cuda.synchronize()
         except Exception as e:  # noqa: BLE001 - re-raised with the program's name

@@ -37,12 +37,14 @@ class DrafterProgram:
 
     def __init__(self, drafter, cache: Any, n: int, hidden_size: int, device: torch.device, dtype: torch.dtype,
                  cuda_graph: bool = False, compile: bool = False, buffers: tuple | None = None, pool=None,
-                 name: str = "drafter step"):
+                 name: str = "drafter step", sync_check: bool = False):
         """`buffers`: (hidden [1,n,H], next_tokens [1,n], count) to use instead of new ones (the
         padded drafter prefills of prefill.py give views of one buffer to all their lengths);
         `pool`: the CUDA graph memory pool to capture into (None: a pool of its own); `name`: what
-        errors and device-fault reports call this program."""
+        errors and device-fault reports call this program; `sync_check`: synchronise after each step
+        so a device fault names this program."""
         self.drafter, self.cache, self.n, self.name, self.pool = drafter, cache, n, name, pool
+        self.sync_check = sync_check
         if buffers is not None:
             self.hidden, self.next_tokens, self.count = buffers
         else:
@@ -191,10 +193,10 @@ class DrafterProgram:
             self._check_addresses()
             self.graph.replay()
             out = self.out
-            check_device(f"the {self.name} graph replay")
         else:
             out = self._run()
-            check_device(f"the eager {self.name}")
+        if self.sync_check:
+            check_device(f"the {self.name} graph replay" if self.graph is not None else f"the eager {self.name}")
         if cache is not None:
             cache.length += count  # host bookkeeping; step_static advanced cache.start on the device
         return out

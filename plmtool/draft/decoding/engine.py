@@ -23,12 +23,12 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from plmtool.draft.config import EngineOptions
 from plmtool.draft.decoding.device import check_device, synchronize, variable_shape_attention
 from plmtool.draft.decoding.drafter_step import DrafterProgram
 from plmtool.draft.decoding.dynamic_tree import DynamicTree
 from plmtool.draft.decoding.greedy_loop import GreedyTreeLoop
 from plmtool.draft.decoding.prefill import DrafterPrefills, drafter_prefills, lengths_up_to
-from plmtool.draft.decoding.switches import allowed
 from plmtool.draft.decoding.target import StepProgram, TargetRunner
 from plmtool.draft.decoding.tree import Tree, make_tree
 from plmtool.draft.decoding.verify import Verdict, filter_probs, greedy_verify, sample_verify, typical_verify
@@ -80,13 +80,6 @@ class GenerationResult:
         return {"steps": self.steps, "mean_accepted": round(self.mean_accepted, 4), "accept_lengths": list(self.accept_lengths)}
 
 
-def prefill_graphs_on(cuda_graphs: bool, wanted: bool) -> bool:
-    """Whether an engine prefills through padded graphs: only with CUDA graphs, when wanted and
-    not turned off by PLMTOOL_PREFILL_GRAPHS=0 (an engine without graphs never replays the ones
-    another engine captured on a shared runner)."""
-    return cuda_graphs and allowed("PLMTOOL_PREFILL_GRAPHS", wanted)
-
-
 class SpeculativeEngine:
     """Plain or speculative generation for one target (and optionally one drafter), batch 1.
 
@@ -94,40 +87,35 @@ class SpeculativeEngine:
     """
 
     def __init__(self, model, drafter=None, tree: Sequence[Sequence[int]] | None = None, max_len: int = 2048,
-                 cuda_graphs: bool | str = "auto", static_drafter: bool = True, compile: bool = False,
-                 runner: TargetRunner | None = None, drafter_graph: bool | None = None, prefill_graphs: bool = True,
+                 options: EngineOptions | None = None, runner: TargetRunner | None = None,
                  dynamic_pool: Sequence[Sequence[int]] | None = None):
-        """`compile`: capture torch.compile'd target and drafter steps (each checked against eager,
-        else eager capture); only with CUDA graphs. With a shared `runner` it applies to the drafter
-        step only (the runner was built compiled or not). `runner`: share one target runner (its KV cache) between
-        engines of the same model that never decode concurrently. `drafter_graph`: capture the
-        drafter step as a CUDA graph (None: whenever the target steps are captured).
-        PLMTOOL_CUDA_GRAPHS=0 / PLMTOOL_DRAFTER_GRAPH=0 turn graphs off from the environment,
-        PLMTOOL_STATIC_DRAFTER=0 the fixed-shape drafter step (back to the drafter's eager `step`).
-        `prefill_graphs`: prefill through the runner's padded prefill graphs (`prefill.py`; only with
-        CUDA graphs; PLMTOOL_PREFILL_GRAPHS=0 turns them off), else eagerly; the drafter's prefill
-        likewise (padded drafter prefill graphs where the drafter step is captured).
-        `dynamic_pool`: candidate paths of a dynamic tree (`dynamic_tree.py`): greedy steps then
-        decode with a tree of `tree`'s size picked from these paths by the drafter's probabilities at
-        every step; the static `tree` serves sampling (and greedy decoding if the device loop is off)."""
+        """`options`: which programs are captured, compiled and checked (`EngineOptions`, the
+        `engine` node of bench and serve; defaults: graphs on CUDA, no compilation). `runner`: share
+        one target runner (its KV cache) between engines of the same model that never decode
+        concurrently; it was built compiled or not, so `options.compile` then applies to the
+        drafter step only. `dynamic_pool`: candidate paths of a dynamic tree (`dynamic_tree.py`):
+        greedy steps then decode with a tree of `tree`'s size picked from these paths by the
+        drafter's probabilities at every step; the static `tree` serves sampling (and greedy
+        decoding if the device loop is off)."""
         if runner is not None and runner.model is not model:
             raise ValueError("the shared runner belongs to another model")
-        self.runner = runner if runner is not None else TargetRunner(model, max_len, compile=compile)
+        opts = options if options is not None else EngineOptions()
+        opts.check()
+        self.options = opts
+        self.runner = runner if runner is not None else TargetRunner(model, max_len, compile=opts.compile)
         self.model = model
         self.drafter = drafter
         self.device = self.runner.device
         self.max_len = self.runner.max_len
-        use_graphs = (self.device.type == "cuda") if cuda_graphs == "auto" else bool(cuda_graphs)
-        if use_graphs and self.device.type != "cuda":
-            raise PlmtoolError("CUDA graphs need a CUDA device")
-        use_graphs = allowed("PLMTOOL_CUDA_GRAPHS", use_graphs)
-        use_drafter_graph = allowed("PLMTOOL_DRAFTER_GRAPH", use_graphs if drafter_graph is None else (use_graphs and drafter_graph))
+        self.sync_check = bool(opts.sync_check)
+        use_graphs = opts.graphs_on(self.device)
+        use_drafter_graph = use_graphs and bool(opts.drafter_graph)
         pool = None  # each step program keeps its own graph memory: programs never share outputs
-        self.use_prefill_graphs = prefill_graphs_on(use_graphs, prefill_graphs)
+        self.use_prefill_graphs = opts.prefill_graphs_on(self.device)
         if self.use_prefill_graphs:
             self.runner.enable_prefill_graphs()  # padded prompt lengths, one replay per prefill (prefill.py)
         one = make_tree([])
-        self.plain_step = StepProgram(self.runner, one.depth, one.ancestors, use_graphs, pool)
+        self.plain_step = StepProgram(self.runner, one.depth, one.ancestors, use_graphs, pool, self.sync_check)
         self.tree: Tree | None = None
         self.tree_step: StepProgram | None = None
         if drafter is not None:
@@ -136,7 +124,7 @@ class SpeculativeEngine:
             self.tree = make_tree(tree, num_heads=drafter.num_heads).to(self.device)
             if self.tree.n + 1 > self.max_len:
                 raise PlmtoolError(f"tree of {self.tree.n} nodes does not fit the context of {self.max_len}")
-            self.tree_step = StepProgram(self.runner, self.tree.depth, self.tree.ancestors, use_graphs, pool)
+            self.tree_step = StepProgram(self.runner, self.tree.depth, self.tree.ancestors, use_graphs, pool, self.sync_check)
         self.dynamic_tree: DynamicTree | None = None
         self.dynamic_step: StepProgram | None = None
         if drafter is not None and dynamic_pool is not None:
@@ -144,25 +132,25 @@ class SpeculativeEngine:
             # its own program: the dynamic tree rewrites its step's mask and depths in place, which the
             # static tree of the general loop must not see
             self.dynamic_step = StepProgram(self.runner, self.dynamic_tree.depth, self.dynamic_tree.ancestors,
-                                            use_graphs, pool)
+                                            use_graphs, pool, self.sync_check)
         # Drafters with a fixed-shape step (every plmtool drafter) run it through a DrafterProgram
         # over one engine-lifetime cache (captured as a CUDA graph on CUDA); others step eagerly
         # with a fresh cache per request.
         self.drafter_step: DrafterProgram | None = None
-        if drafter is not None and allowed("PLMTOOL_STATIC_DRAFTER", static_drafter) and hasattr(drafter, "step_static"):
+        if drafter is not None and opts.static_drafter and hasattr(drafter, "step_static"):
             with torch.no_grad():
                 dcache = drafter.new_cache(1, self.max_len, self.device, self.runner.dtype)
             rows = max(int(t.paths.shape[1]) for t in (self.tree, self.dynamic_tree) if t is not None)  # deepest path + 1
             self.drafter_step = DrafterProgram(drafter, dcache, rows, self.runner.hidden_size,
                                                self.device, self.runner.dtype, use_drafter_graph,
-                                               compile=allowed("PLMTOOL_COMPILE", compile))
+                                               compile=bool(opts.compile), sync_check=self.sync_check)
         # greedy decoding with a fixed-shape drafter step: verification, commit and drafting on
         # the device, no host decision between the programs (greedy_loop.py)
         self.greedy_loop: GreedyTreeLoop | None = None
-        if self.drafter_step is not None and allowed("PLMTOOL_GREEDY_LOOP", True):
+        if self.drafter_step is not None and opts.greedy_loop:
             tree, step = (self.tree, self.tree_step) if self.dynamic_tree is None else (self.dynamic_tree, self.dynamic_step)
             try:
-                self.greedy_loop = GreedyTreeLoop(self.runner, tree, step, self.drafter_step, use_graphs)
+                self.greedy_loop = GreedyTreeLoop(self.runner, tree, step, self.drafter_step, use_graphs, self.sync_check)
             except Exception as e:  # capture unsupported here: the general loop decodes greedily too
                 log.warning("device-side greedy loop disabled (%s: %s); using the general loop", type(e).__name__, e)
                 synchronize()
@@ -251,7 +239,8 @@ class SpeculativeEngine:
         runner = self.runner
         with torch.inference_mode():
             logits, hidden = runner.prefill(prompt, graphs=self.use_prefill_graphs)
-            check_device("the target prefill")
+            if self.sync_check:
+                check_device("the target prefill")
             token = self._choose(logits, gen, cpu_gen)
         kept, done = self._emit([token], gen, result, stops)
         # `hidden` may be a view into the prefill graphs' memory, read by the drafter's prefill
@@ -292,7 +281,8 @@ class SpeculativeEngine:
                 nxt = torch.tensor([prompt[1:] + [token]], device=self.device)
                 with variable_shape_attention():
                     heads = drafter.step(hidden.unsqueeze(0), nxt, dcache)  # [1, K, V] (prefill: eager)
-            check_device("the drafter prefill")
+            if self.sync_check:
+                check_device("the drafter prefill")
         if gen.temperature == 0 and self.greedy_loop is not None:
             yield from self._greedy(heads, token, gen, result, stops)
             return
@@ -344,7 +334,8 @@ class SpeculativeEngine:
                     nxt[0, n - 1 : n].fill_(token)
                     with variable_shape_attention():
                         heads = drafter.step(hidden.index_select(0, accepted_path).unsqueeze(0), nxt[:, :n], dcache)
-                    check_device("the eager drafter step")
+                    if self.sync_check:
+                        check_device("the eager drafter step")
 
     def _greedy(self, heads: torch.Tensor, token: int, gen: GenerationConfig, result: GenerationResult, stops: set[int]):
         loop = self.greedy_loop

@@ -197,7 +197,7 @@ class DrafterPrefills:
             for b in self.lengths:
                 buffers = (self.hidden[:, :b], self.next_tokens[:, :b], count)
                 program = DrafterProgram(self.drafter, self.cache, b, hidden_size, dev, dtype, buffers=buffers,
-                                         pool=pool, name=f"drafter prefill of length {b}")
+                                         pool=pool, name=f"drafter prefill of length {b}", sync_check=step.sync_check)
                 if self.cuda_graphs:
                     program.capture()
                 self.programs[b] = program

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from plmtool.cuda_graph import relative_error, tolerance
 from plmtool.draft.decoding.device import capture_graph, check_device, synchronize, variable_shape_attention
 from plmtool.draft.decoding.kv_cache import StaticKVCache
-from plmtool.draft.decoding.switches import allowed, sync_check
 from plmtool.errors import PlmtoolError
 
 log = logging.getLogger("plmtool")
@@ -127,9 +126,8 @@ class TargetRunner:
         self.max_len = max_len
         self.cache = StaticKVCache(len(self.layers), self.kv_heads, self.head_dim, max_len, 1, self.device, self.dtype)
         self.slot_ids = torch.arange(max_len, device=self.device)
-        # the compiled layer step specialises per step shape (1 node, the tree's n nodes);
-        # PLMTOOL_COMPILE=0 turns it off without code changes
-        self.compiled_forward = self._compiled if allowed("PLMTOOL_COMPILE", compile) else None
+        # the compiled layer step specialises per step shape (1 node, the tree's n nodes)
+        self.compiled_forward = self._compiled if compile else None
         self.prefill_graphs = None  # PrefillGraphs, from enable_prefill_graphs()
         self.prefill_graphs_failed = False
 
@@ -219,8 +217,10 @@ class StepProgram:
     """
 
     def __init__(self, runner: TargetRunner, depth: torch.Tensor, ancestors: torch.Tensor, cuda_graph: bool = False,
-                 pool=None):
+                 pool=None, sync_check: bool = False):
+        """`sync_check`: synchronise after each step so a device fault names this program."""
         self.runner = runner
+        self.sync_check = sync_check
         dev = runner.device
         self.n = int(depth.numel())
         self.depth = depth.to(dev)
@@ -360,6 +360,6 @@ class StepProgram:
             out = self.out
         else:  # eager: attend only to the live part of the cache
             out = self._run(start + self.n)
-        if sync_check():  # checked here too: the message is only built when it is wanted
+        if self.sync_check:
             check_device(f"the {self.n}-node target step{' graph replay' if self.graph is not None else ''}")
         return out
