@@ -144,3 +144,4 @@ def perturbed_drafter(target, kind: str, seed: int = 0, **overrides):
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * 0.2)
     return drafter.eval()
+

@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 
+from cuda_graph_helpers import stand_in_graphs
 from draft_decoding_helpers import OracleDrafter, RandomDrafter, perturbed_drafter, plain_greedy, tiny_llama
 from plmtool.cuda_graph import tolerance
 from plmtool.draft.config import EngineOptions
@@ -333,31 +334,11 @@ def test_static_drafter_step_equals_eager_step_and_plain_greedy(target, kind, ov
             assert a.accept_lengths == b.accept_lengths, (kind, tree_name, prompt)
 
 
-class _FakeGraph:
-    """Stands in for torch.cuda.CUDAGraph on CPU: replay recomputes (optionally wrongly)."""
-
-    def __init__(self, program, corrupt: bool, compiled: bool = False):
-        self.program, self.corrupt, self.compiled = program, corrupt, compiled
-
-    def replay(self):
-        out = self.program._run(self.compiled)
-        self.program.out.copy_(out + 1.0 if self.corrupt else out)
-
-
-def _fake_drafter_capture(self, compiled=False):
-    self.out = self._run(compiled).clone()
-    self.graph = _FakeGraph(self, False, compiled)
-
-
 @pytest.mark.parametrize("corrupt", [False, True])
 def test_drafter_graph_self_check_keeps_good_and_rejects_wrong_replays(target, monkeypatch, caplog, corrupt):
     from plmtool.draft.decoding.drafter_step import DrafterProgram
 
-    def fake_capture(self, compiled=False):
-        self.out = self._run(compiled).clone()
-        self.graph = _FakeGraph(self, corrupt, compiled)
-
-    monkeypatch.setattr(DrafterProgram, "_capture", fake_capture)
+    stand_in_graphs(monkeypatch, shift=1.0 if corrupt else 0.0)  # a corrupt replay: every logit off by one
     drafter = perturbed_drafter(target, "amphista", seed=3)
     engine = SpeculativeEngine(target, drafter, tree=TREES["wide"], max_len=96)
     cache = drafter.new_cache(1, 96)
@@ -378,7 +359,7 @@ def test_compiled_drafter_step_is_checked_against_eager(target, monkeypatch, cap
     from plmtool.draft.decoding import drafter_step
     from plmtool.draft.decoding.drafter_step import DrafterProgram
 
-    monkeypatch.setattr(DrafterProgram, "_capture", _fake_drafter_capture)
+    stand_in_graphs(monkeypatch)
     if broken:  # e.g. a miscompiled kernel: every logit off by one
         monkeypatch.setattr(drafter_step.torch, "compile", lambda fn, **kw: (lambda *a: fn(*a) + 1.0))
     else:
@@ -430,28 +411,13 @@ def test_compiled_drafter_step_matches_the_eager_step(target, kind):
         torch.testing.assert_close(t, r, atol=1e-5, rtol=1e-5)
 
 
-class _FakeStepGraph:
-    """CPU stand-in for a captured target step: replay recomputes the captured computation."""
-
-    def __init__(self, program, compiled: bool):
-        self.program, self.compiled = program, compiled
-
-    def replay(self):
-        for dst, src in zip(self.program.out, self.program._run(self.program.runner.max_len, self.compiled)):
-            dst.copy_(src)
-
-
 @pytest.mark.parametrize("broken", [False, True])
 def test_compiled_target_step_is_checked_against_eager(target, monkeypatch, caplog, broken):
     """A compiled step whose results differ from the eager forward is replaced by the eager
     capture (with a warning); a faithful one is kept. Decoding stays plain greedy either way."""
     from plmtool.draft.decoding.target import StepProgram
 
-    def fake_capture(self, pool, compiled=False):
-        self.out = tuple(t.clone() for t in self._run(self.runner.max_len, compiled))
-        self.graph = _FakeStepGraph(self, compiled)
-
-    monkeypatch.setattr(StepProgram, "_capture", fake_capture)
+    stand_in_graphs(monkeypatch)
     runner = TargetRunner(target, 96)
     if broken:  # e.g. a miscompiled kernel: logits off by one
         runner.compiled_forward = lambda *a: (lambda out: (out[0] + 1.0, out[1]))(runner.forward(*a))
@@ -500,18 +466,13 @@ def _wrong_compiled_forward(runner, bug: str):
 WRONG_STEPS = ["first_layer_weights", "next_layer_cache", "slots_off_by_one", "positions_off_by_3"]
 
 
-def _fake_target_capture(self, pool, compiled=False):
-    self.out = tuple(t.clone() for t in self._run(self.runner.max_len, compiled))
-    self.graph = _FakeStepGraph(self, compiled)
-
-
 @pytest.mark.parametrize("bug", WRONG_STEPS)
 def test_target_step_self_check_rejects_semantically_wrong_steps(target, monkeypatch, bug):
     """Each fault a shared compiled layer could have (another layer's weights or cache, k/v in the
     wrong slots, stale rotary positions) is caught by the self-check, for a tree and a plain step."""
     from plmtool.draft.decoding.target import StepProgram
 
-    monkeypatch.setattr(StepProgram, "_capture", _fake_target_capture)
+    stand_in_graphs(monkeypatch)
     runner = TargetRunner(target, 64)
     runner.compiled_forward = _wrong_compiled_forward(runner, bug)
     for tree in (make_tree([]), make_tree(TREES["wide"])):
@@ -534,7 +495,7 @@ def test_compiled_bf16_smollm2_step_passes_its_self_check(monkeypatch):
     from plmtool.draft.decoding.tree import rank_accuracy_from_top1
     from plmtool.models import load_model
 
-    monkeypatch.setattr(StepProgram, "_capture", _fake_target_capture)
+    stand_in_graphs(monkeypatch)
     model, _ = load_model(ModelConfig(dtype="bfloat16", device="cpu"), device="cpu")
     tree = make_tree(build_tree(rank_accuracy_from_top1([0.33, 0.15, 0.1, 0.07]), 64))
     runner = TargetRunner(model, 512, compile=True)
@@ -615,7 +576,7 @@ def test_a_replay_after_a_buffer_was_recreated_is_refused(target, monkeypatch):
     from plmtool.draft.decoding.drafter_step import DrafterProgram
     from plmtool.draft.decoding.target import StepProgram
 
-    monkeypatch.setattr(DrafterProgram, "_capture", _fake_drafter_capture)
+    stand_in_graphs(monkeypatch)
     drafter = perturbed_drafter(target, "amphista", seed=8)
     cache = drafter.new_cache(1, 32)
     program = DrafterProgram(drafter, cache, 3, 32, torch.device("cpu"), torch.float32, cuda_graph=True)
@@ -625,12 +586,6 @@ def test_a_replay_after_a_buffer_was_recreated_is_refused(target, monkeypatch):
     with pytest.raises(RuntimeError, match="re-created after capture"):
         program(1)
 
-    def fake_step_capture(self, pool, compiled=False):
-        self.out = tuple(t.clone() for t in self._run(self.runner.max_len, compiled))
-        self.graph = _FakeStepGraph(self, compiled)
-        self._addresses = self._address_signature()
-
-    monkeypatch.setattr(StepProgram, "_capture", fake_step_capture)
     runner = TargetRunner(target, 32)
     one = make_tree([])
     step = StepProgram(runner, one.depth, one.ancestors, cuda_graph=True)
@@ -741,39 +696,15 @@ def test_greedy_loop_equals_the_general_loop_and_leaves_the_same_caches(target, 
                 assert cache.length == int(cache.start) == lean.runner.length
 
 
-class _Replay:
-    """A CPU stand-in for a captured CUDA graph: replay reruns the function into the captured outputs."""
-
-    def __init__(self, run, out):
-        self.run, self.out = run, out
-
-    def replay(self):
-        res = self.run()
-        if isinstance(res, torch.Tensor):
-            self.out.copy_(res)
-        elif res is not None:
-            for o, r in zip(self.out, res):
-                o.copy_(r)
-
-
-def _fake_capture(run, pool=None, before=lambda: None, warmups=2):
-    before()
-    out = run()
-    out = out.clone() if isinstance(out, torch.Tensor) else (None if out is None else tuple(t.clone() for t in out))
-    return _Replay(run, out), out
-
-
 def stand_in_greedy_loop(engine: SpeculativeEngine, tree, step) -> None:
-    """Give `engine` a greedy loop over `tree` / `step` whose programs are "captured" by `_fake_capture`
-    (callers patch greedy_loop.capture_graph with it too): replays run at the full attention span
-    and read only their buffers, as CUDA graphs do."""
+    """Give `engine` a greedy loop over `tree` / `step` whose programs are captured as stand-in
+    graphs (callers call `stand_in_graphs` first): replays run at the full attention span and read
+    only their buffers, as CUDA graphs do."""
     from plmtool.draft.decoding import greedy_loop
 
     program = engine.drafter_step
-    step.graph, step.out = _fake_capture(lambda: step._run(engine.max_len))
-    step._addresses = step._address_signature()
-    program.graph, program.out = _fake_capture(lambda: program._run())
-    program._addresses = program._address_signature()
+    step.graph = step.capture()
+    program.graph = program.capture()
     program._reset_cache()
     engine.greedy_loop = greedy_loop.GreedyTreeLoop(engine.runner, tree, step, program, cuda_graphs=True)
     assert engine.greedy_loop.graphs
@@ -783,9 +714,7 @@ def test_greedy_loop_with_captured_programs_keeps_its_state_on_the_device(target
     """The replay path: four programs launched in a row with no host value in between (the tree
     step's start and tokens, the drafter's inputs and count all written on the device), each
     replay recomputing into its captured outputs as a CUDA graph does. Same output as plain greedy."""
-    from plmtool.draft.decoding import greedy_loop
-
-    monkeypatch.setattr(greedy_loop, "capture_graph", _fake_capture)
+    stand_in_graphs(monkeypatch)
     drafter = perturbed_drafter(target, "amphista", seed=5)
     engine = SpeculativeEngine(target, drafter, tree=resolve_tree(TREES["auto"], 3), max_len=96)
     step = engine.tree_step

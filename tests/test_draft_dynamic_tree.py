@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cuda_graph_helpers import stand_in_graphs
 from draft_decoding_helpers import perturbed_drafter, plain_greedy, tiny_llama
 from plmtool.draft.config import EngineOptions
 from plmtool.draft.decoding import GenerationConfig, SpeculativeEngine, build_tree, make_tree, validate_tree
@@ -97,11 +98,9 @@ def test_dynamic_trees_decode_exactly_as_plain_greedy(target, kind):
 def test_dynamic_trees_through_captured_programs(target, monkeypatch):
     """The replay path (CPU stand-ins for CUDA graphs): the pick runs inside the `draft` program and
     the tree step reads the rewritten mask from its buffers."""
-    from test_draft_decoding import _fake_capture, stand_in_greedy_loop
+    from test_draft_decoding import stand_in_greedy_loop
 
-    from plmtool.draft.decoding import greedy_loop
-
-    monkeypatch.setattr(greedy_loop, "capture_graph", _fake_capture)
+    stand_in_graphs(monkeypatch)
     drafter = perturbed_drafter(target, "amphista", seed=6)
     engine = SpeculativeEngine(target, drafter, tree=build_tree([[0.6, 0.2], [0.4, 0.2], [0.3]], 8), max_len=128,
                                dynamic_pool=POOL)

@@ -9,6 +9,7 @@ import logging
 import pytest
 import torch
 
+from cuda_graph_helpers import stand_in_graphs
 from draft_decoding_helpers import RandomDrafter, perturbed_drafter, plain_greedy, tiny_llama
 from plmtool.draft.config import EngineOptions
 from plmtool.draft.decoding import GenerationConfig, SpeculativeEngine
@@ -210,22 +211,6 @@ def test_drafter_prefill_self_check_catches_an_off_by_one_count(target, monkeypa
         assert step.cache.length == 0 and int(step.cache.start) == 0
 
 
-class _Replay:
-    """A CPU stand-in for a captured CUDA graph: replay reruns the function into the captured output."""
-
-    def __init__(self, run, out):
-        self.run, self.out = run, out
-
-    def replay(self):
-        self.out.copy_(self.run())
-
-
-def _fake_capture(run, pool=None, before=lambda: None, warmups=2):
-    before()
-    out = run().clone()
-    return _Replay(run, out), out
-
-
 @pytest.mark.parametrize("name", list(DRAFTERS))
 @pytest.mark.parametrize("replayed", [False, True])
 def test_engine_decodes_the_same_through_padded_drafter_prefills(target, monkeypatch, name, replayed):
@@ -233,11 +218,8 @@ def test_engine_decodes_the_same_through_padded_drafter_prefills(target, monkeyp
     prefill equal the eager drafter prefill, step for step, and greedy equals plain greedy; only
     the engine whose prefill flag is on calls it. `replayed`: the prefills as
     captured (stand-in graphs that recompute into their captured outputs, one pool for all)."""
-    from plmtool.draft.decoding import drafter_step
-
     if replayed:
-        monkeypatch.setattr(drafter_step, "capture_graph", _fake_capture)
-        monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+        stand_in_graphs(monkeypatch)
     calls = []
     original = DrafterPrefills.__call__
     monkeypatch.setattr(DrafterPrefills, "__call__", lambda self, h, t: calls.append(h.shape[0]) or original(self, h, t))

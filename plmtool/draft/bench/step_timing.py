@@ -49,7 +49,7 @@ def engine_program_times(engine, reps: int = 100) -> dict[str, float]:
         if prog is None:
             continue
         prog.start.zero_()
-        run = prog.graph.replay if prog.graph is not None else (lambda p=prog: p._run(runner.max_len))
+        run = prog.graph.cuda_graph.replay if prog.graph is not None else (lambda p=prog: p._run(runner.max_len))
         times[f"{name}_ms"] = round(time_call(run, runner.device, reps), 4)
     runner.reset()
     program = engine.drafter_step
@@ -72,7 +72,7 @@ def drafter_program_time(program, device: torch.device, reps: int = 100) -> floa
     change the work). Each call advances the drafter cache by one slot; it is emptied afterwards."""
     program.count.fill_(1)
     program._set_start(0)
-    run = program.graph.replay if program.graph is not None else program._run
+    run = program.graph.cuda_graph.replay if program.graph is not None else program._run
     ms = time_call(run, device, reps)
     program._reset_cache()
     return ms

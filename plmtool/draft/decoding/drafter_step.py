@@ -17,15 +17,12 @@ the compiled capture to the eager capture, from there to stepping eagerly.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
 
-from plmtool.cuda_graph import relative_error, tolerance
-from plmtool.draft.decoding.device import capture_graph, check_device, synchronize
-
-log = logging.getLogger("plmtool")
+from plmtool.cuda_graph import CapturedGraph, capture_checked, compare, tolerance
+from plmtool.draft.decoding.device import check_device
 
 
 class DrafterProgram:
@@ -51,31 +48,26 @@ class DrafterProgram:
             self.hidden = torch.zeros(1, n, hidden_size, device=device, dtype=dtype)
             self.next_tokens = torch.zeros(1, n, dtype=torch.long, device=device)
             self.count = torch.ones((), dtype=torch.long, device=device)
-        self.graph = None
-        self.out: torch.Tensor | None = None
+        self.graph: CapturedGraph | None = None
         self.compiled = False  # the captured graph runs the torch.compile'd step
         self.check_error = 0.0  # worst relative error of the replay against eager at the self-check
         self._compiled_step = None
-        self._addresses: tuple[int, ...] = ()
         if not cuda_graph:
             return
         for compiled in ([True] if compile else []) + [False]:
-            try:
-                with torch.no_grad():
-                    self.capture(compiled)
-                    problem = self._self_check(compiled)
-                if problem:
-                    raise RuntimeError(problem)
+            what, fallback = (("compiled drafter step", "capturing the eager drafter step") if compiled
+                              else ("drafter CUDA graph", "running the drafter step eagerly"))
+            self.graph = capture_checked(what, fallback, lambda: self.capture(compiled),
+                                         check=lambda graph: self._self_check(graph, compiled))
+            self._reset_cache()  # the capture and the check leave it dirty
+            if self.graph is not None:
                 self.compiled = compiled
                 break
-            except Exception as e:  # capture unsupported or replay wrong: fall back, say so
-                fallback = "capturing the eager drafter step" if compiled else "running the drafter step eagerly"
-                what = "compiled drafter step" if compiled else "drafter CUDA graph"
-                log.warning("%s disabled (%s: %s); %s", what, type(e).__name__, e, fallback)
-                self.graph, self.out = None, None
-                synchronize()
-            finally:
-                self._reset_cache()
+
+    @property
+    def out(self) -> torch.Tensor | None:
+        """The captured step's heads, refilled by each replay."""
+        return self.graph.out if self.graph is not None else None
 
     # ------------------------------------------------------------------ internals
     def _run(self, compiled: bool = False) -> torch.Tensor:
@@ -95,30 +87,28 @@ class DrafterProgram:
             self.cache.length = start
             self.cache.start.fill_(start)
 
-    def _capture(self, compiled: bool = False) -> None:
+    @torch.no_grad()
+    def capture(self, compiled: bool = False) -> CapturedGraph:
+        """The step captured from an empty cache; no self-check: the constructor runs its own, the
+        padded drafter prefills theirs."""
         self.count.fill_(self.n)
-        self.graph, self.out = capture_graph(lambda: self._run(compiled), self.pool, before=lambda: self._set_start(0))
+        return CapturedGraph(self.name, lambda: self._run(compiled), self._buffers, self.pool,
+                             before=lambda: self._set_start(0))
 
-    def capture(self, compiled: bool = False) -> None:
-        """Capture the step (from an empty cache) and record the addresses the graph is bound to;
-        no self-check: the constructor runs its own, the padded drafter prefills theirs."""
-        self._capture(compiled)
-        self._addresses = self._address_signature()
-
-    def _address_signature(self) -> tuple[int, ...]:
-        """Addresses of every persistent tensor the graph reads or writes: a replay after one of
-        them was re-created would touch freed memory, so replays check these first."""
+    def _buffers(self) -> list[torch.Tensor]:
+        """Every persistent tensor the graph reads or writes."""
         tensors = [self.hidden, self.next_tokens, self.count] + self._cache_tensors()
         if self.cache is not None:
             tensors += [self.cache.slot_ids, self.cache.cos, self.cache.sin]
-        return tuple(t.data_ptr() for t in tensors)
+        return tensors
 
     def _cache_tensors(self) -> list[torch.Tensor]:
         if self.cache is None:
             return []
         return [t for layer in self.cache.layers for t in (layer.k, layer.v)] + [self.cache.start]
 
-    def _self_check(self, compiled: bool = False) -> str | None:
+    @torch.no_grad()
+    def _self_check(self, graph: CapturedGraph, compiled: bool = False) -> str | None:
         """Replay vs eager on random inputs from a non-zero cache offset; None when they agree.
         Compared: the heads' logits, the cache slots the step writes (relative error), every
         other cache slot and the device-side length (exactly: nothing may touch them)."""
@@ -139,23 +129,21 @@ class DrafterProgram:
             ref_cache = [t.clone() for t in tensors]
             for t, b in zip(tensors, before):
                 t.copy_(b)
-            self.graph.replay()
-            err = relative_error(self.out, ref)
-            self.check_error = max(self.check_error, err)
-            if not err <= tol:  # NaN fails too
-                return f"replay differs from eager (relative error {err:.3g} > {tol})"
+            out = graph.replay()
             written = slice(start, start + self.n)  # the step writes all N padded rows
-            for t, r in zip(tensors, ref_cache):
-                if t.dim() == 0:
-                    if not torch.equal(t, r):
-                        return "replay advances the drafter cache length differently from eager"
-                    continue
-                err = relative_error(t[..., written, :], r[..., written, :])
-                self.check_error = max(self.check_error, err)
+            pairs = [("heads", out, ref)] + [(f"cache tensor {i}", t[..., written, :], r[..., written, :])
+                                             for i, (t, r) in enumerate(zip(tensors[:-1], ref_cache[:-1]))]
+            errors, problem = compare(pairs, tol)
+            self.check_error = max(self.check_error, *errors.values())
+            if problem:
+                return f"replay: {problem}"
+            for t, r in zip(tensors[:-1], ref_cache[:-1]):
                 untouched = torch.ones(t.shape[-2], dtype=torch.bool, device=t.device)
                 untouched[written] = False
-                if not err <= tol or not torch.equal(t[..., untouched, :], r[..., untouched, :]):
+                if not torch.equal(t[..., untouched, :], r[..., untouched, :]):
                     return "replay writes a different drafter cache than eager"
+            if tensors and not torch.equal(tensors[-1], ref_cache[-1]):
+                return "replay advances the drafter cache length differently from eager"
         return None
 
     # ------------------------------------------------------------------ use
@@ -172,13 +160,7 @@ class DrafterProgram:
         knows the count)."""
         if self.graph is None:
             return self._run()
-        self._check_addresses()
-        self.graph.replay()
-        return self.out
-
-    def _check_addresses(self) -> None:
-        if self._address_signature() != self._addresses:
-            raise RuntimeError(f"a buffer of the captured {self.name} was re-created after capture; refusing to replay")
+        return self.graph.replay()
 
     def __call__(self, count: int) -> torch.Tensor:
         # Host-side checks of everything the step indexes with (cheap: host ints). On a GPU an
@@ -190,9 +172,7 @@ class DrafterProgram:
         cache = self.cache
         self.count.fill_(count)
         if self.graph is not None:
-            self._check_addresses()
-            self.graph.replay()
-            out = self.out
+            out = self.graph.replay()
         else:
             out = self._run()
         if self.sync_check:

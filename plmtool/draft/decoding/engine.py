@@ -23,8 +23,9 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from plmtool.cuda_graph import capture_checked
 from plmtool.draft.config import EngineOptions
-from plmtool.draft.decoding.device import check_device, synchronize, variable_shape_attention
+from plmtool.draft.decoding.device import check_device, variable_shape_attention
 from plmtool.draft.decoding.drafter_step import DrafterProgram
 from plmtool.draft.decoding.dynamic_tree import DynamicTree
 from plmtool.draft.decoding.greedy_loop import GreedyTreeLoop
@@ -149,11 +150,10 @@ class SpeculativeEngine:
         self.greedy_loop: GreedyTreeLoop | None = None
         if self.drafter_step is not None and opts.greedy_loop:
             tree, step = (self.tree, self.tree_step) if self.dynamic_tree is None else (self.dynamic_tree, self.dynamic_step)
-            try:
-                self.greedy_loop = GreedyTreeLoop(self.runner, tree, step, self.drafter_step, use_graphs, self.sync_check)
-            except Exception as e:  # capture unsupported here: the general loop decodes greedily too
-                log.warning("device-side greedy loop disabled (%s: %s); using the general loop", type(e).__name__, e)
-                synchronize()
+            # capture unsupported here: the general loop decodes greedily too
+            self.greedy_loop = capture_checked("device-side greedy loop", "using the general loop",
+                                               lambda: GreedyTreeLoop(self.runner, tree, step, self.drafter_step, use_graphs,
+                                                                      self.sync_check))
         # the drafter's prefill padded to the same ladder, one replay per request over the drafter
         # step's cache; only where that step is captured (an eager padded prefill saves nothing)
         self.drafter_prefills: DrafterPrefills | None = None

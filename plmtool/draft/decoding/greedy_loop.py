@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from plmtool.draft.decoding.device import capture_graph, check_device
+from plmtool.cuda_graph import CapturedGraph
+from plmtool.draft.decoding.device import check_device
 from plmtool.draft.decoding.drafter_step import DrafterProgram
 from plmtool.draft.decoding.dynamic_tree import DynamicTree
 from plmtool.draft.decoding.target import StepProgram, TargetRunner
@@ -56,25 +57,24 @@ class GreedyTreeLoop:
         self.verdict = torch.zeros(self.max_depth + 4, dtype=torch.long, device=dev)
         self.cuda = dev.type == "cuda"
         self.host = torch.zeros(self.verdict.shape, dtype=torch.long, pin_memory=self.cuda)
-        self.commit_graph = self.draft_graph = None
+        self.commit_graph: CapturedGraph | None = None
+        self.draft_graph: CapturedGraph | None = None
         self.ready = torch.cuda.Event() if self.cuda else None
-        self._addresses: tuple[int, ...] = ()
         if cuda_graphs and tree_step.graph is not None and program.graph is not None:
             start = tree_step.start
-            self.commit_graph, _ = capture_graph(lambda: self._commit(*tree_step.out), before=lambda: start.fill_(0))
-            self.draft_graph, _ = capture_graph(lambda: self._draft(program.out))
+            self.commit_graph = CapturedGraph("greedy commit", lambda: self._commit(*tree_step.out), self._buffers,
+                                              before=lambda: start.fill_(0))
+            self.draft_graph = CapturedGraph("greedy drafting", lambda: self._draft(program.out), self._buffers)
             start.fill_(0)
-            self._addresses = self._address_signature()
 
-    def _address_signature(self) -> tuple[int, ...]:
-        """Addresses of what `commit` and `draft` read or write besides the other programs' own
-        buffers (those check themselves): a replay after one was re-created would touch freed memory."""
+    def _buffers(self) -> list[torch.Tensor]:
+        """What `commit` and `draft` read or write besides the other programs' own buffers (those
+        check themselves): one set for both programs."""
         t, p = self.tree, self.program
         tables = ([t.selected, t.position, t.ancestors, t.pool.depth, t.pool.parent, t.pool.paths, t.pool.ancestors,
                    t.pool.candidate_index] if self.dynamic else [t.candidate_index])
-        tensors = [t.parent, t.paths, t.depth, *tables, self.verdict, *self.tree_step.out, p.out,
-                   p.hidden, p.next_tokens, p.count, self.runner.cache.k, self.runner.cache.v]
-        return tuple(x.data_ptr() for x in tensors)
+        return [t.parent, t.paths, t.depth, *tables, self.verdict, *self.tree_step.out, p.out,
+                p.hidden, p.next_tokens, p.count, self.runner.cache.k, self.runner.cache.v]
 
     @property
     def graphs(self) -> bool:
@@ -125,15 +125,14 @@ class GreedyTreeLoop:
         self.tree_step.check_room(length)
         program.check_room()
         if self.graphs:
-            if self._address_signature() != self._addresses:
-                raise RuntimeError("a buffer of the captured greedy step was re-created after capture; refusing to replay")
+            self.commit_graph.check_addresses()  # the buffers of both programs, checked once per step
             self.tree_step.launch()
-            self.commit_graph.replay()
+            self.commit_graph.replay(checked=False)
             self.host.copy_(self.verdict, non_blocking=self.cuda)
             if self.ready is not None:  # on the engine's device, whichever device is current
                 self.ready.record(torch.cuda.current_stream(self.verdict.device))
             program.launch()
-            self.draft_graph.replay()
+            self.draft_graph.replay(checked=False)
             if self.sync_check:
                 check_device("the greedy speculative step")
             if self.ready is not None:

@@ -29,17 +29,14 @@ the device-side length); a failed check drops the graphs and the prompt is prefi
 from __future__ import annotations
 
 import bisect
-import logging
 from typing import Sequence
 
 import torch
 
-from plmtool.cuda_graph import relative_error, tolerance
-from plmtool.draft.decoding.device import capture_graph, synchronize, variable_shape_attention
+from plmtool.cuda_graph import CapturedGraph, capture_checked, compare, new_pool, tolerance
+from plmtool.draft.decoding.device import variable_shape_attention
 from plmtool.draft.decoding.drafter_step import DrafterProgram
 from plmtool.errors import PlmtoolError
-
-log = logging.getLogger("plmtool")
 
 SMALLEST = 16
 
@@ -83,17 +80,15 @@ class PrefillGraphs:
         dev = runner.device
         self.ids = torch.zeros(1, self.lengths[-1], dtype=torch.long, device=dev)
         self.cuda_graphs = dev.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.out: dict[int, torch.Tensor] = {}
+        self.graphs: dict[int, CapturedGraph] = {}
         self.check_errors: dict[int, float] = {}
-        self._addresses = self._address_signature()
         if self.cuda_graphs:
             # one memory pool for all lengths: they never run at once and each replay's hidden
             # states are consumed before the next prefill
-            pool = torch.cuda.graph_pool_handle()
+            pool = new_pool()
             with torch.no_grad():
                 for b in self.lengths:
-                    self.graphs[b], self.out[b] = capture_graph(lambda b=b: self._run(b), pool)
+                    self.graphs[b] = CapturedGraph(f"prefill of length {b}", lambda b=b: self._run(b), self._buffers, pool)
         runner.reset()
         if check:
             problem = self._self_check()
@@ -106,9 +101,9 @@ class PrefillGraphs:
         mask = (slots.view(1, -1) <= slots.view(-1, 1)).view(1, 1, b, b)
         return r.hidden_states(self.ids[:, :b], slots.view(1, b), slots, mask, b)
 
-    def _address_signature(self) -> tuple[int, ...]:
+    def _buffers(self) -> tuple[torch.Tensor, ...]:
         r = self.runner
-        return tuple(t.data_ptr() for t in (r.cache.k, r.cache.v, r.slot_ids, self.ids))
+        return r.cache.k, r.cache.v, r.slot_ids, self.ids
 
     def length_for(self, n: int) -> int:
         return _padded_length(self.lengths, n)
@@ -123,10 +118,7 @@ class PrefillGraphs:
             raise RuntimeError("a padded prefill starts from an empty cache")
         self.ids[0, :n].copy_(ids, non_blocking=True)
         if self.cuda_graphs:
-            if self._address_signature() != self._addresses:
-                raise RuntimeError("a buffer of the captured prefill was re-created after capture; refusing to replay")
-            self.graphs[b].replay()
-            hidden = self.out[b]
+            hidden = self.graphs[b].replay()
         else:
             hidden = self._run(b)
         r.cache.length = n
@@ -152,13 +144,13 @@ class PrefillGraphs:
                 ref_k, ref_v = r.cache.k[..., :n, :].clone(), r.cache.v[..., :n, :].clone()
                 r.reset()
                 _, hidden = self(prompt)
-            errs = [relative_error(hidden, ref), relative_error(r.cache.k[..., :n, :], ref_k),
-                    relative_error(r.cache.v[..., :n, :], ref_v)]
-            self.check_errors[b] = max(errs)
+            errors, problem = compare([("hidden states", hidden, ref), ("keys", r.cache.k[..., :n, :], ref_k),
+                                       ("values", r.cache.v[..., :n, :], ref_v)], tol)
+            self.check_errors[b] = max(errors.values())
             previous = b
             r.reset()
-            if not all(e <= tol for e in errs):  # NaN fails too
-                return f"padded prefill of length {b} differs from the eager prefill (relative errors {errs}, > {tol})"
+            if problem:
+                return f"padded prefill of length {b} differs from the eager prefill: {problem}"
         return None
 
 
@@ -190,7 +182,7 @@ class DrafterPrefills:
         # one memory pool for all lengths, as for the target's prefills: they never run at once and
         # each replay's heads are consumed (top-k of the first tree) before the next prefill. The
         # eager capture only: compiling ~15 shapes would cost minutes at start-up for ~3 ms a request
-        pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        pool = new_pool() if self.cuda_graphs else None
         self.programs: dict[int, DrafterProgram] = {}
         self.check_errors: dict[int, float] = {}
         with torch.no_grad():
@@ -199,7 +191,7 @@ class DrafterPrefills:
                 program = DrafterProgram(self.drafter, self.cache, b, hidden_size, dev, dtype, buffers=buffers,
                                          pool=pool, name=f"drafter prefill of length {b}", sync_check=step.sync_check)
                 if self.cuda_graphs:
-                    program.capture()
+                    program.graph = program.capture()
                 self.programs[b] = program
         self._empty()
         if check:
@@ -248,12 +240,12 @@ class DrafterPrefills:
                     ref_cache = [t[..., :n, :].clone() for t in tensors[:-1]] + [t.clone() for t in tensors[-1:]]
                     self._empty()
                     heads = self(hidden, tokens)
-                    errs = [relative_error(heads, ref)]
-                    errs += [relative_error(t[..., :n, :], r) for t, r in zip(tensors[:-1], ref_cache)]
-                    self.check_errors[b] = max(self.check_errors.get(b, 0.0), *errs)
-                    if not all(e <= tol for e in errs):  # NaN fails too
-                        return (f"padded drafter prefill of length {b} differs from the eager prefill of {n} tokens "
-                                f"(relative errors {[round(e, 6) for e in errs]}, > {tol})")
+                    pairs = [("heads", heads, ref)] + [(f"cache tensor {i}", t[..., :n, :], r)
+                                                       for i, (t, r) in enumerate(zip(tensors[:-1], ref_cache))]
+                    errors, problem = compare(pairs, tol)
+                    self.check_errors[b] = max(self.check_errors.get(b, 0.0), *errors.values())
+                    if problem:
+                        return f"padded drafter prefill of length {b} differs from the eager prefill of {n} tokens: {problem}"
                     if tensors and not torch.equal(tensors[-1], ref_cache[-1]):
                         return f"padded drafter prefill of length {b} advances the drafter cache differently from eager"
                 previous = b
@@ -265,10 +257,6 @@ class DrafterPrefills:
 def drafter_prefills(step: DrafterProgram, lengths: Sequence[int], cuda_graphs: bool | None = None) -> DrafterPrefills | None:
     """`DrafterPrefills` for the engine's drafter step program, or None after a warning where capture
     or the self-check fails (the engine then prefills the drafter eagerly, with `drafter.step`)."""
-    try:
-        return DrafterPrefills(step, lengths, cuda_graphs)
-    except Exception as e:  # capture unsupported here or replay wrong: the eager prefill stays
-        log.warning("drafter prefill CUDA graphs disabled (%s: %s); prefilling the drafter eagerly", type(e).__name__, e)
-        step.drafter.crop_cache(step.cache, 0)
-        synchronize()
-        return None
+    return capture_checked("drafter prefill CUDA graphs", "prefilling the drafter eagerly",
+                           lambda: DrafterPrefills(step, lengths, cuda_graphs),
+                           cleanup=lambda: step.drafter.crop_cache(step.cache, 0))

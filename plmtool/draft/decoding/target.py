@@ -18,17 +18,13 @@ Qwen2, Qwen3 with q/k norms, SmolLM2). Anything else raises a clear error.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 
-from plmtool.cuda_graph import relative_error, tolerance
-from plmtool.draft.decoding.device import capture_graph, check_device, synchronize, variable_shape_attention
+from plmtool.cuda_graph import CapturedGraph, capture_checked, compare, tolerance
+from plmtool.draft.decoding.device import check_device, variable_shape_attention
 from plmtool.draft.decoding.kv_cache import StaticKVCache
 from plmtool.errors import PlmtoolError
-
-log = logging.getLogger("plmtool")
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
 
@@ -186,13 +182,10 @@ class TargetRunner:
         if self.prefill_graphs is None and not self.prefill_graphs_failed:
             from plmtool.draft.decoding.prefill import PrefillGraphs
 
-            try:
-                self.prefill_graphs = PrefillGraphs(self)
-            except Exception as e:  # capture unsupported here: prefills stay eager
-                log.warning("prefill CUDA graphs disabled (%s: %s); prefilling eagerly", type(e).__name__, e)
-                self.prefill_graphs_failed = True  # engines sharing this runner do not try again
-                self.reset()
-                synchronize()
+            # the graphs check themselves against eager prefills when built (raising on a mismatch)
+            self.prefill_graphs = capture_checked("prefill CUDA graphs", "prefilling eagerly", lambda: PrefillGraphs(self),
+                                                  cleanup=self.reset)
+            self.prefill_graphs_failed = self.prefill_graphs is None  # engines sharing this runner do not try again
 
     @torch.no_grad()
     def extend(self, ids: list[int] | torch.Tensor):
@@ -228,29 +221,20 @@ class StepProgram:
         self.node_ids = torch.arange(self.n, device=dev)
         self.tokens = torch.zeros(1, self.n, dtype=torch.long, device=dev)
         self.start = torch.zeros((), dtype=torch.long, device=dev)
-        self.graph = None
-        self.out: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.graph: CapturedGraph | None = None
         self.compiled = False  # the captured graph runs the compiled forward
         self.check_errors: dict[str, float] = {}  # relative errors the self-check measured
-        self._addresses: tuple[int, ...] = ()
         if cuda_graph and runner.compiled_forward is not None:
-            try:
-                self._capture(pool, compiled=True)
-                problem = self._self_check()
-                if problem:
-                    raise RuntimeError(problem)
-                self.compiled = True
-            except Exception as e:  # compiler or capture unsupported here: capture the eager step
-                log.warning("compiled %d-node step disabled (%s: %s); capturing the eager step", self.n, type(e).__name__, e)
-                self.graph, self.out = None, None
-                synchronize()
-        if cuda_graph and self.graph is None:
-            try:
-                self._capture(pool)
-            except Exception as e:  # a model whose modules cannot be captured still decodes eagerly
-                log.warning("CUDA graph capture failed (%s); decoding eagerly", e)
-                self.graph, self.out = None, None
-                synchronize()
+            self.graph = capture_checked(f"compiled {self.n}-node step", "capturing the eager step",
+                                         lambda: self.capture(pool, compiled=True), check=self._self_check)
+            self.compiled = self.graph is not None
+        if cuda_graph and self.graph is None:  # a model whose modules cannot be captured still decodes eagerly
+            self.graph = capture_checked(f"{self.n}-node step CUDA graph", "decoding eagerly", lambda: self.capture(pool))
+
+    @property
+    def out(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The captured step's outputs (logits, hidden), refilled by each replay."""
+        return self.graph.out if self.graph is not None else None
 
     def _run(self, span: int, compiled: bool = False):
         r, n, start = self.runner, self.n, self.start
@@ -265,25 +249,26 @@ class StepProgram:
         return forward(self.tokens, positions, slots, mask.view(1, 1, n, span), span)
 
     @torch.no_grad()
-    def _capture(self, pool, compiled: bool = False) -> None:
+    def capture(self, pool=None, compiled: bool = False) -> CapturedGraph:
+        """The step captured over the whole cache (no self-check: the constructor runs it where
+        the compiled step is captured)."""
         r = self.runner
         saved = r.cache.length
-        self.graph, self.out = capture_graph(lambda: self._run(r.max_len, compiled), pool)
+        graph = CapturedGraph(f"{self.n}-node target step", lambda: self._run(r.max_len, compiled), self._buffers, pool)
         r.cache.length = saved
-        self._addresses = self._address_signature()
+        return graph
 
-    def _address_signature(self) -> tuple[int, ...]:
-        """Addresses of the persistent tensors the graph reads or writes (the shared cache, the
-        static inputs, the index tables): a replay after one was re-created would touch freed
-        memory, so replays check these first."""
+    def _buffers(self) -> tuple[torch.Tensor, ...]:
+        """The persistent tensors the graph reads or writes: the shared cache, the static inputs,
+        the index tables."""
         r = self.runner
-        return tuple(t.data_ptr() for t in (r.cache.k, r.cache.v, r.slot_ids, self.tokens, self.start, self.depth,
-                                            self.ancestors, self.node_ids))
+        return (r.cache.k, r.cache.v, r.slot_ids, self.tokens, self.start, self.depth, self.ancestors, self.node_ids)
 
     # The self-check's state: a cache prefilled (eagerly) with this many random tokens.
     CHECK_PREFIX = 16
+
     @torch.no_grad()
-    def _self_check(self, seed: int = 0) -> str | None:
+    def _self_check(self, graph: CapturedGraph, seed: int = 0) -> str | None:
         """Replay of the captured (compiled) step vs the eager forward, on random tokens after a
         cache prefilled eagerly with random tokens: logits, hidden states and the cache writes must
         agree to within rounding (fused kernels round differently, so not bit for bit in low
@@ -308,18 +293,15 @@ class StepProgram:
         ref_kv = r.cache.k.clone(), r.cache.v.clone()
         r.cache.k.copy_(before[0])
         r.cache.v.copy_(before[1])
-        self.graph.replay()
-        tol = tolerance("forward", r.dtype)
+        out = graph.replay()
         new = slice(start, start + self.n)  # the slots this step writes
-        pairs = [("logits", self.out[0], ref[0]), ("hidden", self.out[1], ref[1]),
+        pairs = [("logits", out[0], ref[0]), ("hidden", out[1], ref[1]),
                  ("keys", r.cache.k[..., new, :], ref_kv[0][..., new, :]),
                  ("values", r.cache.v[..., new, :], ref_kv[1][..., new, :])]
-        # every error is kept (not just the first over the bar): the warning and the tests read them
-        self.check_errors = {name: relative_error(got, want) for name, got, want in pairs}
+        self.check_errors, problem = compare(pairs, tolerance("forward", r.dtype))
         r.cache.length = 0
-        bad = [f"{name} {err:.3g}" for name, err in self.check_errors.items() if not err <= tol]  # NaN fails too
-        if bad:
-            return f"{', '.join(bad)} differ from the eager step (relative error > {tol})"
+        if problem:
+            return problem
         for name, got, want in (("keys", r.cache.k, ref_kv[0]), ("values", r.cache.v, ref_kv[1])):
             if not (torch.equal(got[..., :start, :], want[..., :start, :])
                     and torch.equal(got[..., start + self.n :, :], want[..., start + self.n :, :])):
@@ -329,11 +311,7 @@ class StepProgram:
     def launch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Replay the captured step on what its buffers hold (`tokens`, `start` written on the
         device by the previous program); for loops that keep the step's inputs on the device."""
-        if self._address_signature() != self._addresses:
-            raise RuntimeError("a buffer of the captured target step (KV cache or static input) was re-created "
-                               "after capture; refusing to replay")
-        self.graph.replay()
-        return self.out
+        return self.graph.replay()
 
     def eager(self, span: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The step run eagerly on its buffers, attending to slots [0, span)."""
@@ -353,11 +331,7 @@ class StepProgram:
         self.tokens.copy_(tokens.view(1, -1))
         self.start.fill_(start)
         if self.graph is not None:
-            if self._addresses and self._address_signature() != self._addresses:
-                raise RuntimeError("a buffer of the captured target step (KV cache or static input) was re-created "
-                                   "after capture; refusing to replay")
-            self.graph.replay()
-            out = self.out
+            out = self.graph.replay()
         else:  # eager: attend only to the live part of the cache
             out = self._run(start + self.n)
         if self.sync_check:
