@@ -139,13 +139,17 @@ def test_a_truncated_drafter_is_one_line_before_the_model_loads(monkeypatch, cap
     assert not any("Traceback" in line for line in err)
 
 
-def test_serve_dry_run(monkeypatch, tmp_path, tiny_llama_dir, drafters):
+def test_serve_dry_run(monkeypatch, capsys, tmp_path, tiny_llama_dir, drafters):
     run = tmp_path / "serve"
     _cli(monkeypatch, "draft", "serve", "experiment=smoke", f"model.name_or_path={tiny_llama_dir}",
          f"draft.checkpoint={drafters['amphista']}", "draft.tree=chain", f"hydra.run.dir={run}")
+    # the terminal says that nothing was served, and how to serve
+    out = capsys.readouterr().out.splitlines()
+    assert "dry run: server built (model, drafter, tree checked); not serving — drop serve.dry_run to serve" in out
     report = json.loads((run / "report.json").read_text())
     assert report["drafter"] == "amphista" and report["tree_nodes"] == 4 and report["host"] == "127.0.0.1"
     assert report["engine"] == dataclasses.asdict(EngineOptions()) and report["static_drafter"] and report["greedy_loop"]
+    assert report["dry_run"] is True and report["served"] == 0
 
 
 def test_engine_options_reach_the_engine_and_the_report(monkeypatch, tmp_path, tiny_llama_dir, drafters):

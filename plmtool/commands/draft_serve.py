@@ -22,6 +22,8 @@ from plmtool.runner import Report, execute, md_table
 
 log = logging.getLogger("plmtool")
 
+DRY_RUN = "dry run: server built (model, drafter, tree checked); not serving — drop serve.dry_run to serve"
+
 
 def build_server(cfg: DictConfig):
     """Model (+ drafter and tree) -> Server; shared by the command and the tests."""
@@ -73,6 +75,8 @@ def run(cfg: DictConfig, run_dir: Path) -> Report:
     app = create_app(server)
     report = {"host": cfg.serve.host, "port": cfg.serve.port, **info}
     if cfg.serve.dry_run:
+        # said on the terminal: a run that exits 0 would otherwise look like a server that stopped
+        print(DRY_RUN, flush=True)
         return {**report, "served": 0, "dry_run": True}
     import uvicorn
 
@@ -82,7 +86,8 @@ def run(cfg: DictConfig, run_dir: Path) -> Report:
 
 
 def render(report: Report) -> str:
-    rows = [[k, report.get(k)] for k in ("model_id", "drafter", "tree_nodes", "acceptance", "device", "cuda_graphs", "host", "port", "served")]
+    keys = ("model_id", "drafter", "tree_nodes", "acceptance", "device", "cuda_graphs", "host", "port", "served", "dry_run")
+    rows = [[k, report.get(k)] for k in keys]
     return "# plmtool draft serve\n\n" + md_table(["key", "value"], rows) + "\n"
 
 
