@@ -263,20 +263,21 @@ if ModelConfig is not None:
         seed: int = 0
 
     @dataclass
-    class DraftBenchApp:
+    class DecodeApp:
+        """What draft bench and draft serve share: the target, its drafters, the engine."""
+
         model: ModelConfig = field(default_factory=ModelConfig)
         draft: DecodeDraftConfig = field(default_factory=DecodeDraftConfig)
         engine: EngineOptions = field(default_factory=EngineOptions)
-        bench: BenchConfig = field(default_factory=BenchConfig)
         seed: int = 0
 
     @dataclass
-    class DraftServeApp:
-        model: ModelConfig = field(default_factory=ModelConfig)
-        draft: DecodeDraftConfig = field(default_factory=DecodeDraftConfig)
-        engine: EngineOptions = field(default_factory=EngineOptions)
+    class DraftBenchApp(DecodeApp):
+        bench: BenchConfig = field(default_factory=BenchConfig)
+
+    @dataclass
+    class DraftServeApp(DecodeApp):
         serve: ServeConfig = field(default_factory=ServeConfig)
-        seed: int = 0
 
     register("draft_train_schema", DraftTrainApp)
     register("draft_bench_schema", DraftBenchApp)
