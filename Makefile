@@ -21,8 +21,16 @@ test:  ## run the whole test suite (CPU, offline; includes real-model tests)
 test-fast:  ## tests without the real embedded model
 	$(PYTHON) -m pytest -q -m "not real_model"
 
-smoke:  ## every command end to end on the embedded default, small settings
-	plmtool eval experiment=smoke hydra.run.dir=outputs/smoke/eval
+SMOKE := outputs/smoke
+
+smoke:  ## every command end to end on the embedded default, small settings (outputs/smoke/)
+	plmtool prune sds experiment=smoke hydra.run.dir=$(SMOKE)/prune_sds
+	plmtool eval experiment=smoke model.name_or_path=$(SMOKE)/prune_sds/model hydra.run.dir=$(SMOKE)/eval
+	plmtool draft train experiment=smoke hydra.run.dir=$(SMOKE)/draft_train
+	plmtool draft bench experiment=smoke draft.checkpoint=$(SMOKE)/draft_train/drafter hydra.run.dir=$(SMOKE)/draft_bench
+	plmtool draft serve experiment=smoke draft.checkpoint=$(SMOKE)/draft_train/drafter hydra.run.dir=$(SMOKE)/draft_serve
+	plmtool experts redistribute experiment=smoke hydra.run.dir=$(SMOKE)/experts_redistribute
+	plmtool experts train experiment=smoke experts.redistribution=$(SMOKE)/experts_redistribute hydra.run.dir=$(SMOKE)/experts_train
 
 eval:  ## perplexity + offline zero-shot of the embedded default
 	plmtool eval
