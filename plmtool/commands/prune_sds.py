@@ -173,21 +173,27 @@ def _plot(run_dir: Path, hists: dict) -> list[str]:
 def run(cfg: DictConfig, run_dir: Path) -> Report:
     import torch
 
+    from plmtool.data.corpora import check_corpus
     from plmtool.eval.suite import evaluate
-    from plmtool.io import Stages
-    from plmtool.models import load_model
-    from plmtool.models.loader import model_info, pick_device
+    from plmtool.io import Stages, check_free_space, follow_umask
+    from plmtool.models import load_model, resolve_model_source
+    from plmtool.models.loader import model_info, pick_device, saved_bytes
     from plmtool.prune.oneshot import prune_model
     from plmtool.prune.patterns import check_width
     from plmtool.prune.sds import linear_weights, redense_model, reprune_model
 
     p = validate(cfg)
     pattern = p.parsed_pattern
+    for corpus in dict.fromkeys((cfg.data.calib_corpus or cfg.data.corpus, cfg.eval.corpus)):
+        check_corpus(corpus, cfg.data)  # bad inputs fail before the model loads
+    resolve_model_source(cfg.model.name_or_path, cfg.model.gguf_file)
     check_widths(cfg, pattern)
     stages_wanted = [s for s in STAGES if s in p.stages]
     torch.manual_seed(cfg.seed)
 
     model, tokenizer = load_model(cfg.model)
+    if p.save_model:  # its size is known now: a full disk fails here, not after minutes of pruning
+        check_free_space(run_dir, saved_bytes(model), "the pruned model (prune.save_model=true)")
     exclude = tuple(p.exclude)
     device = str(next(model.parameters()).device) if cfg.model.device_map is None else pick_device(cfg.model.device)
     dense = linear_weights(model, exclude)  # CPU copy: the targets of SDS
@@ -300,6 +306,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Report:
         if not (out / "config.json").is_file() or not stages.done("saved-" + last):
             model.save_pretrained(out, safe_serialization=True)
             tokenizer.save_pretrained(out)
+            follow_umask(out)
             stages.mark("saved-" + last, {"stage": last})
         report["model_dir"] = str(out)
         report["model_stage"] = last
