@@ -163,14 +163,14 @@ def test_commands_end_to_end(tmp_path, tiny_llama_dir, monkeypatch):
                  "experts.heldout=0.2", "experts.budget=0.25", "experts.floor=2", "experts.need=ifd", f"hydra.run.dir={d}")
     assert rc in (0, None)
     rep = json.loads((d / "report.json").read_text())
-    assert rep["total"] == 58 and rep["heldout"] == 14
+    assert rep["total"] == 57 and rep["heldout"] == 15  # 5 of each task's 24 held out
     assert rep["data"] == {"source": str(data), "conversations": 72, "skipped": {"empty_turn": 1, "no_exchange": 1}}
     assert "skipped 2 records: 1 with an empty turn, 1 without a user turn answered by the assistant" in (d / "report.md").read_text()
-    assert rep["selected"] == round(0.25 * 58) == sum(c["size_after"] for c in rep["clusters"])
-    assert sum(c["size_before"] for c in rep["clusters"]) == 58 and all(c["size_after"] >= 2 for c in rep["clusters"])
+    assert rep["selected"] == sum(c["size_after"] for c in rep["clusters"]) >= round(0.25 * 57)
+    assert sum(c["size_before"] for c in rep["clusters"]) == 57 and all(c["size_after"] >= 2 for c in rep["clusters"])
     assert set(rep["task_cluster"]) == set(TASKS)
     manifest = [json.loads(line) for line in (d / "manifest.jsonl").read_text().splitlines()]
-    assert len(manifest) == 58 and {"id", "cluster", "density", "weight", "selected"} <= set(manifest[0])
+    assert len(manifest) == 57 and {"id", "cluster", "density", "weight", "selected"} <= set(manifest[0])
     assert sum(m["selected"] for m in manifest) == rep["selected"]
     shards = [len((d / "shards" / f"expert_{c}.jsonl").read_text().splitlines()) for c in range(3)]
     assert shards == [c["size_after"] for c in rep["clusters"]]
@@ -185,17 +185,17 @@ def test_commands_end_to_end(tmp_path, tiny_llama_dir, monkeypatch):
     rep = json.loads((e / "report.json").read_text())
     assert rep["train"]["expert_1"]["reused"] and not rep["train"]["expert_0"]["reused"]
     for key in ("base", "full", "random", "redistributed", "routed", "oracle", "routed_top2"):
-        assert isinstance(rep["eval"][key], float) and rep["eval"][key] > 0, key
-    assert rep["eval"]["full"] < rep["eval"]["base"]  # training on the tasks lowers held-out loss
-    assert rep["eval"]["oracle"] <= rep["eval"]["routed"] + 1e-9
-    assert set(rep["eval_per_task"]["routed"]) == set(TASKS)
-    assert 0 <= rep["router"]["agreement_group"] <= 1
+        assert isinstance(rep["eval"][key]["loss"], float) and rep["eval"][key]["loss"] > 0, key
+    assert rep["eval"]["full"]["loss"] < rep["eval"]["base"]["loss"]  # training on the tasks lowers held-out loss
+    assert rep["eval"]["oracle"]["loss"] <= rep["eval"]["routed"]["loss"] + 1e-9
+    assert set(rep["loss_per_task"]["routed"]) == set(TASKS)
+    assert 0 <= rep["router"]["oracle"]["agreement_group"] <= 1
     # assemble the trained adapters and run an lm-eval task with routing per example
     a = tmp_path / "A"
     assert plmtool("experts", "train", "experiment=smoke", *tr, "experts.mode=assemble", "experts.oracle=false",
                    "experts.lm_eval_tasks=[arc_easy,rte]", "experts.lm_eval_limit=6", f"hydra.run.dir={a}") in (0, None)
     rep_a = json.loads((a / "report.json").read_text())
-    assert rep_a["eval"]["routed"] == pytest.approx(rep["eval"]["routed"], rel=1e-6)
+    assert rep_a["eval"]["routed"]["loss"] == pytest.approx(rep["eval"]["routed"]["loss"], rel=1e-6)
     for name in ("base", "full", "routed"):
         assert 0.0 <= rep_a["lm_eval"][name]["arc_easy"] <= 1.0 and 0.0 <= rep_a["lm_eval"][name]["rte"] <= 1.0
     # routed generation for one prompt

@@ -12,7 +12,7 @@ import torch
 
 from plmtool import train_loop
 from plmtool.errors import PlmtoolError
-from plmtool.experts import lora
+from plmtool.experts import lora, run_train
 from plmtool.experts.lora import add_adapters, lora_config, train_adapter
 from plmtool.experts.tokenize import encode
 
@@ -131,85 +131,52 @@ def load_bench():
     return load_script("bench_experts")
 
 
-def bench_data(path: Path) -> Path:
+def bench_data(folder: Path) -> Path:
+    """What `bench_experts.py prepare` writes: a task-labelled pool and evaluation documents."""
+    from plmtool.data.commonsense import Example, eval_record
+
     topics = ["Compute {i} plus {j}.", "Which state is number {i} of {j}?", "Write a function returning {i} times {j}."]
     replies = ["The sum is {k}.", "Alabama is number {i}, in the southeastern region.", "def f():\n    return {i} * {j}"]
-    with gzip.open(path, "wt", encoding="utf-8") as f:
+    folder.mkdir(parents=True, exist_ok=True)
+    with gzip.open(folder / "pool.jsonl.gz", "wt", encoding="utf-8") as f:
         for n in range(60):
             t, i, j = n % 3, n, n % 7 + 2
-            msgs = [{"role": "user", "content": topics[t].format(i=i, j=j)},
-                    {"role": "assistant", "content": replies[t].format(i=i, j=j, k=i + j)}]
-            f.write(json.dumps({"id": f"s{n}", "messages": msgs}) + "\n")
-    return path
+            f.write(json.dumps({"id": f"s{n}", "task": f"t{t}", "instruction": topics[t].format(i=i, j=j),
+                                "output": replies[t].format(i=i, j=j, k=i + j)}) + "\n")
+    with gzip.open(folder / "eval.jsonl.gz", "wt", encoding="utf-8") as f:
+        for n in range(9):
+            t, i, j = n % 3, n + 100, 3
+            right, wrong = replies[t].format(i=i, j=j, k=i + j), replies[t].format(i=i + 1, j=j, k=i)
+            f.write(json.dumps(eval_record(Example(f"t{t}", f"e{n}", (topics[t].format(i=i, j=j),) * 2, (right, wrong), n % 2))) + "\n")
+    return folder
 
 
-def test_bench_run_killed_then_stopped_by_its_time_budget_resumes_to_the_same_losses(tmp_path, tiny_llama_dir, monkeypatch):
+def test_bench_stops_at_its_time_budget_and_the_next_command_finishes(tmp_path, tiny_llama_dir, monkeypatch, capsys):
     bench = load_bench()
-    data = bench_data(tmp_path / "data.jsonl.gz")
+    data = bench_data(tmp_path / "data")
     common = ["run", "--data", str(data), "--model", str(tiny_llama_dir), "--model-cache", str(tmp_path / "cache"),
-              "--heldout", "0.2", "--k", "2", "--budget", "0.5", "--max-len", "64", "--epochs", "1", "--batch-size", "4",
-              "--eval-batch-size", "16", "--r", "4", "--time-budget", "100000"]
+              "--work", str(tmp_path / "work"), "--k", "2", "--replicates", "2", "--task-floor", "2", "--heldout", "0.2",
+              "--max-len", "64", "--max-prompt-len", "24", "--batch-size", "4", "--eval-limit", "2"]
     calls: list[str] = []
     real = lora.train_adapter
 
-    def recording(model, name, *args, **kwargs):
+    def counting(model, name, *args, **kwargs):
         calls.append(name)
         return real(model, name, *args, **kwargs)
 
-    def killed_at_expert_1(model, name, *args, **kwargs):
-        if name == "expert_1":  # the command is killed between two units (no checkpoint of expert_1 yet)
-            raise KeyboardInterrupt
-        return recording(model, name, *args, **kwargs)
-
-    def stopping_full(model, name, *args, **kwargs):
-        if name == "full":  # the budget runs out after 5 of the full-data unit's 12 steps
-            clock_after(monkeypatch, 4, then=float("inf"))
-        try:
-            return recording(model, name, *args, **kwargs)
-        finally:
-            monkeypatch.setattr(train_loop, "now", lambda: 0.0)
-
-    def command(*extra: str) -> None:
-        torch.manual_seed(0)  # each command is a new process: the same global random state at its start
-        bench.main([*common, *extra])
-
-    monkeypatch.setattr(lora, "train_adapter", recording)
-    command("--work", str(tmp_path / "w_ref"), "--out", str(tmp_path / "o_ref"))
-    ref = json.loads((tmp_path / "o_ref" / "bench_experts.json").read_text())
-    assert ref["stages_done"][-1] == "done" and ref["units"]["full"]["train"]["steps"] == 12
-
-    monkeypatch.setattr(lora, "train_adapter", killed_at_expert_1)
-    with pytest.raises(KeyboardInterrupt):
-        command("--work", str(tmp_path / "w"), "--out", str(tmp_path / "o0"))
-    monkeypatch.setattr(lora, "train_adapter", stopping_full)
-    calls.clear()
-    command("--work", str(tmp_path / "w"), "--out", str(tmp_path / "o1"))
-    assert calls == ["warmup", "expert_1", "full"]
-    first = json.loads((tmp_path / "o1" / "bench_experts.json").read_text())
-    progress = first["units"]["full"]["in_progress"]
-    assert first["units"]["full"].keys() == {"in_progress"} and (progress["steps_done"], progress["steps"]) == (5, 12)
-    assert "done" not in first["stages_done"] and first["commands"][1]["stopped_in"] == "full"
-    assert (tmp_path / "w" / "checkpoints" / "full.pt").is_file()
-
-    # other arguments on the same work dir are refused, and leave it as it was
-    with pytest.raises(SystemExit, match=r"other arguments or data \(lr: 0.0004 there, 0.001 now\)"):
-        command("--lr", "1e-3", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o_bad"))
-
-    monkeypatch.setattr(lora, "train_adapter", recording)
-    calls.clear()
-    command("--work", str(tmp_path / "w"), "--out", str(tmp_path / "o2"))
-    assert calls == ["warmup", "full"]  # finished units are not trained again
-    second = json.loads((tmp_path / "o2" / "bench_experts.json").read_text())
-    assert second["stages_done"][-1] == "done" and len(second["commands"]) == 3
-    assert (tmp_path / "o2" / "manifest.jsonl").is_file() and not (tmp_path / "w" / "checkpoints" / "full.pt").exists()
-    assert second["eval"] == ref["eval"] and second.keys() == ref.keys()
-    for name, unit in ref["units"].items():
-        assert second["units"][name]["heldout_loss"] == unit["heldout_loss"], name
-        assert second["units"][name]["per_cluster"] == unit["per_cluster"], name
-    full = second["units"]["full"]["train"]
-    assert [p["steps"] for p in full["pieces"]] == [[0, 5], [5, 12]]
-    assert full["final_loss"] == ref["units"]["full"]["train"]["final_loss"]
-    assert second["train_seconds"]["full"] == full["seconds"]
+    monkeypatch.setattr(run_train, "train_adapter", counting)
+    # no time left after the first unit group: the command stops and says so
+    bench.main([*common, "--out", str(tmp_path / "o1"), "--time-budget", "0"])
+    assert "UNFINISHED" in capsys.readouterr().out and not (tmp_path / "o1" / "bench_experts.json").exists()
+    first = list(calls)
+    assert first == ["full"]
+    bench.main([*common, "--out", str(tmp_path / "o2"), "--time-budget", "100000", "--eval-reserve", "0"])
+    assert "full" not in calls[len(first):]  # the saved adapter is reused
+    rep = json.loads((tmp_path / "o2" / "bench_experts.json").read_text())
+    assert rep["train"]["full"]["reused"] and set(rep["eval"]["redistributed"]["replicates"]) == {"redistributed", "redistributed_r1"}
+    for unit in ("base", "full", "random", "random_balanced", "redistributed", "routed", "routed_cluster", "routed_shared", "oracle"):
+        assert set(rep["eval"][unit]["tasks"]) == {"t0", "t1", "t2"}, unit
+    assert "| routed_shared |" in capsys.readouterr().out
 
 
 def test_train_command_killed_mid_unit_resumes_to_the_same_adapter(tmp_path, tiny_llama_dir, monkeypatch):

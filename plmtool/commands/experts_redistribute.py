@@ -57,7 +57,13 @@ def render(report: Report) -> str:
               f"seconds: {report['seconds']}"]
     data = report.get("data", {})
     skipped = skipped_line(data.get("skipped", {}))
-    lines += ["", f"data: {data.get('conversations')} samples from {data.get('source')}" + (f"; {skipped}" if skipped else "")]
+    drawn = f" ({data['limit_rule']} of {data['read']})" if data.get("limit_rule") else ""
+    lines += ["", f"data: {data.get('conversations')} samples from {data.get('source')}{drawn}" + (f"; {skipped}" if skipped else "")]
+    if report.get("tasks"):
+        lines += ["", f"## tasks (floor {report['task_floor']} selected per task)", "",
+                  md_table(["task", "pool", "selected", "random", "task-balanced random", "held-out", "added by the floor"],
+                           [[t, v["size_before"], v["size_after"], v["size_random"], v["size_random_balanced"], v["heldout"],
+                             v["floor_added"]] for t, v in report["tasks"].items()])]
     if report.get("plot"):
         lines += ["", f"![semantic space]({report['plot']})"]
     return "\n".join(lines) + "\n"

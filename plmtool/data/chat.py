@@ -1,6 +1,8 @@
 """Chat data for `draft train` and `experts`: one reader for every chat format, one set of rules.
 
 Sources (`load_chat`):
+  * `commonsense`: the train splits of nine commonsense tasks as instruction records tagged with
+    their task (plmtool.data.commonsense);
   * `sharegpt`: the embedded ShareGPT V3 file, a JSON array whose last record is cut off (the
     file in the wheel is truncated): that record alone is passed over, and counted;
   * a `.json` file holding a JSON array of records;
@@ -27,6 +29,7 @@ is the record's `id`, else `<file stem>-<line>` (JSONL) or `<file stem>-<index>`
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -239,7 +242,8 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise PlmtoolError(f"data file {file} not found")
-    with file.open(encoding="utf-8") as fh:
+    opener = gzip.open if file.suffix == ".gz" else open  # .jsonl.gz read as it is
+    with opener(file, "rt", encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -251,6 +255,10 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
 
 def _records(source: str) -> tuple[Iterator[tuple[str, str, Any]], bool]:
     """(default id, place, record) of each record of a source, and whether it is the embedded file."""
+    if source == "commonsense":
+        from plmtool.data.commonsense import pool_records
+
+        return ((r["id"], f"commonsense:{r['id']}", r) for r in pool_records()), False
     if source == "sharegpt":
         file = embedded_file("sharegpt")
         text = file.read_text(encoding="utf-8")

@@ -22,9 +22,12 @@ class DensityConfig:
 
 @dataclass
 class RedistributeConfig:
-    # instruction data: sharegpt (embedded) | .jsonl (instruction/input/output[/task] or messages) | .json list
+    # instruction data: sharegpt | commonsense (both embedded) | .jsonl (instruction/input/output[/task]
+    # or messages) | .json list
     data: str = "sharegpt"
-    limit: Optional[int] = None  # first N usable samples (None = all)
+    # first N usable samples (None = all); of `commonsense`, a seeded sample of N with every task's
+    # share of the pool (each task at least task_floor)
+    limit: Optional[int] = None
     turns: str = "first"  # first: first user->assistant exchange; all: whole conversation
     heldout: float = 0.05  # fraction kept apart for evaluation (never clustered or trained on)
     # embeddings
@@ -44,6 +47,11 @@ class RedistributeConfig:
     # redistribution
     budget: float = 0.1  # fraction of the (non-held-out) samples selected
     floor: int = 8  # minimum samples per cluster (capped at its size; >= 1)
+    # task-labelled pools: minimum selected samples per task (a task with fewer in the pool is an error)
+    task_floor: int = 8
+    # independent 10% selections (redistributed, random, task-balanced random) drawn with seeds
+    # seed, seed+1, ...: the 10% units are trained and evaluated once per replicate
+    replicates: int = 1
     alpha: float = 0.5  # cluster quota ~ size**alpha
     beta: float = 1.0  # weight ~ (k-NN radius / median)**beta: sparse neighbourhoods favoured
     mode_alpha: float = 0.5  # weight ~ (DBSCAN mode size)**-mode_alpha: dense modes thinned
@@ -72,10 +80,21 @@ class TrainExpertsConfig:
     mode: str = "all"  # all: train what is missing + evaluate | assemble: evaluate trained adapters | generate
     expert_index: Optional[int] = None  # train only this expert (one job of a multirun / Slurm array)
     baseline: Optional[str] = None  # train only this baseline (full | random | redistributed)
-    baselines: list[str] = field(default_factory=lambda: ["full", "random", "redistributed"])
+    # full | random | random_balanced (a task-labelled pool; left out, and said so, for others) | redistributed
+    baselines: list[str] = field(default_factory=lambda: ["full", "random", "random_balanced", "redistributed"])
     # what each expert trains on: redistributed (its cluster's share of the redistributed subset) |
-    # cluster (every pool sample of its cluster: all experts together see the pool, as `full` does)
+    # cluster (every pool sample of its cluster: all experts together see the pool, as `full` does) |
+    # both kinds, side by side
     expert_data: str = "redistributed"
+    # experts that share the redistributed LoRA (frozen) and each add a small LoRA of their own,
+    # trained on the cluster's share of the redistributed subset (units shared_<k>)
+    shared_experts: bool = False
+    shared_r: int = 4  # rank of each expert's own part
+    # multiple-choice accuracy per task: null = the embedded tasks' evaluation splits when the pool is
+    # `commonsense`, none otherwise | commonsense | a .jsonl(.gz) of {task, contexts, continuations, gold}
+    eval_data: Optional[str] = None
+    eval_tasks: list[str] = field(default_factory=list)  # default: every task of the pool with evaluation data
+    eval_limit: Optional[int] = None  # a seeded sample of N documents per task (None = all)
     adapters_dir: Optional[str] = None  # default <redistribution>/adapters (shared by array jobs)
     lora: LoraOptions = field(default_factory=LoraOptions)
     max_prompt_len: Optional[int] = None  # default: the redistribution's

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from plmtool.errors import PlmtoolError
+from plmtool.io import follow_umask
 from plmtool.experts.tokenize import IGNORE, collate
 from plmtool.train_loop import Checkpoint, TimeLimit, autocast, cosine_schedule, optimizer_step, restore, run_steps
 from plmtool.train_loop import set_torch_rng_state, torch_rng_state  # noqa: F401  (scripts/bench_experts.py imports them from here)
@@ -258,8 +259,11 @@ def train_adapter(model, name: str, encoded: Sequence[dict[str, Any]], pad_id: i
                   batch_size: int = 8, grad_accum: int = 1, max_steps: int | None = None, warmup_ratio: float = 0.03, warmup_steps: int = 0,
                   weight_decay: float = 0.0, grad_clip: float = 1.0, seed: int = 0, bf16: bool = False,
                   log_every: int = 10, checkpoint: str | Path | None = None, checkpoint_every: int = 0,
-                  deadline: float | None = None) -> dict[str, Any]:
+                  deadline: float | None = None, under: str | None = None) -> dict[str, Any]:
     """Train adapter `name` on `encoded` for `epochs` passes; returns timing and loss stats.
+
+    `under` names a trained adapter that stays active, frozen, beneath `name` (their updates add
+    up): `name` then learns what `under` misses.
 
     The schedule (linear warm-up, cosine decay to 0), autocast, checkpoint and deadline are
     plmtool.train_loop's. With `checkpoint` (a file path) the training can be resumed: the
@@ -277,6 +281,8 @@ def train_adapter(model, name: str, encoded: Sequence[dict[str, Any]], pad_id: i
     if deadline is not None and checkpoint is None:
         raise PlmtoolError(f"adapter '{name}': a deadline needs a checkpoint to save the unfinished training to")
     model.set_adapter(name)
+    if under is not None:
+        model.base_model.set_adapter([under, name])  # both active; only `name` is made trainable below
     params = _only_trainable(model, name)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     steps, capped, warmup = _schedule(len(encoded), epochs, batch_size * grad_accum, max_steps, warmup_ratio, warmup_steps)
@@ -292,7 +298,7 @@ def train_adapter(model, name: str, encoded: Sequence[dict[str, Any]], pad_id: i
         hparams = {"adapter": name, "samples": len(encoded), "data_sha256": _data_digest(encoded), "pad_id": pad_id,
                    "lr": lr, "epochs": epochs, "batch_size": batch_size, "grad_accum": grad_accum, "max_steps": max_steps,
                    "steps": steps, "warmup": warmup, "weight_decay": weight_decay, "grad_clip": grad_clip, "seed": seed,
-                   "bf16": bf16, "lora": _adapter_digest(model, name, named)}
+                   "bf16": bf16, "lora": _adapter_digest(model, name, named), "under": under}
         ckpt = Checkpoint(checkpoint, hparams, "other hyper-parameters or data",
                           "delete it (or give another checkpoint path) to train from scratch")
         state = ckpt.load()
@@ -359,6 +365,28 @@ def _train_stats(name: str, samples: int, epochs: float, steps: int, capped: boo
     return stats
 
 
+def concat_adapters(model, name: str, parts: Sequence[str], dropout: float = 0.0) -> None:
+    """Add adapter `name` whose update is the sum of the updates of `parts`, exactly: a LoRA of
+    rank sum(r) with the parts' A matrices stacked and their scaled B matrices side by side
+    (scaling 1), so it is used, saved and routed like any single adapter."""
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraLayer
+
+    first = model.peft_config[parts[0]]
+    rank = sum(model.peft_config[p].r for p in parts)
+    model.add_adapter(name, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=dropout, target_modules=first.target_modules,
+                                       task_type="CAUSAL_LM", bias="none"))
+    with torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, LoraLayer) or name not in module.lora_A:
+                continue
+            if any(p not in module.lora_A for p in parts):
+                raise PlmtoolError(f"adapters {', '.join(parts)} do not target the same layers")
+            module.lora_A[name].weight.copy_(torch.cat([module.lora_A[p].weight for p in parts], 0))
+            module.lora_B[name].weight.copy_(torch.cat([module.lora_B[p].weight * module.scaling[p] for p in parts], 1))
+            module.scaling[name] = 1.0
+
+
 def save_adapter(model, name: str, target: str | Path, meta: dict[str, Any]) -> None:
     """Save one adapter to `target` (a directory) atomically, with `meta` in train.json."""
     target = Path(target)
@@ -368,6 +396,7 @@ def save_adapter(model, name: str, target: str | Path, meta: dict[str, Any]) -> 
     # peft puts non-"default" adapters in a sub-folder named after the adapter
     src = tmp / name if (tmp / name).is_dir() else tmp
     (src / "train.json").write_text(json.dumps(meta, indent=2))
+    follow_umask(src)  # peft's safetensors files are written 0600
     final = target.with_name(target.name + ".new")
     shutil.rmtree(final, ignore_errors=True)
     shutil.move(str(src), str(final))

@@ -162,3 +162,39 @@ def random_subset(n: int, m: int, seed: int) -> np.ndarray:
     mask = np.zeros(n, dtype=bool)
     mask[np.random.default_rng([seed, 2]).choice(n, size=min(m, n), replace=False)] = True
     return mask
+
+
+def balanced_subset(tasks: np.ndarray, m: int, seed: int) -> np.ndarray:
+    """The task-balanced random baseline: m indices, an equal share per task (capped by the task's
+    size, the rest water-filled over the larger tasks), uniform within a task, seeded (bool mask)."""
+    names, inverse = np.unique(np.asarray(tasks, dtype=str), return_inverse=True)
+    quotas = allocate(np.bincount(inverse, minlength=len(names)), m, floor=1, alpha=0.0)
+    mask = np.zeros(len(inverse), dtype=bool)
+    for t in range(len(names)):
+        members = np.flatnonzero(inverse == t)
+        pick = np.random.default_rng([seed, 3, t]).choice(len(members), size=int(quotas[t]), replace=False)
+        mask[members[pick]] = True
+    return mask
+
+
+def task_floor(selected: np.ndarray, tasks: np.ndarray, weight: np.ndarray, floor: int) -> tuple[np.ndarray, dict[str, int]]:
+    """Top up every task to at least `floor` selected samples (its highest-weight unselected ones).
+
+    The clusters' quotas know nothing of tasks, so a small task spread thinly over big clusters
+    could lose every sample; this is the task-level twin of the cluster floor. Returns the new mask
+    and the number added per task (only tasks that needed it).
+    """
+    selected = selected.copy()
+    tasks = np.asarray(tasks, dtype=str)
+    added: dict[str, int] = {}
+    for t in np.unique(tasks):
+        members = np.flatnonzero(tasks == t)
+        if len(members) < floor:
+            raise PlmtoolError(f"task '{t}' has {len(members)} samples in the pool, fewer than experts.task_floor={floor}")
+        short = floor - int(selected[members].sum())
+        if short > 0:
+            free = members[~selected[members]]
+            pick = free[np.argsort(-weight[free], kind="stable")[:short]]
+            selected[pick] = True
+            added[str(t)] = short
+    return selected, added

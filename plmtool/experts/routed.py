@@ -9,6 +9,7 @@ disabled), exactly as they were when the centroids were computed.
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -36,6 +37,24 @@ def expert_name(k: int, expert_data: str = "redistributed") -> str:
     """The adapter of cluster k's expert (`of_kind`: experts trained on whole clusters have names of
     their own, so a run never picks up the other kind from a shared adapters dir)."""
     return of_kind(f"expert_{k}", expert_data)
+
+
+def replica(name: str, r: int) -> str:
+    """The name of unit `name` in replicate r (replicate 0 keeps the plain name)."""
+    return name if r == 0 else f"{name}_r{r}"
+
+
+def base_name(unit: str) -> tuple[str, int]:
+    """(name without the replicate suffix, replicate)."""
+    m = re.fullmatch(r"(.+)_r(\d+)", unit)
+    return (m.group(1), int(m.group(2))) if m else (unit, 0)
+
+
+def routed_result(unit: str) -> str:
+    """The routed result an expert unit belongs to: routed, routed_cluster or routed_shared (+ replicate)."""
+    name, r = base_name(unit)
+    group = "routed_shared" if name.startswith("shared_") else "routed_cluster" if name.endswith("_cluster") else "routed"
+    return replica(group, r)
 
 
 def check_expert_data(value: str, option: str = "expert_data") -> None:

@@ -8,6 +8,8 @@ Stages (each resumable in the run dir): data -> embed (+ need) -> space. Outputs
   centroids.npy            router centroids (unit norm)
   shards/expert_<k>.jsonl  the selected samples of cluster k (one training shard per expert)
   selected.jsonl / random.jsonl   the redistributed and the random subset of the same size
+  random_balanced.jsonl    task-labelled pools: a random subset of that size with an equal share per task
+  replicates/<r>/          experts.replicates > 1: the same subset files (and shards/) drawn with seed + r
   redistribution.json      what `experts train` needs to know (encoder, lengths, K, seed)
   semantic_space.png       PCA picture
 """
@@ -18,6 +20,7 @@ import json
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,7 +33,8 @@ from plmtool.experts.need import need_signal
 from plmtool.experts.router import Router
 from plmtool.data.chat import split_heldout
 from plmtool.experts.samples import load_samples, prompt_text, read_samples, write_samples
-from plmtool.experts.space import build_space, validate
+from plmtool.experts.redistribute import allocate, balanced_subset, random_subset, task_floor
+from plmtool.experts.space import build_space, select, validate
 from plmtool.io import Stages, atomic_write, read_json, write_json
 
 log = logging.getLogger("plmtool")
@@ -77,6 +81,80 @@ def check_options(o: Any) -> None:
         raise PlmtoolError(f"need 1 <= experts.max_prompt_len < experts.max_len (got {o.max_prompt_len}, {o.max_len})")
     if o.density.method not in ("dbscan", "knn"):
         raise PlmtoolError(f"unknown experts.density.method '{o.density.method}' (choose dbscan or knn)")
+    if o.task_floor < 1:
+        raise PlmtoolError(f"experts.task_floor must be >= 1 (a task is never emptied), got {o.task_floor}")
+    if o.replicates < 1:
+        raise PlmtoolError(f"experts.replicates must be >= 1, got {o.replicates}")
+
+
+def pool_tasks(samples: list[dict[str, Any]]) -> np.ndarray | None:
+    """The task of every sample, or None unless every sample has one (a task-labelled pool)."""
+    tasks = [s.get("task") for s in samples]
+    return np.array([str(t) for t in tasks]) if tasks and all(tasks) else None
+
+
+def stratified_limit(samples: list[dict[str, Any]], limit: int, floor: int, seed: int) -> list[dict[str, Any]]:
+    """A seeded sample of `limit` with every task's share of the pool (each task at least `floor`), in pool order."""
+    tasks = pool_tasks(samples)
+    names, inverse = np.unique(tasks, return_inverse=True)
+    quotas = allocate(np.bincount(inverse), limit, floor=floor, alpha=1.0)
+    keep: list[int] = []
+    for t in range(len(names)):
+        members = np.flatnonzero(inverse == t)
+        keep += members[np.random.default_rng([seed, 4, t]).choice(len(members), int(quotas[t]), replace=False)].tolist()
+    return [samples[i] for i in sorted(keep)]
+
+
+def heldout_split(samples: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(pool, held-out) indices; in a task-labelled pool drawn per task, so every task keeps its share."""
+    tasks = pool_tasks(samples)
+    if tasks is None:
+        return split_heldout(len(samples), round(len(samples) * fraction), seed)
+    train: list[int] = []
+    held: list[int] = []
+    for t, name in enumerate(np.unique(tasks)):
+        members = np.flatnonzero(tasks == name)
+        tr, he = split_heldout(len(members), round(len(members) * fraction), seed * 1009 + t)
+        train += members[tr].tolist()
+        held += members[he].tolist()
+    return sorted(train), sorted(held)
+
+
+def check_task_floor(pool: list[dict[str, Any]], floor: int) -> None:
+    tasks = pool_tasks(pool)
+    if tasks is None:
+        return
+    names, counts = np.unique(tasks, return_counts=True)
+    for name, n in zip(names, counts):
+        if n < floor:
+            raise PlmtoolError(f"task '{name}' has {n} samples in the pool (held-out removed), fewer than "
+                               f"experts.task_floor={floor}: lower experts.task_floor or give the task more data")
+
+
+@dataclass
+class Replicate:
+    """One draw of the budgeted subsets: redistributed, random and task-balanced random, all of one size."""
+
+    selected: np.ndarray
+    random: np.ndarray
+    balanced: np.ndarray | None
+    floor_added: dict[str, int]
+
+
+def replicates(space, need: np.ndarray | None, o: Any, seed: int, tasks: np.ndarray | None) -> list[Replicate]:
+    """Replicate r draws with seed + r (replicate 0 is the space's own selection); the clustering is shared."""
+    out = []
+    for r in range(o.replicates):
+        red = space.redistribution if r == 0 else select(space.labels, space.k, space.density, need, o, seed + r)
+        selected, added = (red.selected, {}) if tasks is None else task_floor(red.selected, tasks, red.weight, o.task_floor)
+        n = int(selected.sum())
+        balanced = None if tasks is None else balanced_subset(tasks, n, seed + r)
+        out.append(Replicate(selected, random_subset(len(selected), n, seed + r), balanced, added))
+    return out
+
+
+def replicate_dir(run_dir: Path, r: int) -> Path:
+    return run_dir if r == 0 else run_dir / "replicates" / str(r)
 
 
 def run(o: Any, run_dir: Path, seed: int, load: Loader, model_id: str, cache: Path | None) -> dict[str, Any]:
@@ -88,14 +166,20 @@ def run(o: Any, run_dir: Path, seed: int, load: Loader, model_id: str, cache: Pa
     # 1. data and the held-out split
     t = time.perf_counter()
     if not stages.done("data"):
-        data = load_samples(o.data, o.limit, o.turns)
+        stratify = o.data == "commonsense" and o.limit is not None
+        data = load_samples(o.data, None if stratify else o.limit, o.turns)
         samples = data.samples
+        read = len(samples)
+        if stratify:
+            samples = data.samples = stratified_limit(samples, o.limit, o.task_floor, seed)
         # the held-out part never enters clustering or training
-        train_idx, held_idx = split_heldout(len(samples), round(len(samples) * o.heldout), seed)
+        train_idx, held_idx = heldout_split(samples, o.heldout, seed)
         validate(o, len(train_idx))  # K vs number of samples, before any model is loaded
+        check_task_floor([samples[i] for i in train_idx], o.task_floor)
         write_samples(run_dir / "samples.jsonl", [samples[i] for i in train_idx])
         write_samples(run_dir / "heldout.jsonl", [samples[i] for i in held_idx])
-        stages.mark("data", {"pool": len(train_idx), "heldout": len(held_idx), **data.summary()})
+        stages.mark("data", {"pool": len(train_idx), "heldout": len(held_idx), **data.summary(),
+                             **({"read": read, "limit_rule": "a seeded sample stratified by task"} if stratify else {})})
     pool = read_samples(run_dir / "samples.jsonl")
     held = read_samples(run_dir / "heldout.jsonl")
     validate(o, len(pool))
@@ -133,57 +217,67 @@ def run(o: Any, run_dir: Path, seed: int, load: Loader, model_id: str, cache: Pa
     router = Router(space.centroids)
     held_cluster = router.route(held_emb) if len(held) else np.zeros(0, dtype=np.int64)
     red, dens = space.redistribution, space.density
+    tasks = pool_tasks(pool)
+    reps = replicates(space, need, o, seed, tasks)
+    first = reps[0]
     manifest = [
         {"id": s["id"], "cluster": int(space.labels[i]), "density": round(float(dens.density[i]), 6),
-         "weight": round(float(red.weight[i]), 6), "selected": bool(red.selected[i]), "random": bool(space.random[i]),
+         "weight": round(float(red.weight[i]), 6), "selected": bool(first.selected[i]), "random": bool(first.random[i]),
+         "random_balanced": None if first.balanced is None else bool(first.balanced[i]),
          "mode": int(dens.mode[i]), "need": None if need is None else round(float(need[i]), 6), "task": s.get("task")}
         for i, s in enumerate(pool)
     ]
     write_jsonl(run_dir / "manifest.jsonl", manifest)
     router.save(run_dir / "centroids.npy")
-    for c in range(space.k):
-        write_samples(run_dir / "shards" / f"expert_{c}.jsonl", [pool[i] for i in np.flatnonzero(red.selected & (space.labels == c))])
-    write_samples(run_dir / "selected.jsonl", [pool[i] for i in np.flatnonzero(red.selected)])
-    write_samples(run_dir / "random.jsonl", [pool[i] for i in np.flatnonzero(space.random)])
+    for r, rep in enumerate(reps):
+        out = replicate_dir(run_dir, r)
+        for c in range(space.k):
+            write_samples(out / "shards" / f"expert_{c}.jsonl", [pool[i] for i in np.flatnonzero(rep.selected & (space.labels == c))])
+        write_samples(out / "selected.jsonl", [pool[i] for i in np.flatnonzero(rep.selected)])
+        write_samples(out / "random.jsonl", [pool[i] for i in np.flatnonzero(rep.random)])
+        if rep.balanced is not None:
+            write_samples(out / "random_balanced.jsonl", [pool[i] for i in np.flatnonzero(rep.balanced)])
     write_samples(run_dir / "heldout.jsonl", held, extra={"cluster": [int(c) for c in held_cluster]})
     write_json(run_dir / "redistribution.json", {
         "model": model_id, "embedder": o.embedder, "embed_layer": o.embed_layer, "embed_max_len": o.embed_max_len,
         "k": space.k, "max_len": o.max_len, "max_prompt_len": o.max_prompt_len, "seed": seed, "data": o.data,
+        "replicates": len(reps), "tasks": None if tasks is None else sorted(set(tasks.tolist())),
     })
     timings["space"] = time.perf_counter() - t
     if o.plot:
         t = time.perf_counter()
         from plmtool.experts.plot import plot_space
 
-        plot_space(emb, space.labels, red.selected, space.centroids, run_dir / "semantic_space.png", o.plot_points, seed)
+        plot_space(emb, space.labels, first.selected, space.centroids, run_dir / "semantic_space.png", o.plot_points, seed)
         timings["plot"] = time.perf_counter() - t
     data = stages.result("data")
-    return make_report(o, pool, held, held_cluster, space, need, embed_info, timings, seed, data)
+    return make_report(o, pool, held, held_cluster, space, reps, need, embed_info, timings, seed, data)
 
 
-def make_report(o, pool, held, held_cluster, space, need, embed_info, timings, seed, data) -> dict[str, Any]:
+def make_report(o, pool, held, held_cluster, space, reps, need, embed_info, timings, seed, data) -> dict[str, Any]:
     red, dens = space.redistribution, space.density
+    sel, rand = reps[0].selected, reps[0].random
     clusters = []
     for c in range(space.k):
         m = space.labels == c
         clusters.append({
             "cluster": c,
             "size_before": int(m.sum()),
-            "size_after": int((m & red.selected).sum()),
-            "size_random": int((m & space.random).sum()),
+            "size_after": int((m & sel).sum()),
+            "size_random": int((m & rand).sum()),
             "quota": int(red.quotas[c]),
             "heldout": int((held_cluster == c).sum()),
             "eps": round(dens.eps.get(c, 0.0), 6),
             "dense_modes": int(dens.n_modes.get(c, 0)),
             "tail": int((m & (dens.mode < 0)).sum()),
-            "tail_selected": int((m & (dens.mode < 0) & red.selected).sum()),
+            "tail_selected": int((m & (dens.mode < 0) & sel).sum()),
             "mean_need": None if need is None else float(need[m].mean()),
-            "mean_need_selected": None if need is None or not (m & red.selected).any() else float(need[m & red.selected].mean()),
+            "mean_need_selected": None if need is None or not (m & sel).any() else float(need[m & sel].mean()),
             "examples": [pool[i]["messages"][0]["content"][:80] for i in np.flatnonzero(m)[:2]],
         })
     report: dict[str, Any] = {
         "total": len(pool),
-        "selected": int(red.selected.sum()),
+        "selected": int(sel.sum()),
         "budget": float(o.budget),
         "budget_samples": red.budget_n,
         "floors_exceed_budget": red.floors_exceed_budget,
@@ -194,22 +288,37 @@ def make_report(o, pool, held, held_cluster, space, need, embed_info, timings, s
         "need": o.need,
         "density_method": o.density.method,
         "tail_total": int((dens.mode < 0).sum()),
-        "tail_selected": int(((dens.mode < 0) & red.selected).sum()),
+        "tail_selected": int(((dens.mode < 0) & sel).sum()),
         "clusters": clusters,
         "seed": seed,
         "seconds": {k: round(v, 3) for k, v in timings.items()},
         # what was read: usable conversations and the records skipped on the way (by reason)
         "data": {"source": data.get("source", o.data), "conversations": data.get("conversations"),
-                 "skipped": data.get("skipped", {})},
+                 "skipped": data.get("skipped", {}),
+                 **({"read": data["read"], "limit_rule": data["limit_rule"]} if "limit_rule" in data else {})},
     }
     tasks = [s.get("task") for s in pool]
     if any(tasks):
         table: dict[str, dict[str, int]] = {}
-        for t, c, sel in zip(tasks, space.labels, red.selected):
+        for t, c in zip(tasks, space.labels):
             row = table.setdefault(str(t), {})
             row[str(int(c))] = row.get(str(int(c)), 0) + 1
         report["task_cluster"] = table
-        report["task_selected"] = dict(Counter(str(t) for t, sel in zip(tasks, red.selected) if sel))
+        report["task_selected"] = dict(Counter(str(t) for t, s in zip(tasks, sel) if s))
+    labels = pool_tasks(pool)
+    if labels is not None:
+        held_tasks = Counter(str(s.get("task")) for s in held)
+        report["tasks"] = {
+            t: {"size_before": int((labels == t).sum()), "size_after": int(((labels == t) & sel).sum()),
+                "size_random": int(((labels == t) & rand).sum()),
+                "size_random_balanced": int(((labels == t) & reps[0].balanced).sum()),
+                "heldout": held_tasks.get(t, 0), "floor_added": reps[0].floor_added.get(t, 0)}
+            for t in sorted(set(labels.tolist()))
+        }
+        report["task_floor"] = int(o.task_floor)
+    if len(reps) > 1:
+        report["replicates"] = [{"seed": seed + r, "selected": int(rep.selected.sum()), "floor_added": rep.floor_added}
+                                for r, rep in enumerate(reps)]
     if o.plot:
         report["plot"] = "semantic_space.png"
     return report

@@ -2,13 +2,19 @@
 
 Units (each one LoRA adapter, trained for the same number of epochs over its own data, i.e. the
 same budget per sample):
-  full           the whole pool (100%)
-  random         a uniform random subset of the redistributed size
-  redistributed  the redistributed subset (one adapter over all clusters)
-  expert_<k>     cluster k's share of the redistributed subset (routed by nearest centroid)
+  full             the whole pool (100%)
+  random           a uniform random subset of the redistributed size
+  random_balanced  a random subset of that size with an equal share per task (task-labelled pools)
+  redistributed    the redistributed subset (one adapter over all clusters)
+  expert_<k>       cluster k's share of the redistributed subset (routed by nearest centroid)
   expert_<k>_cluster
-                 with experts.expert_data=cluster, instead: every pool sample of cluster k, so the
-                 experts together see the whole pool, as `full` does (the same data in all)
+                   with experts.expert_data=cluster (or both): every pool sample of cluster k, so
+                   the experts together see the whole pool, as `full` does
+  shared_<k>       with experts.shared_experts: the redistributed adapter (frozen) plus a small
+                   LoRA of its own trained on cluster k's share, saved as one adapter
+The 10% units (random, random_balanced, redistributed and the experts and shared experts built on
+the redistributed shares) exist once per replicate of the redistribution: replicate r > 0 adds
+the suffix `_r<r>` and reads `replicates/<r>/` (its own draw of the subsets, seed + r).
 
 Adapters are saved under `adapters_dir` (default `<redistribution>/adapters`) with a fingerprint
 of everything that determines them, so independent jobs (`experts.expert_index=0,1,2 -m`, a Slurm
@@ -24,17 +30,16 @@ import hashlib
 import json
 import logging
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from plmtool.errors import PlmtoolError
-from plmtool.experts.losses import encoded_losses, mean_loss
-from plmtool.experts.lora import BASE, adapter_meta, add_adapters, load_adapter, lora_config, save_adapter, train_adapter
-from plmtool.experts.routed import RoutedExperts, check_expert_data, expert_name
-from plmtool.experts.run_redistribute import load_meta
+from plmtool.experts.lora import adapter_meta, add_adapters, concat_adapters, load_adapter, lora_config, save_adapter, train_adapter
+from plmtool.experts.routed import EXPERT_DATA, RoutedExperts, base_name, expert_name, replica, routed_result
+from plmtool.experts.run_redistribute import load_meta, replicate_dir
 from plmtool.experts.router import Router
 from plmtool.experts.samples import read_samples
 from plmtool.experts.tokenize import encode
@@ -42,13 +47,16 @@ from plmtool.train_config import check_trainer
 from plmtool.train_loop import resolved_precision
 
 log = logging.getLogger("plmtool")
-BASELINES = ("full", "random", "redistributed")
+BASELINES = ("full", "random", "random_balanced", "redistributed")
+REPLICATED = ("random", "random_balanced", "redistributed")  # the budgeted units: one per replicate
 MODES = ("all", "assemble", "generate")
-UNIT_FILES = {"full": "samples.jsonl", "random": "random.jsonl", "redistributed": "selected.jsonl"}
+UNIT_FILES = {"full": "samples.jsonl", "random": "random.jsonl", "random_balanced": "random_balanced.jsonl",
+              "redistributed": "selected.jsonl"}
 
 
 def unit_file(d: Path, unit: str) -> Path:
-    return d / (UNIT_FILES[unit] if unit in UNIT_FILES else f"shards/{unit}.jsonl")
+    name, r = base_name(unit)
+    return replicate_dir(d, r) / (UNIT_FILES[name] if name in UNIT_FILES else f"shards/{name}.jsonl")
 
 
 def whole_clusters(d: Path, k: int) -> list[list[dict[str, Any]]]:
@@ -63,17 +71,55 @@ def whole_clusters(d: Path, k: int) -> list[list[dict[str, Any]]]:
     return clusters
 
 
-def expert_samples(d: Path, k: int, expert_data: str) -> dict[str, list[dict[str, Any]]]:
-    """Training samples of each expert (by adapter name): its shard of the redistributed subset, or its whole cluster."""
-    if expert_data == "cluster":
-        return {expert_name(c, expert_data): samples for c, samples in enumerate(whole_clusters(d, k))}
-    return {expert_name(c): read_samples(unit_file(d, expert_name(c))) for c in range(k)}
+def expert_kinds(expert_data: str) -> tuple[str, ...]:
+    return EXPERT_DATA if expert_data == "both" else (expert_data,)
+
+
+@dataclass
+class Unit:
+    name: str
+    samples: list[dict[str, Any]]
+    cluster: int | None = None  # experts and shared experts: the cluster they serve
+    under: str | None = None  # shared experts: the frozen adapter beneath their own part
+
+
+def plan(d: Path, meta: dict[str, Any], o: Any) -> dict[str, Unit]:
+    """Every unit of the run with its training samples (validated files written by `experts redistribute`)."""
+    k, reps = int(meta["k"]), int(meta.get("replicates", 1))
+    units: dict[str, Unit] = {}
+    for b in o.baselines:
+        if b == "random_balanced" and not meta.get("tasks"):
+            continue  # a pool without task labels has no task shares to balance (the report says so)
+        for r in range(reps if b in REPLICATED else 1):
+            u = replica(b, r)
+            units[u] = Unit(u, read_samples(unit_file(d, u)))
+    for kind in expert_kinds(o.expert_data):
+        if kind == "cluster":
+            for c, samples in enumerate(whole_clusters(d, k)):
+                units[expert_name(c, kind)] = Unit(expert_name(c, kind), samples, c)
+            continue
+        for r in range(reps):
+            for c in range(k):
+                u = replica(expert_name(c), r)
+                units[u] = Unit(u, read_samples(unit_file(d, u)), c)
+    if o.shared_experts:
+        for r in range(reps):
+            for c in range(k):
+                u = replica(f"shared_{c}", r)
+                units[u] = Unit(u, units[replica(expert_name(c), r)].samples, c, under=replica("redistributed", r))
+    return units
 
 
 def check_options(o: Any, trainer: Any) -> tuple[Path, dict[str, Any]]:
     if o.mode not in MODES:
         raise PlmtoolError(f"unknown experts.mode '{o.mode}' (choose from {', '.join(MODES)})")
-    check_expert_data(o.expert_data, "experts.expert_data")
+    if o.expert_data not in (*EXPERT_DATA, "both"):
+        raise PlmtoolError(f"unknown experts.expert_data '{o.expert_data}' (choose from {', '.join(EXPERT_DATA)}, both)")
+    if o.shared_experts and ("redistributed" not in o.baselines or o.expert_data == "cluster"):
+        raise PlmtoolError("experts.shared_experts builds on the redistributed unit and its shards: keep 'redistributed' in "
+                           "experts.baselines and experts.expert_data redistributed or both")
+    if o.shared_r < 1:
+        raise PlmtoolError(f"experts.shared_r must be >= 1, got {o.shared_r}")
     for b in o.baselines:
         if b not in BASELINES:
             raise PlmtoolError(f"unknown baseline '{b}' (choose from {', '.join(BASELINES)})")
@@ -91,10 +137,14 @@ def check_options(o: Any, trainer: Any) -> tuple[Path, dict[str, Any]]:
     d, meta = load_meta(o.redistribution)
     if o.expert_index is not None and not 0 <= o.expert_index < meta["k"]:
         raise PlmtoolError(f"experts.expert_index={o.expert_index} out of range: the redistribution has K={meta['k']} experts")
+    from plmtool.experts.evaluate import check_eval
+
+    check_eval(o, meta, d)  # the evaluation tasks, before any training
     return d, meta
 
 
-def _fingerprint(unit: str, ids: list[str], o: Any, trainer: Any, model_id: str, seed: int, max_len: int, mpl: int) -> str:
+def _fingerprint(unit: str, ids: list[str], o: Any, trainer: Any, model_id: str, seed: int, max_len: int, mpl: int,
+                 under: str = "") -> str:
     items = dict(o.lora).items() if hasattr(o.lora, "keys") else vars(o.lora).items()
     lora = {k: (list(v) if not isinstance(v, (int, float, str)) else v) for k, v in items}
     keys = ("lr", "epochs", "batch_size", "grad_accum", "max_steps", "warmup_steps", "weight_decay", "grad_clip", "precision")
@@ -105,7 +155,8 @@ def _fingerprint(unit: str, ids: list[str], o: Any, trainer: Any, model_id: str,
                        "seeding": "per-unit",
                        # labelled: each reply and its end-of-turn marker, not the newline after it
                        # (plmtool.data.chat_tokens); adapters trained with that newline are retrained
-                       "labels": "reply+end-of-turn"}, sort_keys=True, default=str)
+                       "labels": "reply+end-of-turn",
+                       **({"under": under, "shared_r": o.shared_r} if under else {})}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -133,6 +184,16 @@ def _targets(o: Any):
     return "all-linear" if t == ["all-linear"] else t
 
 
+def jobs_of(o: Any, units: dict[str, Unit]) -> list[str]:
+    """The units this run trains: one expert index (every kind and replicate of that cluster), one
+    baseline (every replicate), everything (mode=all) or nothing (assemble / generate)."""
+    if o.expert_index is not None:
+        return [u for u, unit in units.items() if unit.cluster == o.expert_index]
+    if o.baseline is not None:
+        return [u for u in units if base_name(u)[0] == o.baseline]
+    return list(units) if o.mode == "all" else []
+
+
 def run(o: Any, trainer: Any, run_dir: Path, seed: int, load: Callable[[], tuple[Any, Any]], model_id: str) -> dict[str, Any]:
     d, meta = check_options(o, trainer)
     k = int(meta["k"])
@@ -140,46 +201,50 @@ def run(o: Any, trainer: Any, run_dir: Path, seed: int, load: Callable[[], tuple
     max_len = int(trainer.max_seq_len)
     mpl = int(o.max_prompt_len or meta["max_prompt_len"])
     mpl = min(mpl, max_len // 2)
-    experts = [expert_name(c, o.expert_data) for c in range(k)]
-    units = list(o.baselines) + experts
-    if o.expert_index is not None:
-        jobs = [experts[o.expert_index]]
-    elif o.baseline is not None:
-        jobs = [o.baseline]
-    elif o.mode == "all":
-        jobs = units
-    else:
-        jobs = []
-    # data of every unit (validated files written by `experts redistribute`)
-    baselines = list(o.baselines) if o.mode != "generate" else []
-    data = {**{u: read_samples(unit_file(d, u)) for u in baselines}, **expert_samples(d, k, o.expert_data)}
+    units = plan(d, meta, o)
+    if o.mode == "generate":  # only the experts route a prompt
+        units = {u: unit for u, unit in units.items() if unit.cluster is not None and unit.under is None}
+    jobs = jobs_of(o, units)
     model, tok = load()
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     device = next(model.parameters()).device
     bf16 = resolved_precision(trainer.precision, device) == "bf16"
     cfg = lora_config(o.lora.r, o.lora.alpha, o.lora.dropout, _targets(o))
-    fps = {u: _fingerprint(u, [s["id"] for s in data[u]], o, trainer, model_id, seed, max_len, mpl) for u in data}
+    fps: dict[str, str] = {}
+    for u, unit in units.items():  # a shared expert's fingerprint holds the one of the adapter beneath it
+        extra = fps.get(unit.under, "") if unit.under else ""
+        fps[u] = _fingerprint(u, [s["id"] for s in unit.samples], o, trainer, model_id, seed, max_len, mpl, extra)
     train_stats: dict[str, Any] = {}
 
-    for u in data:
+    for u, unit in units.items():
         path = adapters / u
         saved = adapter_meta(path)
         fresh = saved is not None and saved.get("fingerprint") == fps[u]
         if u in jobs and not fresh:
-            if not data[u]:
+            if not unit.samples:
                 raise PlmtoolError(f"{u}: empty training shard")
+            if unit.under is not None and unit.under not in getattr(model, "peft_config", {}):
+                if adapter_meta(adapters / unit.under) is None:
+                    raise PlmtoolError(f"{u} trains on top of '{unit.under}', which is not trained yet in {adapters}")
+                model = load_adapter(model, unit.under, adapters / unit.under)
             # the unit's own random stream (adapter initialisation, then LoRA dropout): the same
             # adapter whether the unit trains alone (a multirun / Slurm array job) or after others
             torch.manual_seed(unit_seed(seed, u))
-            model = add_adapters(model, [u], cfg)
-            enc = [encode(tok, s["messages"], max_len, mpl) for s in data[u]]
+            own = u if unit.under is None else f"{u}_own"
+            own_cfg = cfg if unit.under is None else lora_config(o.shared_r, 2 * o.shared_r, o.lora.dropout, _targets(o))
+            model = add_adapters(model, [own], own_cfg)
+            enc = [encode(tok, s["messages"], max_len, mpl) for s in unit.samples]
             # a killed job resumes mid-unit: the training state every trainer.save_every steps, in a
             # file named by the unit's fingerprint (other settings never meet this checkpoint)
             ckpt = checkpoint_path(adapters, u, fps[u])
-            stats = train_adapter(model, u, enc, pad, lr=trainer.lr, epochs=trainer.epochs, batch_size=trainer.batch_size,
+            stats = train_adapter(model, own, enc, pad, lr=trainer.lr, epochs=trainer.epochs, batch_size=trainer.batch_size,
                                   grad_accum=trainer.grad_accum, max_steps=trainer.max_steps, weight_decay=trainer.weight_decay,
                                   warmup_steps=trainer.warmup_steps, grad_clip=trainer.grad_clip, seed=seed, bf16=bf16,
-                                  log_every=trainer.log_every, checkpoint=ckpt, checkpoint_every=trainer.save_every)
+                                  log_every=trainer.log_every, checkpoint=ckpt, checkpoint_every=trainer.save_every,
+                                  under=unit.under)
+            if unit.under is not None:  # the frozen adapter and the own part as one adapter
+                concat_adapters(model, u, [unit.under, own], o.lora.dropout)
+                model.delete_adapter(own)
             save_adapter(model, u, path, {"fingerprint": fps[u], "stats": stats})
             _drop_checkpoints(adapters, u)  # the saved adapter is the result now
             train_stats[u] = {**stats, "reused": False}
@@ -187,24 +252,34 @@ def run(o: Any, trainer: Any, run_dir: Path, seed: int, load: Callable[[], tuple
             # assemble / generate use what the jobs trained, whatever their settings (recorded)
             if not fresh:
                 log.warning("adapter %s was trained with other settings than this run's; using it as is", u)
-            model = load_adapter(model, u, path)
+            if u not in getattr(model, "peft_config", {}):
+                model = load_adapter(model, u, path)
             if fresh:  # left by a job that died between saving the adapter and removing it
                 _drop_checkpoints(adapters, u)
             train_stats[u] = {**saved["stats"], "reused": True, "settings_match": fresh}
         elif o.expert_index is None and o.baseline is None:
             why = "was trained with other settings" if saved else "is missing"
             raise PlmtoolError(f"adapter '{u}' in {adapters} {why}: train it first (mode=all, or experts.expert_index / experts.baseline jobs)")
-    used = {"expert_data": o.expert_data, "expert_samples": {e: len(data[e]) for e in experts}}
+    experts = [u for u, unit in units.items() if unit.cluster is not None]
+    not_applicable = {"random_balanced": "the pool's samples have no task labels"} \
+        if "random_balanced" in o.baselines and not meta.get("tasks") else {}
+    used = {"expert_data": o.expert_data, "not_applicable": not_applicable, "expert_samples": {e: len(units[e].samples) for e in experts},
+            "unit_samples": {u: len(unit.samples) for u, unit in units.items()}}
     if jobs and (o.expert_index is not None or o.baseline is not None):
-        return {"job": jobs[0], "adapters_dir": str(adapters), "train": train_stats, **used}
+        return {"job": o.baseline if o.baseline is not None else expert_name(o.expert_index), "jobs": jobs,
+                "adapters_dir": str(adapters), "train": train_stats, **used}
 
-    routed = RoutedExperts(model, tok, Router.load(d / "centroids.npy"), _embedder(meta, model, tok, model_id), experts)
+    first_kind = expert_kinds(o.expert_data)[0]
+    routed = RoutedExperts(model, tok, Router.load(d / "centroids.npy"), _embedder(meta, model, tok, model_id),
+                           [expert_name(c, first_kind) for c in range(k)])
     if o.mode == "generate":
         out = routed.generate(o.prompt, o.max_new_tokens, o.gen_temperature, mpl)
         return {"mode": "generate", "generation": out, "k": k, "expert_data": o.expert_data}
-    report = evaluate(routed, d, o, tok, pad, max_len, mpl, bf16, units)
-    report.update({"k": k, "adapters_dir": str(adapters), "train": train_stats, "train_seconds": _train_seconds(train_stats, experts),
-                   **used})
+    from plmtool.experts.evaluate import evaluate
+
+    report = evaluate(routed, d, meta, o, units, tok, pad, max_len, mpl, bf16, run_dir, seed)
+    report.update({"k": k, "replicates": int(meta.get("replicates", 1)), "adapters_dir": str(adapters), "train": train_stats,
+                   "train_seconds": _train_seconds(train_stats, units), **used})
     if o.lm_eval_tasks:
         from plmtool.experts.lm_eval_routed import routed_lm_eval
 
@@ -221,72 +296,14 @@ def _embedder(meta: dict[str, Any], model, tok, model_id: str):
                          max_len=meta.get("embed_max_len", 256))
 
 
-def _train_seconds(stats: dict[str, Any], experts: list[str]) -> dict[str, float]:
-    out = {u: s["seconds"] for u, s in stats.items() if u not in experts}
-    if all(e in stats for e in experts):
-        out["routed"] = round(sum(stats[e]["seconds"] for e in experts), 3)
+def _train_seconds(stats: dict[str, Any], units: dict[str, Unit]) -> dict[str, float]:
+    """Training seconds of every single-adapter unit, and of each routed set of experts together."""
+    out: dict[str, float] = {u: stats[u]["seconds"] for u, unit in units.items() if unit.cluster is None and u in stats}
+    groups: dict[str, list[str]] = {}
+    for u, unit in units.items():
+        if unit.cluster is not None:
+            groups.setdefault(routed_result(u), []).append(u)
+    for name, members in groups.items():
+        if all(m in stats for m in members):
+            out[name] = round(sum(stats[m]["seconds"] for m in members), 3)
     return out
-
-
-def evaluate(routed: RoutedExperts, d: Path, o: Any, tok, pad: int, max_len: int, mpl: int, bf16: bool, units: list[str]) -> dict[str, Any]:
-    """Held-out loss (assistant tokens) of base / baselines / routed / oracle, per cluster and task."""
-    held = read_samples(d / "heldout.jsonl")
-    if not held:
-        raise PlmtoolError(f"{d} has no held-out samples (set experts.heldout > 0 when redistributing)")
-    held_emb = np.load(d / "heldout_embeddings.npy")
-    router = routed.router
-    routes = router.route(held_emb)
-    enc = [encode(tok, s["messages"], max_len, mpl) for s in held]
-    model, bs = routed.model, o.eval_batch_size
-    n = len(held)
-    res: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    res["base"] = encoded_losses(model, enc, pad, bs, [BASE] * n, "loss: base", bf16)
-    for u in units:
-        if u not in routed.names:
-            res[u] = encoded_losses(model, enc, pad, bs, [u] * n, f"loss: {u}", bf16)
-    k = router.k
-    per_expert = None
-    if o.oracle:
-        per_expert = [encoded_losses(model, enc, pad, bs, [e] * n, f"loss: {e}", bf16) for e in routed.names]
-        s = np.array([per_expert[int(r)][0][i] for i, r in enumerate(routes)])
-        t = np.array([per_expert[int(r)][1][i] for i, r in enumerate(routes)])
-        res["routed"] = (s, t)
-    else:
-        res["routed"] = encoded_losses(model, enc, pad, bs, [routed.names[int(r)] for r in routes], "loss: routed", bf16)
-    if o.top_k > 1:
-        idx, w = router.top_k(held_emb, o.top_k, o.temperature)
-        lps = routed.token_logprobs(enc, routes, pad, bs, blend=(idx, w), autocast=bf16)
-        res[f"routed_top{o.top_k}"] = (np.array([-lp.sum() for lp in lps]), np.array([len(lp) for lp in lps]))
-    router_info: dict[str, Any] = {}
-    if per_expert is not None:
-        # oracle: for each held-out group (the cluster its prompt routes to), the expert with the
-        # lowest loss on that group; agreement: how often the router's choice is that expert
-        best = {}
-        for g in range(k):
-            m = routes == g
-            if m.any():
-                best[g] = int(np.argmin([mean_loss(*per_expert[c], m) or np.inf for c in range(k)]))
-        s = np.array([per_expert[best[int(r)]][0][i] for i, r in enumerate(routes)])
-        t = np.array([per_expert[best[int(r)]][1][i] for i, r in enumerate(routes)])
-        res["oracle"] = (s, t)
-        sample_best = np.argmin(np.stack([ps / np.maximum(pt, 1) for ps, pt in per_expert]), axis=0)
-        router_info = {
-            "oracle_expert_per_group": {str(g): b for g, b in best.items()},
-            "agreement_group": float(np.mean([best[g] == g for g in best])),
-            "agreement_samples": float(np.mean([best[int(r)] == int(r) for r in routes])),
-            "agreement_per_sample_oracle": float(np.mean(sample_best == routes)),
-        }
-    evals = {name: mean_loss(s, t) for name, (s, t) in res.items()}
-    per_cluster = {name: {str(g): mean_loss(s, t, routes == g) for g in range(k) if (routes == g).any()} for name, (s, t) in res.items()}
-    report: dict[str, Any] = {"eval": evals, "eval_per_cluster": per_cluster, "heldout": n,
-                              "heldout_tokens": int(res["base"][1].sum()), "heldout_per_cluster": np.bincount(routes, minlength=k).tolist()}
-    tasks = np.array([str(s.get("task")) for s in held])
-    if any(s.get("task") for s in held):
-        report["eval_per_task"] = {name: {t: mean_loss(s, tt, tasks == t) for t in sorted(set(tasks))} for name, (s, tt) in res.items()}
-    if router_info:
-        report["router"] = router_info
-    base = evals["base"]
-    if "full" in evals and base is not None and evals["full"] is not None and base - evals["full"] > 0:
-        gain = base - evals["full"]
-        report["recovery_of_full_gain"] = {name: (base - v) / gain for name, v in evals.items() if name not in ("base", "full") and v is not None}
-    return report

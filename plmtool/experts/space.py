@@ -66,12 +66,18 @@ def build_space(emb: np.ndarray, o: Any, need: np.ndarray | None = None, seed: i
     dens = estimate_density(emb, labels, k=d.k, quantile=d.quantile, ref_size=d.ref_size, seed=seed, method=d.method)
     seconds["density"] = time.perf_counter() - t
     t = time.perf_counter()
-    red = redistribute(
-        labels, k, dens.radius, dens.mode, need=need, budget=o.budget, floor=o.floor, alpha=o.alpha, beta=o.beta,
-        mode_alpha=o.mode_alpha if d.method == "dbscan" else 0.0, gamma=o.gamma,
-        tail_boost=o.tail_boost if d.method == "dbscan" else 1.0, seed=seed,
-    )
+    red = select(labels, k, dens, need, o, seed)
     rand = random_subset(len(emb), int(red.selected.sum()), seed)
     seconds["select"] = time.perf_counter() - t
     return SpaceResult(k=k, labels=labels, centroids=centroids, density=dens, redistribution=red, random=rand,
                        k_scores=scores, seconds=seconds)
+
+
+def select(labels: np.ndarray, k: int, dens: DensityResult, need: np.ndarray | None, o: Any, seed: int) -> Redistribution:
+    """The redistributed selection of the clustered pool for one seed (replicates redraw only this)."""
+    d = o.density
+    return redistribute(
+        labels, k, dens.radius, dens.mode, need=need, budget=o.budget, floor=o.floor, alpha=o.alpha, beta=o.beta,
+        mode_alpha=o.mode_alpha if d.method == "dbscan" else 0.0, gamma=o.gamma,
+        tail_boost=o.tail_boost if d.method == "dbscan" else 1.0, seed=seed,
+    )
