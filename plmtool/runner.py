@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from plmtool.config import check_known_keys
 from plmtool.errors import PlmtoolError
+from plmtool.markdown import md_table
 from plmtool.io import WRITE_ERRNOS, check_writable_dir, disk_full, read_json, write_json, write_text
 
 log = logging.getLogger("plmtool")
@@ -222,17 +223,6 @@ def print_markdown(markdown: str) -> None:
     from rich.markdown import Markdown
 
     Console().print(Markdown(markdown))
-
-
-def md_table(headers: list[str], rows: list[list[Any]]) -> str:
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
-        return "" if v is None else str(v)
-
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:

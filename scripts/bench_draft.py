@@ -45,9 +45,9 @@ COMPRESSED = {".gz": gzip, ".xz": lzma}  # data files: json, json.gz or json.xz
 
 
 def prepare(args) -> None:
-    from plmtool.data.chat import load_mtbench, load_sharegpt
+    from plmtool.data.chat import load_chat, load_mtbench
 
-    convs = load_sharegpt(limit=args.sharegpt)
+    convs = load_chat("sharegpt", limit=args.sharegpt).conversations
     if args.first_exchange:
         # the benchmark distils first turns only: keep (system,) user, assistant and drop the rest
         convs = [c[: next(i for i, m in enumerate(c) if m["role"] == "assistant") + 1] for c in convs]

@@ -18,7 +18,8 @@ import plmtool.config  # noqa: F401  (registers the shared schemas)
 import plmtool.draft.config  # noqa: F401  (registers draft_serve_schema)
 from plmtool.errors import PlmtoolError
 from plmtool.paths import CONF_DIR
-from plmtool.runner import Report, execute, md_table
+from plmtool.markdown import md_table
+from plmtool.runner import Report, execute
 
 log = logging.getLogger("plmtool")
 

@@ -16,7 +16,8 @@ from omegaconf import DictConfig
 import plmtool.config  # noqa: F401  (registers the schemas)
 from plmtool.errors import PlmtoolError
 from plmtool.paths import CONF_DIR
-from plmtool.runner import Report, execute, md_table
+from plmtool.markdown import md_table
+from plmtool.runner import Report, execute
 
 
 def run(cfg: DictConfig, run_dir: Path) -> Report:

@@ -16,7 +16,8 @@ import plmtool.config  # noqa: F401  (registers the shared schemas)
 import plmtool.experts.config  # noqa: F401  (registers experts_redistribute_schema)
 from plmtool.data.chat import skipped_line
 from plmtool.paths import CONF_DIR, cache_dir
-from plmtool.runner import Report, execute, md_table
+from plmtool.markdown import md_table
+from plmtool.runner import Report, execute
 
 
 def run(cfg: DictConfig, run_dir: Path) -> Report:

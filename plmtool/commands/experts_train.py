@@ -21,7 +21,8 @@ from omegaconf import DictConfig
 import plmtool.config  # noqa: F401  (registers the shared schemas)
 import plmtool.experts.config  # noqa: F401  (registers experts_train_schema)
 from plmtool.paths import CONF_DIR
-from plmtool.runner import Report, execute, md_table
+from plmtool.markdown import md_table
+from plmtool.runner import Report, execute
 
 
 def run(cfg: DictConfig, run_dir: Path) -> Report:

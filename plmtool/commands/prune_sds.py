@@ -22,7 +22,8 @@ import plmtool.prune.schema  # noqa: F401  (registers prune_sds_schema)
 from plmtool.errors import PlmtoolError
 from plmtool.paths import CONF_DIR
 from plmtool.prune.config import STAGES, PruneConfig
-from plmtool.runner import Report, execute, md_table
+from plmtool.markdown import md_table
+from plmtool.runner import Report, execute
 
 log = logging.getLogger("plmtool")
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from plmtool.errors import PlmtoolError
+from plmtool.train_config import TrainerConfig
 
 DRAFTER_KINDS = ("medusa", "amphista")
 FUSIONS = ("concat", "add")
@@ -84,15 +85,11 @@ class DraftDataConfig:
 
 
 @dataclass
-class DraftTrainerConfig:
-    lr: float = 1e-3
-    weight_decay: float = 0.0
+class DraftTrainerConfig(TrainerConfig):
+    """`trainer.*` of `draft train`: the shared trainer settings plus the drafter's own."""
+
     warmup_steps: int = 50
     max_steps: int = 2000
-    batch_size: int = 8
-    grad_accum: int = 1
-    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU | bf16 | fp32
-    grad_clip: float = 1.0
     # loss weight of head k = head_weight_decay**k (Medusa's 0.8^k)
     head_weight_decay: float = 0.8
     # what head k at position t learns: "data" = the sequence's own token t+2+k (Medusa-1);
@@ -102,9 +99,7 @@ class DraftTrainerConfig:
     # distribution. For head 0 it is exactly the token greedy decoding would emit after t+1.
     # The default since run 9 of docs/benchmarks/draft.md (more accepted tokens per step).
     labels: str = "target"
-    log_every: int = 10
     eval_every: int = 200  # held-out per-head accuracy (also at the end)
-    save_every: int = 200  # resumable checkpoint (also at the end)
     eval_batch_size: int = 8
     # keep the target's hidden states in memory after the first pass (multi-epoch speed)
     cache_hidden: bool = True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from plmtool.runner import md_table
+from plmtool.markdown import md_table
 
 
 def subset_note(result: dict[str, Any]) -> str:

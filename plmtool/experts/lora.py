@@ -23,7 +23,6 @@ from plmtool.errors import PlmtoolError
 from plmtool.io import follow_umask
 from plmtool.experts.tokenize import IGNORE, collate
 from plmtool.train_loop import Checkpoint, TimeLimit, autocast, cosine_schedule, optimizer_step, restore, run_steps
-from plmtool.train_loop import set_torch_rng_state, torch_rng_state  # noqa: F401  (scripts/bench_experts.py imports them from here)
 
 log = logging.getLogger("plmtool")
 BASE = "__base__"  # peft's name for "no adapter" in mixed batches

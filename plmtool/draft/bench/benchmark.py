@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from plmtool.draft.bench.markdown import md_table
+from plmtool.markdown import md_table
 from plmtool.draft.decoding.engine import GenerationConfig, SpeculativeEngine
 from plmtool.draft.decoding.tree import expected_accept_length, rank_accuracy_from_top1, tree_summary
 from plmtool.draft.setup import DrafterSetup, chat_prompt_ids

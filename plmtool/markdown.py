@@ -1,4 +1,4 @@
-"""A markdown table without importing the Hydra-based runner (usable on machines without Hydra)."""
+"""Markdown tables for reports: no dependencies, so scripts on machines without Hydra use it too."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 def md_table(headers: list[str], rows: list[list[Any]]) -> str:
     def fmt(v: Any) -> str:
         if isinstance(v, float):
-            return f"{v:.4g}"
+            return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
         return "" if v is None else str(v)
 
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
