@@ -4,12 +4,13 @@ leaves half a file and a run that cannot write its outputs says so before the lo
 from __future__ import annotations
 
 import errno
+import gzip
 import json
 import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from plmtool.errors import PlmtoolError
 
@@ -143,3 +144,19 @@ class Stages:
 
     def mark(self, name: str, result: Any = None) -> None:
         write_json(self.dir / f"{name}.json", {} if result is None else result)
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object) for each non-empty line; malformed JSON names file:line."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise PlmtoolError(f"data file {file} not found")
+    opener = gzip.open if file.suffix == ".gz" else open  # .jsonl.gz read as it is
+    with opener(file, "rt", encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PlmtoolError(f"{file}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None

@@ -38,6 +38,7 @@ from typing import Any, Iterator
 
 from plmtool.data.embedded import embedded_file
 from plmtool.errors import PlmtoolError
+from plmtool.io import iter_jsonl
 
 Message = dict[str, str]
 Conversation = list[Message]
@@ -235,22 +236,6 @@ def iter_json_array(text: str, file: str | Path, truncated_tail: bool = False) -
     i = skip(i + 1)
     if i < n:
         raise error(i, ": malformed JSON (text after the array's closing ']')")
-
-
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed object) for each non-empty line; malformed JSON names file:line."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise PlmtoolError(f"data file {file} not found")
-    opener = gzip.open if file.suffix == ".gz" else open  # .jsonl.gz read as it is
-    with opener(file, "rt", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PlmtoolError(f"{file}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
 
 
 def _records(source: str) -> tuple[Iterator[tuple[str, str, Any]], bool]:

