@@ -59,19 +59,50 @@ def build_tiny_tokenizer(vocab_size: int = 256):
     return fast
 
 
-def build_tiny_llama(vocab_size: int, seed: int = 0, **overrides):
+def build_tiny_llama(vocab_size: int, seed: int = 0, *, hidden_size: int = 32, family: str = "llama",
+                     init_std: float | None = None, **overrides):
+    """A tiny random decoder built in code (seeded, eval mode): the one builder of every test's model.
+
+    hidden_size with an MLP twice as wide, 2 layers, 4 heads over 2 KV heads, 512 positions, token ids
+    of the tiny tokenizer's specials; `overrides` set any other config field (intermediate_size,
+    num_hidden_layers, max_position_embeddings, tie_word_embeddings, ...). `family="qwen3"` builds the
+    same shape as Qwen3 (q/k norms), for code that must hold across families. `init_std` redraws every
+    matrix from N(0, init_std): weights larger than the default init give peaked logits, so greedy
+    comparisons do not hinge on near-ties.
+    """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     cfg = dict(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False,
     )
     cfg.update(overrides)
+    families = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
+    config_cls, model_cls = families[family]
+    if family == "qwen3":
+        cfg.setdefault("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])  # Qwen3's default is 128
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    model = model_cls(config_cls(**cfg))
+    if init_std is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0, init_std)
     return model.eval()
+
+
+def one_thread():
+    """Generator body for an autouse fixture (`pytest.fixture(autouse=True)(one_thread)`, any scope):
+    tiny-model tests are all small ops, where a second OpenMP thread only adds synchronisation (and
+    stalls badly on a loaded machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -81,7 +112,7 @@ def tiny_tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_tokenizer):
-    return build_tiny_llama(len(tiny_tokenizer))
+    return build_tiny_llama(len(tiny_tokenizer), hidden_size=64)
 
 
 @pytest.fixture(scope="session")

@@ -16,8 +16,7 @@ import yaml
 from plmtool.errors import PlmtoolError
 from plmtool.eval.offline_task import build_task, generate_examples, split_sentences
 from plmtool.eval.zeroshot import PRESETS, expand_tasks
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import build_tiny_llama
 
 
 def _article(topic: str, n_paragraphs: int = 4, per_paragraph: int = 6) -> str:
@@ -188,14 +187,8 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<eos>")
 
 
-def tiny_llama(max_positions: int = 4096):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions)
-    return LlamaForCausalLM(cfg).eval()
+def tiny_llama():
+    return build_tiny_llama(257, max_position_embeddings=4096)  # the byte tokenizer's 256 bytes + <eos>
 
 
 @pytest.fixture(scope="module")

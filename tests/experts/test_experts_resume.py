@@ -15,17 +15,12 @@ from plmtool.errors import PlmtoolError
 from plmtool.experts import lora, run_train
 from plmtool.experts.lora import add_adapters, lora_config, train_adapter
 from plmtool.experts.tokenize import encode
+from tests.conftest import one_thread
 
 HP = dict(lr=1e-2, epochs=3, batch_size=4, warmup_ratio=0.2, seed=3)  # 23 samples: 18 steps over 3 passes
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the tiny model trains in milliseconds per step on one thread; several threads only contend
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = pytest.fixture(autouse=True)(one_thread)  # the tiny model trains fastest on one thread
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +121,7 @@ def test_checkpoint_of_other_settings_is_refused(tiny_llama, encoded, tiny_token
 
 
 def load_bench():
-    from conftest import load_script
+    from tests.conftest import load_script
 
     return load_script("bench_experts")
 
@@ -183,7 +178,7 @@ def test_train_command_killed_mid_unit_resumes_to_the_same_adapter(tmp_path, tin
     """`plmtool experts train` killed inside a unit resumes it from the unit's last checkpoint
     (every trainer.save_every steps) and ends with the adapter an uninterrupted job trains."""
     from safetensors.torch import load_file
-    from test_experts_model import plmtool, small_redistribution
+    from tests.experts.test_experts_model import plmtool, small_redistribution
 
     d, common = small_redistribution(tmp_path, tiny_llama_dir, monkeypatch)
     job = [*common, f"experts.redistribution={d}", "experts.baseline=random", "trainer.batch_size=2", "trainer.epochs=2",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -10,20 +12,15 @@ from plmtool.prune.config import PruneConfig
 from plmtool.prune.oneshot import prune_model
 from plmtool.prune.patterns import parse_pattern, verify
 from plmtool.prune.sequential import block_linears, decoder_layers, walk
+from tests.conftest import build_tiny_llama
 
 
 def _llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    return LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
+    return build_tiny_llama(128, hidden_size=64, num_hidden_layers=3, max_position_embeddings=128)
 
 
 def _qwen3():
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    return Qwen3ForCausalLM(Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, head_dim=16,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
+    return build_tiny_llama(128, family="qwen3", hidden_size=64, num_hidden_layers=3, max_position_embeddings=128)
 
 
 def _mistral():
@@ -114,9 +111,8 @@ def test_pruned_propagation_feeds_next_block(family, method):
 
 def test_offload_one_block_at_a_time_keeps_results():
     """Walking with activations forced to the CPU gives the same pruned weights."""
-    torch.manual_seed(0)
-    a, b = _llama().eval(), _llama().eval()
-    b.load_state_dict(a.state_dict())
+    a = _llama()
+    b = copy.deepcopy(a)
     ids = torch.randint(0, 128, (2, 16))
     prune_model(a, ids, PruneConfig(method="wanda", pattern="4:8", batch_size=1))
     prune_model(b, ids, PruneConfig(method="wanda", pattern="4:8", activations="cpu", batch_size=2))

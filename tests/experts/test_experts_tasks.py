@@ -16,7 +16,7 @@ from plmtool.eval.zeroshot import doc_scores
 from plmtool.experts.lora import BASE, add_adapters, concat_adapters, lora_config
 from plmtool.experts.redistribute import balanced_subset, task_floor
 from plmtool.experts.task_eval import score_units, summarize, task_requests
-from test_experts_model import TASKS, plmtool, write_fixture
+from tests.experts.test_experts_model import TASKS, plmtool, write_fixture
 
 
 def test_balanced_subset_gives_each_task_an_equal_share_capped_by_its_size():

@@ -7,8 +7,6 @@ import itertools
 import pytest
 import torch
 
-from cuda_graph_helpers import stand_in_graphs
-from draft_decoding_helpers import OracleDrafter, RandomDrafter, perturbed_drafter, plain_greedy, tiny_llama
 from plmtool.cuda_graph import tolerance
 from plmtool.draft.config import EngineOptions
 from plmtool.draft.decoding import GenerationConfig, SpeculativeEngine, build_tree, make_tree, resolve_tree, validate_tree
@@ -16,6 +14,9 @@ from plmtool.draft.decoding.target import TargetRunner
 from plmtool.draft.decoding.tree import expected_accept_length
 from plmtool.draft.decoding.verify import filter_probs, sample_verify
 from plmtool.errors import PlmtoolError
+from tests.conftest import build_tiny_llama
+from tests.core.cuda_graph_helpers import stand_in_graphs
+from tests.draft.decoding_helpers import OracleDrafter, RandomDrafter, perturbed_drafter, plain_greedy
 
 TREES = {
     "chain": [[0], [0, 0], [0, 0, 0]],
@@ -26,7 +27,7 @@ TREES = {
 
 @pytest.fixture(scope="module")
 def target():
-    return tiny_llama(vocab=64, hidden=32, layers=2, heads=4, kv_heads=2, seed=0)
+    return build_tiny_llama(64, init_std=0.2)
 
 
 def prompts(n: int, vocab: int = 64, seed: int = 1) -> list[list[int]]:
@@ -118,7 +119,7 @@ def test_build_tree_is_optimal_for_its_accuracy_table(acc):
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen3"])
 def test_plain_loop_equals_reference_greedy(model_type):
-    model = tiny_llama(model_type=model_type, seed=3)
+    model = build_tiny_llama(64, seed=3, family=model_type, init_std=0.2)
     engine = SpeculativeEngine(model, max_len=96)
     for prompt in prompts(4, seed=5):
         out = engine.generate(prompt, max_new_tokens=24)
@@ -262,7 +263,8 @@ def test_sample_verify_emits_tokens_distributed_as_target():
 
 def test_speculative_sampling_reproduces_target_distribution():
     vocab = 8
-    model = tiny_llama(vocab=vocab, hidden=16, layers=1, heads=2, kv_heads=1, seed=4)
+    model = build_tiny_llama(vocab, seed=4, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                             init_std=0.2)
     with torch.no_grad():
         for prm in model.parameters():
             if prm.dim() == 2:
@@ -292,7 +294,7 @@ def test_speculative_sampling_reproduces_target_distribution():
 def test_speculative_step_reads_the_device_once(target):
     """A steady-state greedy step (drafter step, tree forward, verification, compaction) reads
     one device value on the host: the verdict's single transfer. Anything more would be a GPU sync."""
-    from host_sync_recorder import HostSyncRecorder, self_check
+    from tests.draft.host_sync_recorder import HostSyncRecorder, self_check
 
     from plmtool.draft.config import DrafterConfig
     from plmtool.draft.drafter import build_drafter
@@ -513,7 +515,7 @@ def test_compiled_bf16_smollm2_step_passes_its_self_check(monkeypatch):
 
 
 def test_a_shared_runner_must_belong_to_the_model(target):
-    other = tiny_llama(seed=9)
+    other = build_tiny_llama(64, seed=9, init_std=0.2)
     with pytest.raises(ValueError, match="another model"):
         SpeculativeEngine(other, runner=TargetRunner(target, 64))
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from draft_decoding_helpers import RandomDrafter, plain_greedy
 from plmtool.draft.decoding import SpeculativeEngine
 from plmtool.serve.app import Server, create_app
+from tests.draft.decoding_helpers import RandomDrafter, plain_greedy
 
 MODEL_ID = "tiny"
 TREE = [[0], [1], [0, 0], [1, 0], [0, 0, 0]]

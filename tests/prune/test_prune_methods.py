@@ -11,6 +11,7 @@ from plmtool.prune.patterns import Pattern, parse_pattern, verify
 from plmtool.prune.sparsegpt import prune_sparsegpt
 from plmtool.prune.stats import InputStats
 from plmtool.prune.wanda import prune_wanda
+from tests.conftest import build_tiny_llama
 
 PATTERNS = [parse_pattern("2:4"), parse_pattern("4:8"), parse_pattern("unstructured", 0.5), parse_pattern("unstructured", 0.3)]
 
@@ -192,19 +193,15 @@ def test_sparsegpt_fused_rows_equal_separate_layers(pattern):
 
 
 def test_oneshot_sparsegpt_fusion_matches_unfused():
+    import copy
     from dataclasses import replace
-
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from plmtool.prune.config import PruneConfig
     from plmtool.prune.oneshot import prune_model
     from plmtool.prune.sds import linear_weights
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    a = LlamaForCausalLM(cfg).eval()
-    b = LlamaForCausalLM(cfg).eval()
-    b.load_state_dict(a.state_dict())
+    a = build_tiny_llama(96)
+    b = copy.deepcopy(a)
     ids = torch.randint(0, 96, (4, 24), generator=torch.Generator().manual_seed(1))
     for pattern, sparsity in (("2:4", 0.5), ("unstructured", 0.6)):
         opts = PruneConfig(method="sparsegpt", pattern=pattern, sparsity=sparsity, batch_size=1)
@@ -234,15 +231,11 @@ def test_semi_structured_wrapper_keeps_outputs_for_any_input_rank():
     """The swap to sparse tensor cores flattens [batch, tokens, hidden] around F.linear (the
     semi-structured tensor takes 2-D inputs only); with the identity in place of the CUDA-only
     conversion, the model's outputs must not change and only 2:4 layers are swapped."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from plmtool.prune.magnitude import prune_magnitude
     from plmtool.prune.semi_structured import SemiStructuredLinear, to_semi_structured
     from plmtool.prune.sequential import block_linears, decoder_layers
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    model = build_tiny_llama(64)
     for i, block in enumerate(decoder_layers(model)):
         for name, lin in block_linears(block).items():
             if not (i == 1 and name == "mlp.down_proj"):  # one layer stays dense

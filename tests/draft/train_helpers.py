@@ -1,7 +1,4 @@
-"""Helpers for the draft-head tests: tiny targets, learnable chat data, checkpoint/JSONL writers.
-
-Imported by tests/test_draft_*.py (not a pytest conftest, so it cannot clash with the shared one).
-"""
+"""Helpers for the drafter-training tests: learnable chat data, checkpoint and JSONL writers."""
 
 from __future__ import annotations
 
@@ -9,12 +6,6 @@ import json
 from pathlib import Path
 
 import torch
-
-def tiny_target(vocab_size: int, seed: int = 0, **overrides):
-    """A tiny random Llama (hidden 32) built fresh, so training it never touches shared fixtures."""
-    from conftest import build_tiny_llama
-
-    return build_tiny_llama(vocab_size, seed=seed, **{"hidden_size": 32, "intermediate_size": 64, **overrides})
 
 
 def tiny_conversations(n: int = 24, seed: int = 0) -> list[list[dict]]:
@@ -39,11 +30,3 @@ def write_chat_jsonl(path: Path, conversations) -> Path:
     path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations))
     return path
 
-
-def one_thread():
-    """Generator body for an autouse fixture: tiny-model tests are all small ops, where a second
-    OpenMP thread only adds synchronisation (and stalls badly on a loaded machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

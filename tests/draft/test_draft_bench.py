@@ -105,9 +105,9 @@ def test_bench_bad_input_is_one_clear_error(monkeypatch, capsys, tmp_path, tiny_
 
 
 def test_drafter_for_another_base_model_is_refused(monkeypatch, capsys, tmp_path, tiny_llama_dir):
-    from conftest import build_tiny_llama
+    from tests.conftest import build_tiny_llama
 
-    other = build_tiny_llama(300, hidden_size=32, intermediate_size=64)
+    other = build_tiny_llama(300)
     path = save_drafter(build_drafter(DrafterConfig(kind="medusa", num_heads=2), target=other), tmp_path / "other", target_dims(other))
     with pytest.raises(SystemExit):
         _cli(monkeypatch, "draft", "bench", f"model.name_or_path={tiny_llama_dir}", f"draft.checkpoint={path}",
@@ -249,7 +249,7 @@ def test_interleaved_benchmark_survives_warmup_errors_and_stops_cleanly_on_a_dev
 
 
 def _bench_script():
-    from conftest import load_script
+    from tests.conftest import load_script
 
     return load_script("bench_draft")
 

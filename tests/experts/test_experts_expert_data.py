@@ -9,8 +9,10 @@ import pytest
 
 from plmtool.errors import PlmtoolError
 from plmtool.experts import lora, run_train
-from test_experts_model import plmtool, small_redistribution
-from test_experts_resume import one_thread  # noqa: F401  (autouse: the tiny model trains fastest on one thread)
+from tests.conftest import one_thread
+from tests.experts.test_experts_model import plmtool, small_redistribution
+
+_one_thread = pytest.fixture(autouse=True)(one_thread)  # the tiny model trains fastest on one thread
 
 
 def jsonl(path: Path) -> list[dict]:

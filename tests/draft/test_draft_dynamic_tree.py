@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cuda_graph_helpers import stand_in_graphs
-from draft_decoding_helpers import perturbed_drafter, plain_greedy, tiny_llama
 from plmtool.draft.config import EngineOptions
 from plmtool.draft.decoding import GenerationConfig, SpeculativeEngine, build_tree, make_tree, validate_tree
 from plmtool.draft.decoding.dynamic_tree import DynamicTree
 from plmtool.errors import PlmtoolError
+from tests.conftest import build_tiny_llama
+from tests.core.cuda_graph_helpers import stand_in_graphs
+from tests.draft.decoding_helpers import perturbed_drafter, plain_greedy
 
 # a pool that is not a full product: uneven ranks per depth, as measured tables give
 POOL = build_tree([[0.5, 0.2, 0.1, 0.05, 0.03], [0.3, 0.15, 0.08, 0.04], [0.2, 0.1, 0.05]], 40)
@@ -18,7 +19,7 @@ POOL = build_tree([[0.5, 0.2, 0.1, 0.05, 0.03], [0.3, 0.15, 0.08, 0.04], [0.2, 0
 
 @pytest.fixture(scope="module")
 def target():
-    return tiny_llama(vocab=64, hidden=32, layers=2, heads=4, kv_heads=2, seed=0)
+    return build_tiny_llama(64, init_std=0.2)
 
 
 def reference_pick(heads: torch.Tensor, pool: list[list[int]], nodes: int) -> tuple[list[list[int]], dict]:
@@ -98,7 +99,7 @@ def test_dynamic_trees_decode_exactly_as_plain_greedy(target, kind):
 def test_dynamic_trees_through_captured_programs(target, monkeypatch):
     """The replay path (CPU stand-ins for CUDA graphs): the pick runs inside the `draft` program and
     the tree step reads the rewritten mask from its buffers."""
-    from test_draft_decoding import stand_in_greedy_loop
+    from tests.draft.test_draft_decoding import stand_in_greedy_loop
 
     stand_in_graphs(monkeypatch)
     drafter = perturbed_drafter(target, "amphista", seed=6)
@@ -139,7 +140,7 @@ def test_expected_node_set_is_independent_of_ties_between_unrelated_nodes():
 def test_the_pick_has_no_host_value_in_it():
     """`select` runs inside a captured CUDA graph: no host reads, no host tensors copied in (an item
     assignment like `score[0] = x` copies a host scalar, which capture refuses)."""
-    from host_sync_recorder import HostSyncRecorder
+    from tests.draft.host_sync_recorder import HostSyncRecorder
 
     dyn = DynamicTree(POOL, 12, "cpu", num_heads=3)
     heads, tokens = torch.randn(3, 64), torch.zeros(12, dtype=torch.long)

@@ -11,25 +11,14 @@ import torch.nn.functional as F
 
 from plmtool.errors import PlmtoolError
 from plmtool.eval.perplexity import perplexity
+from tests.conftest import build_tiny_llama
 
 VOCAB = 97
 
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return build_tiny_llama(VOCAB, max_position_embeddings=64)
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,14 @@ import time
 import pytest
 import torch
 
-from conftest import build_tiny_tokenizer
-from conftest_draft import one_thread, save_tiny_checkpoint, tiny_conversations, tiny_target, write_chat_jsonl
 from plmtool.draft.config import DraftDataConfig, DrafterConfig, DraftTrainerConfig
 from plmtool.draft.data import build_examples, collate, tokenize_conversation
 from plmtool.draft.drafter import build_drafter, load_drafter, target_hidden
 from plmtool.draft.train import (DraftLoss, _target_outputs, head_targets, head_weights, next_tokens_of, target_predictions,
                                  train_drafter)
 from plmtool.errors import PlmtoolError
+from tests.conftest import build_tiny_llama, build_tiny_tokenizer, one_thread
+from tests.draft.train_helpers import save_tiny_checkpoint, tiny_conversations, write_chat_jsonl
 
 
 _single_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
@@ -41,7 +41,7 @@ def test_head_targets_align_head_k_with_token_t_plus_2_plus_k():
 
 def test_target_labels_are_the_targets_greedy_prediction_of_token_t_plus_2_plus_k(tok):
     # independent reference: the Hugging Face forward's own logits
-    target = tiny_target(len(tok))
+    target = build_tiny_llama(len(tok))
     ex = build_examples(tok, tiny_conversations(3), 96)
     ids, attn, mask = collate(ex, tok.pad_token_id)
     with torch.no_grad():
@@ -67,7 +67,7 @@ def test_target_labels_are_the_targets_greedy_prediction_of_token_t_plus_2_plus_
 
 
 def test_training_on_target_labels_reports_accuracy_against_them(tmp_path, tok):
-    target = tiny_target(len(tok))
+    target = build_tiny_llama(len(tok))
     m = _train(tok, target, tmp_path, 6, labels="target")
     assert m["labels"] == "target" and len(m["heads"]["top1"]) == 2
     with pytest.raises(PlmtoolError, match="trainer.labels must be one of data, target"):
@@ -92,7 +92,7 @@ def test_label_alignment_is_learned(tok):
     # Replies are the same fixed string of distinct characters: from position t the tokens at
     # t+2+k are fully determined, so a correctly aligned head k becomes exact, and checking its
     # argmax against t+1+k or t+3+k (off by one) fails.
-    target = tiny_target(len(tok))
+    target = build_tiny_llama(len(tok))
     reply = "abcdefghijklmnopqrstuvwxyz"
     convs = [[{"role": "user", "content": f"go {i}"}, {"role": "assistant", "content": reply}] for i in range(8)]
     drafter = build_drafter(DrafterConfig(kind="medusa", num_heads=3, share_lm_head=False), target)
@@ -121,7 +121,7 @@ def test_label_alignment_is_learned(tok):
 
 @pytest.mark.parametrize("kind", ["medusa", "amphista"])
 def test_every_head_and_component_receives_gradient(tok, kind):
-    target = tiny_target(len(tok))
+    target = build_tiny_llama(len(tok))
     drafter = build_drafter(DrafterConfig(kind=kind, num_heads=3, share_lm_head=False), target)
     ex = build_examples(tok, tiny_conversations(4), 128)
     ids, attn, mask = collate(ex, tok.pad_token_id)
@@ -158,7 +158,7 @@ def _train(tok, target, out, steps, **trainer):
 
 
 def test_training_lowers_the_loss_and_writes_checkpoint_and_metrics(tmp_path, tok):
-    target = tiny_target(len(tok))
+    target = build_tiny_llama(len(tok))
     m = _train(tok, target, tmp_path, 30)
     assert m["loss"]["last"] < 0.6 * m["loss"]["first"]
     assert len(m["heads"]["top1"]) == 2 and all(0 <= a <= 1 for a in m["heads"]["top1"])
@@ -170,7 +170,7 @@ def test_training_lowers_the_loss_and_writes_checkpoint_and_metrics(tmp_path, to
 
 
 def test_resume_continues_from_the_saved_step(tmp_path, tok, monkeypatch):
-    target = tiny_target(len(tok))
+    target = build_tiny_llama(len(tok))
     straight = _train(tok, target, tmp_path / "a", 10)
     ref = load_drafter(tmp_path / "a" / "drafter").state_dict()
 
@@ -209,7 +209,7 @@ def test_time_limit_checkpoints_and_the_rerun_finishes_the_same_drafter(tmp_path
     again resumes and ends with the drafter an uninterrupted run trains."""
     from plmtool import train_loop
 
-    target = tiny_target(len(tok))
+    target = build_tiny_llama(len(tok))
     straight = _train(tok, target, tmp_path / "a", 10)
     ref = load_drafter(tmp_path / "a" / "drafter").state_dict()
     assert not train_loop.TimeLimit(seconds=50).reached() and train_loop.TimeLimit(deadline=time.time() - 1).reached()
@@ -237,7 +237,7 @@ def test_command_end_to_end(tmp_path, tok, monkeypatch):
     from plmtool.commands.draft_train import render, run
     from plmtool.paths import CONF_DIR
 
-    target = tiny_target(len(tok))
+    target = build_tiny_llama(len(tok))
     model_dir = save_tiny_checkpoint(tmp_path / "model", target, tok)
     data = write_chat_jsonl(tmp_path / "chats.jsonl", tiny_conversations(16))
     # two records that cannot train: skipped, and counted in the report
@@ -293,7 +293,7 @@ def test_command_end_to_end(tmp_path, tok, monkeypatch):
 def test_self_distillation_replaces_replies_with_the_targets_own(tmp_path, tok):
     from plmtool.draft.data import generate_replies, self_distill
 
-    target = tiny_target(len(tok))
+    target = build_tiny_llama(len(tok))
     convs = tiny_conversations(3)
     out = self_distill(target, tok, convs, tmp_path / "distill", max_new_tokens=6, batch_size=2)
     assert len(out) == 3 and [m["role"] for m in out[0]] == ["user", "assistant"]
@@ -312,7 +312,7 @@ def test_conversations_the_target_leaves_unanswered_are_counted_in_the_report(tm
     from plmtool.commands.draft_train import render, run
     from plmtool.paths import CONF_DIR
 
-    target = tiny_target(len(tok))
+    target = build_tiny_llama(len(tok))
     model_dir = save_tiny_checkpoint(tmp_path / "model", target, tok)
     data = write_chat_jsonl(tmp_path / "chats.jsonl", tiny_conversations(12))
     real = data_mod.generate_replies
@@ -347,9 +347,10 @@ def test_ddp_under_torchrun_keeps_replicas_in_sync(tmp_path):
     import sys
     from pathlib import Path
 
-    worker = Path(__file__).resolve().parent / "draft_ddp_worker.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631", str(worker), str(tmp_path)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    repo = Path(__file__).resolve().parents[2]  # the worker is run as the module tests.draft.ddp_worker
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631",
+           "-m", "tests.draft.ddp_worker", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=repo)
     assert out.returncode == 0, out.stderr[-3000:]
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
@@ -366,7 +367,7 @@ def test_ddp_under_torchrun_keeps_replicas_in_sync(tmp_path):
 
 def test_bf16_autocast_training_with_frozen_projection(tmp_path, tok):
     # the CPU smoke path: bf16 autocast, frozen shared projection cast once and reused
-    target = tiny_target(len(tok))
+    target = build_tiny_llama(len(tok))
     m = _train(tok, target, tmp_path, 6, precision="bf16")
     assert m["precision"] == "bf16" and m["loss"]["last"] < m["loss"]["first"]
     d = build_drafter(DrafterConfig(kind="amphista", num_heads=2, freeze_lm_head=True), target)

@@ -138,9 +138,9 @@ def reference_prune_wanda(model: nn.Module, ids: torch.Tensor, sparsity_type: st
 
 @pytest.fixture(scope="module")
 def dense_and_ids():
-    from conftest import build_tiny_llama
+    from tests.conftest import build_tiny_llama
 
-    model = build_tiny_llama(128, seed=0, hidden_size=64, intermediate_size=128, num_hidden_layers=3)
+    model = build_tiny_llama(128, seed=0, hidden_size=64, num_hidden_layers=3)
     for block in decoder_layers(model):
         for lin in block_linears(block).values():
             w = lin.weight.data.abs()

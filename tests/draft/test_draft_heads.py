@@ -8,13 +8,13 @@ import json
 import pytest
 import torch
 
-from conftest_draft import one_thread, tiny_target
 from plmtool.draft.amphista import AmphistaDrafter
 from plmtool.draft.config import DrafterConfig
 from plmtool.draft.drafter import (build_drafter, check_checkpoint, check_compatible, load_drafter, read_drafter_config, save_drafter,
                                    target_dims, target_hidden)
 from plmtool.draft.medusa import MedusaDrafter, export_medusa, load_medusa_export
 from plmtool.errors import PlmtoolError
+from tests.conftest import build_tiny_llama, one_thread
 
 VOCAB = 96
 
@@ -24,7 +24,7 @@ _single_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 @pytest.fixture(scope="module")
 def target():
-    return tiny_target(VOCAB)
+    return build_tiny_llama(VOCAB)
 
 
 def perturbed(drafter, scale=0.2, seed=1):
@@ -164,10 +164,10 @@ def test_save_load_round_trip(tmp_path, target, kind):
 def test_drafter_for_another_base_model_is_a_clear_error(tmp_path, target):
     d = build_drafter(DrafterConfig(kind="amphista", num_heads=2), target)
     save_drafter(d, tmp_path / "ckpt", {**target_dims(target), "name_or_path": "tiny-a"})
-    other_hidden = tiny_target(VOCAB, hidden_size=48, intermediate_size=96)
+    other_hidden = build_tiny_llama(VOCAB, hidden_size=48)
     with pytest.raises(PlmtoolError, match="hidden size 32 != target's 48"):
         load_drafter(tmp_path / "ckpt", target=other_hidden)
-    other_vocab = tiny_target(VOCAB + 8)
+    other_vocab = build_tiny_llama(VOCAB + 8)
     with pytest.raises(PlmtoolError, match="vocabulary"):
         check_compatible(read_drafter_config(tmp_path / "ckpt"), other_vocab)
     with pytest.raises(PlmtoolError, match="not a drafter checkpoint"):
@@ -236,7 +236,7 @@ def test_amphista_cache_overflow_is_an_error(target):
 def test_amphista_step_reads_nothing_back_from_the_device(target):
     """A steady-state step, the static step and cropping never read a device value on the host
     (no .item()/int()/tolist()/nonzero/host->device tensor), so they run without syncs on a GPU."""
-    from host_sync_recorder import HostSyncRecorder, self_check
+    from tests.draft.host_sync_recorder import HostSyncRecorder, self_check
 
     self_check()
     d = perturbed(build_drafter(DrafterConfig(kind="amphista", num_heads=3), target))

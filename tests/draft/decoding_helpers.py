@@ -1,34 +1,9 @@
-"""Tiny random targets and drafters for the decoding-engine tests."""
+"""Tiny random drafters and the plain greedy reference for the decoding-engine tests."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-
-def tiny_llama(vocab: int = 64, hidden: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2, seed: int = 0,
-               model_type: str = "llama", max_pos: int = 512):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    if model_type == "qwen3":
-        from transformers import Qwen3Config, Qwen3ForCausalLM
-
-        cfg = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                          num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
-                          max_position_embeddings=max_pos, tie_word_embeddings=False)
-        model = Qwen3ForCausalLM(cfg)
-    else:
-        cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                          num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_pos,
-                          tie_word_embeddings=False)
-        model = LlamaForCausalLM(cfg)
-    # larger weights than the default init make the logits peaked enough to avoid near-ties
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
-    return model.eval()
 
 
 class RandomDrafter(nn.Module):

@@ -7,8 +7,8 @@ import logging
 import pytest
 import torch
 
-from cuda_graph_helpers import stand_in_graphs
 from plmtool.cuda_graph import CapturedGraph, capture_checked, compare, tolerance
+from tests.core.cuda_graph_helpers import stand_in_graphs
 
 
 def test_one_tolerance_table_by_kind_and_precision():

@@ -9,19 +9,20 @@ import logging
 import pytest
 import torch
 
-from cuda_graph_helpers import stand_in_graphs
-from draft_decoding_helpers import RandomDrafter, perturbed_drafter, plain_greedy, tiny_llama
 from plmtool.draft.config import EngineOptions
 from plmtool.draft.decoding import GenerationConfig, SpeculativeEngine
 from plmtool.draft.decoding.drafter_step import DrafterProgram
 from plmtool.draft.decoding.prefill import DrafterPrefills, PrefillGraphs, bucket_lengths, drafter_prefills, lengths_up_to
 from plmtool.draft.decoding.target import TargetRunner
 from plmtool.errors import PlmtoolError
+from tests.conftest import build_tiny_llama
+from tests.core.cuda_graph_helpers import stand_in_graphs
+from tests.draft.decoding_helpers import RandomDrafter, perturbed_drafter, plain_greedy
 
 
 @pytest.fixture(scope="module")
 def target():
-    return tiny_llama(vocab=64, hidden=32, layers=2, heads=4, kv_heads=2, seed=0)
+    return build_tiny_llama(64, init_std=0.2)
 
 
 def test_bucket_lengths_ladder():
