@@ -42,6 +42,8 @@ def _run_work(tmp_path, body: str) -> subprocess.CompletedProcess:
 
 def test_ctrl_c_is_one_line_exit_130_and_recorded(tmp_path):
     out = _run_work(tmp_path, """
+        # Python's own handler, as in a terminal (a job started in the background inherits SIGINT ignored)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends
         time.sleep(60)
     """)
