@@ -4,7 +4,7 @@ For each engine option set (fp32 and bf16, Amphista and Medusa drafters): every 
 captured without a fallback warning, the drafter graph and greedy loop are on as asked, greedy
 output equals plain greedy decoding in fp32, and sampling runs; a cache re-created after capture is
 refused (the address guard); SparseGPT's graphed column blocks give the eager masks and weights.
-Prints PASS/FAIL per check and ALL PASS at the end. Needs a CUDA GPU; about a minute.
+Prints PASS/FAIL per check and ALL PASS at the end. Needs a CUDA GPU.
 
     python scripts/check_cuda_graphs.py
 """
