@@ -179,8 +179,8 @@ def task_accuracy(routed: RoutedExperts, meta: dict[str, Any], o: Any, units: di
         correct = np.stack([_correct(items, scores[f"__all_{e}"]) for e in names])  # [experts, documents]
         best = {g: int(np.argmax(correct[:, routes == g].mean(1))) for g in range(k) if (routes == g).any()}
         chosen = [names[best[int(r)]] for r in routes]
-        flat = [scores[f"__all_{e}"] for e in names]
-        per_doc = _split([_flat(flat[names.index(a)])[i] for i, a in enumerate(chosen)], items)
+        flat = {e: _flat(scores[f"__all_{e}"]) for e in names}
+        per_doc = _split([flat[a][i] for i, a in enumerate(chosen)], items)
         results[oracle] = summarize(items, per_doc)
         router_info[oracle] = {"oracle_expert_per_group": {str(g): b for g, b in best.items()},
                                "agreement_group": float(np.mean([best[g] == g for g in best]))}
