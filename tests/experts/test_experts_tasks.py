@@ -169,3 +169,17 @@ def test_task_below_its_floor_stops_before_the_model(tmp_path, tiny_llama_dir, m
     assert rc == 2
     assert "fewer than experts.task_floor=8" in capsys.readouterr().err
     assert not (tmp_path / "D" / "embeddings.npy").exists()
+
+
+def test_stratified_limit_keeps_each_task_share_and_its_floor():
+    from plmtool.experts.run_redistribute import stratified_limit
+
+    pool = [{"id": f"{t}{i}", "task": t} for t, n in (("big", 900), ("mid", 90), ("tiny", 10)) for i in range(n)]
+    got = stratified_limit(pool, 100, floor=5, seed=0)
+    counts = {t: sum(s["task"] == t for s in got) for t in ("big", "mid", "tiny")}
+    # 5 each first, the other 85 in proportion to size: 85 * (900, 90, 10) / 1000 = 76.5, 7.65, 0.85,
+    # rounded down, the 2 left to the largest remainders (tiny .85, mid .65)
+    assert counts == {"big": 5 + 76, "mid": 5 + 8, "tiny": 5 + 1}
+    assert sum(counts.values()) == 100
+    assert [s["id"] for s in got] == [s["id"] for s in pool if s in got]  # pool order kept
+    assert stratified_limit(pool, 100, floor=5, seed=0) == got and stratified_limit(pool, 100, floor=5, seed=1) != got
