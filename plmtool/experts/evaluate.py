@@ -19,7 +19,6 @@ scored by log-likelihood under the training prompt format (plmtool.experts.task_
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ import numpy as np
 from plmtool.errors import PlmtoolError
 from plmtool.experts.losses import encoded_losses, mean_loss
 from plmtool.experts.lora import BASE
-from plmtool.experts.routed import RoutedExperts, expert_name, of_kind, routed_result
+from plmtool.experts.routed import RoutedExperts, base_name, expert_name, of_kind, routed_result
 from plmtool.experts.samples import read_samples
 from plmtool.experts.tokenize import encode
 from plmtool.io import write_json
@@ -247,8 +246,7 @@ def aggregate(per_result: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]
     """Replicates `<name>_r<r>` folded into `<name>`: the mean of each number, the macro spread, the replicates."""
     groups: dict[str, list[str]] = {}
     for name in per_result:
-        m = re.fullmatch(r"(.+)_r(\d+)", name)
-        groups.setdefault(m.group(1) if m else name, []).append(name)
+        groups.setdefault(base_name(name)[0], []).append(name)
     out: dict[str, dict[str, Any]] = {}
     for name, members in groups.items():
         entries = [per_result[m] for m in members]
