@@ -129,7 +129,7 @@ def execute(
         write_json(out / "report.json", report)
         markdown = (render or render_generic)(report)
         write_text(out / "report.md", markdown)
-        _finish(out, record, "completed", start)
+        _finish(out, record, "finished", start)
     except KeyboardInterrupt:
         _finish(out, record, "interrupted", start)
         print(f"plmtool: interrupted; {out / 'run.json'} records status interrupted", file=sys.stderr, flush=True)
@@ -159,7 +159,7 @@ def _finish(out: Path, record: dict[str, Any], status: str, start: float, error:
     try:
         write_json(out / "run.json", record)
     except OSError:
-        if status == "completed":
+        if status == "finished":
             raise
         # the run is ending on an error already being reported (often this same full disk)
 
@@ -183,8 +183,8 @@ class RunCallback(Callback):
         jobs = {path: r for path, r in _job_records(sweep_dir).items() if self.before.get(path) != r.get("start")}
         if not jobs:
             return
-        failed = {path: r for path, r in jobs.items() if r.get("status") != "completed"}
-        lines = [f"sweep {sweep_dir}: {len(jobs) - len(failed)} of {len(jobs)} jobs completed, {len(failed)} failed"]
+        failed = {path: r for path, r in jobs.items() if r.get("status") != "finished"}
+        lines = [f"sweep {sweep_dir}: {len(jobs) - len(failed)} of {len(jobs)} jobs finished, {len(failed)} failed"]
         for path, r in sorted(jobs.items(), key=lambda kv: _job_order(kv[0])):
             error = f"  {r['error']}" if r.get("error") else ""
             lines.append(f"  {r.get('status', 'unknown'):<11} {path.parent}{error}")

@@ -26,7 +26,7 @@ def test_submitit_local_sweep_writes_one_report_per_job(tmp_path, tiny_llama_dir
         report = json.loads(r.read_text())
         assert report["ppl"] > 1 and report["corpus"] == "news_sample"
         run = json.loads((r.parent / "run.json").read_text())
-        assert run["status"] == "completed"
+        assert run["status"] == "finished"
     # submitit ran each job in its own process and left its logs
     assert list(sweep.rglob("*_log.out"))
 
@@ -46,10 +46,10 @@ def test_a_failed_job_does_not_stop_the_sweep(tmp_path, tiny_llama_dir):
     assert not (sweep / "0" / "report.json").exists()
     report = json.loads((sweep / "1" / "report.json").read_text())
     assert report["seqlen"] == 32 and report["ppl"] > 1
-    assert json.loads((sweep / "1" / "run.json").read_text())["status"] == "completed"
+    assert json.loads((sweep / "1" / "run.json").read_text())["status"] == "finished"
     summary = out.stdout[out.stdout.index(f"sweep {sweep}:"):].splitlines()
-    assert summary[0] == f"sweep {sweep}: 1 of 2 jobs completed, 1 failed"
+    assert summary[0] == f"sweep {sweep}: 1 of 2 jobs finished, 1 failed"
     assert summary[1].split() == ["failed", str(sweep / "0"), *"eval.seqlen must be at least 2 (got 0)".split()]
-    assert summary[2].split() == ["completed", str(sweep / "1")]
+    assert summary[2].split() == ["finished", str(sweep / "1")]
     errors = [ln for ln in out.stderr.splitlines() if ln.startswith("plmtool: error:")]
     assert errors == ["plmtool: error: eval.seqlen must be at least 2 (got 0)", "plmtool: error: 1 of 2 sweep jobs failed"]
