@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plmtool.draft.config import DrafterConfig
-from plmtool.draft.interface import Drafter, VocabProjection
+from plmtool.draft.interface import Drafter, VocabProjection, last_rows
 from plmtool.draft.medusa import ResBlock
 
 
@@ -86,9 +86,10 @@ class TransformerLayer(nn.Module):
                 kv: "LayerCache | None" = None, slots: int | torch.Tensor = 0, span: int = 0,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """Full sequence (kv None): causal over x itself. Incremental (kv given): the new keys/values
-        go to `slots` (a host int = first slot of a contiguous run, or a device tensor of slots),
-        the queries attend to cache slots [0, span) under `mask` [1, 1, T, span]. Nothing here reads a
-        device value on the host, so an incremental call can be replayed in a CUDA graph."""
+        go to `slots` (a host int = first slot of a contiguous run, a device tensor [T] of slots, or
+        [B, T]: each row its own), the queries attend to cache slots [0, span) under `mask`
+        [1 or B, 1, T, span]. Nothing here reads a device value on the host, so an incremental call
+        can be replayed in a CUDA graph."""
         b, t, h = x.shape
         q, k, v = self._split(self.attn_norm(x))
         if self.causal:
@@ -99,9 +100,13 @@ class TransformerLayer(nn.Module):
             if isinstance(slots, int):
                 kv.k[:, :, slots : slots + t].copy_(k)
                 kv.v[:, :, slots : slots + t].copy_(v)
-            else:
+            elif slots.dim() == 1:
                 kv.k.index_copy_(2, slots, k.to(kv.k.dtype))
                 kv.v.index_copy_(2, slots, v.to(kv.v.dtype))
+            else:
+                where = slots.view(b, 1, t, 1).expand(b, self.heads, t, self.head_dim)
+                kv.k.scatter_(2, where, k.to(kv.k.dtype))
+                kv.v.scatter_(2, where, v.to(kv.v.dtype))
             keys, values = kv.k[:, :, :span].to(q.dtype), kv.v[:, :, :span].to(q.dtype)
             attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         x = x + self.o_proj(attn.transpose(1, 2).reshape(b, t, h))
@@ -129,7 +134,7 @@ class AmphistaCache:
     slot_ids: torch.Tensor  # [max_len] 0..max_len-1
     cos: torch.Tensor  # [max_len, head_dim] rotary tables (float32), sliced per step
     sin: torch.Tensor
-    start: torch.Tensor  # 0-dim long, == length after every step / crop
+    start: torch.Tensor  # [B] long, each row's length: == length after every step / crop of one row
 
 
 class AmphistaDrafter(Drafter):
@@ -250,8 +255,22 @@ class AmphistaDrafter(Drafter):
         slot_ids = torch.arange(max_len, device=device)
         head_dim = self.stages[0][0].head_dim if len(self.stages) else 2
         cos, sin = rope_tables(slot_ids, head_dim, self.cfg.rope_theta)
-        start = torch.zeros((), dtype=torch.long, device=device)
+        start = torch.zeros(batch_size, dtype=torch.long, device=device)
         return AmphistaCache(layers, 0, max_len, slot_ids, cos, sin, start)
+
+    def cache_rows(self, cache: AmphistaCache | None, rows: slice) -> AmphistaCache | None:
+        if cache is None:
+            return None
+        layers = [LayerCache(layer.k[rows], layer.v[rows]) for layer in cache.layers]
+        return AmphistaCache(layers, cache.length, cache.max_len, cache.slot_ids, cache.cos, cache.sin, cache.start[rows])
+
+    def move_cache_row(self, cache: AmphistaCache | None, src: int, dst: int) -> None:
+        if cache is None:
+            return
+        for layer in cache.layers:
+            layer.k[dst].copy_(layer.k[src])
+            layer.v[dst].copy_(layer.v[src])
+        cache.start[dst].copy_(cache.start[src])
 
     def _heads_of_last(self, features: list[torch.Tensor]) -> torch.Tensor:
         return self.project(self.heads_from_features(features))[:, -1]
@@ -286,32 +305,35 @@ class AmphistaDrafter(Drafter):
                     cache: AmphistaCache) -> torch.Tensor:
         """`step` with fixed shapes and no host-side values: for capture in a CUDA graph.
 
-        hidden [B,N,H] / next_tokens [B,N] hold `count` (a 0-dim device long, 1..N) accepted
-        positions followed by padding of any value. Positions come from `cache.start` on the
-        device; the padding rows are written to the cache past the new length, where the causal
-        mask hides them from every valid query and the next step overwrites them. Attention spans
-        all `max_len` slots, so the caller must keep `cache.length + N <= max_len`. Advances
-        `cache.start` on the device; the host-side `cache.length += count` is the caller's
-        bookkeeping (it knows what it accepted). Returns the heads of the last valid position."""
+        Row b of hidden [B,N,H] / next_tokens [B,N] holds `count[b]` (a device long, 0-dim for
+        one row or [B]; 1..N) accepted positions followed by padding of any value. Positions come
+        from each row's `cache.start` on the device; the padding rows are written to the cache past
+        the new length, where the causal mask hides them from every valid query and the next step
+        overwrites them. Attention spans all `max_len` slots, so the caller must keep each row's
+        length + N <= max_len. Advances `cache.start` on the device; the host-side
+        `cache.length += count` is the caller's bookkeeping (it knows what it accepted). Returns
+        the heads of each row's last valid position."""
         if not len(self.stages):
-            last = (count - 1).view(1)
-            x = self._fused(hidden.index_select(1, last), next_tokens.index_select(1, last))
+            x = self._fused(last_rows(hidden, count), last_rows(next_tokens, count))
             return self._heads_of_last([x])
-        n = hidden.shape[1]
-        slots = (cache.start + cache.slot_ids[:n]).clamp_(max=cache.max_len - 1)
-        rope = cache.cos.index_select(0, slots), cache.sin.index_select(0, slots)
-        # [1, 1, N, max_len]: the 4-D layout the target runner's attention uses (a 2-D mask takes
+        b, n = hidden.shape[0], hidden.shape[1]
+        slots = (cache.start.view(-1, 1) + cache.slot_ids[:n]).clamp_(max=cache.max_len - 1)  # [B, N]
+        d = cache.cos.shape[-1]
+        rope = (cache.cos.index_select(0, slots.view(-1)).view(b, 1, n, d),
+                cache.sin.index_select(0, slots.view(-1)).view(b, 1, n, d))
+        # [B, 1, N, max_len]: the 4-D layout the target runner's attention uses (a 2-D mask takes
         # a different broadcast path through the fused attention kernels on the GPU)
-        mask = (cache.slot_ids.view(1, -1) <= slots.view(-1, 1)).view(1, 1, n, -1)
-        last = (count - 1).view(1)
+        mask = (cache.slot_ids.view(1, 1, -1) <= slots.unsqueeze(-1)).unsqueeze(1)
+        # one row writes with index_copy (its slots as one run), more rows scatter per row
+        write = slots[0] if b == 1 else slots
         x = self._fused(hidden, next_tokens)
-        features = [x.index_select(1, last)]
+        features = [last_rows(x, count)]
         i = 0
         for stage in self.stages:
             for layer in stage:
-                x = layer(x, rope, cache.layers[i], slots, cache.max_len, mask)
+                x = layer(x, rope, cache.layers[i], write, cache.max_len, mask)
                 i += 1
-            features.append(x.index_select(1, last))
+            features.append(last_rows(x, count))
         cache.start.add_(count)
         return self._heads_of_last(features)
 

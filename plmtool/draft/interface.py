@@ -62,13 +62,22 @@ class Drafter(nn.Module):
         return self.forward(hidden[:, -1:], next_tokens[:, -1:])[:, -1]
 
     def step_static(self, hidden: torch.Tensor, next_tokens: torch.Tensor, count: torch.Tensor, cache: Any) -> torch.Tensor:
-        """`step` with fixed shapes for capture in a CUDA graph: hidden [B,N,H] / next_tokens [B,N]
-        hold `count` (0-dim device long, 1..N) accepted positions then padding. Stateless default:
-        the heads of the last valid position."""
-        last = (count - 1).view(1)
-        return self.forward(hidden.index_select(1, last), next_tokens.index_select(1, last))[:, -1]
+        """`step` with fixed shapes for capture in a CUDA graph: row b of hidden [B,N,H] /
+        next_tokens [B,N] holds `count[b]` (count: device long, 0-dim for one row or [B], 1..N)
+        accepted positions then padding. Stateless default: the heads of each row's last valid
+        position."""
+        return self.forward(last_rows(hidden, count), last_rows(next_tokens, count))[:, -1]
 
     def crop_cache(self, cache: Any, length: int) -> None:
+        return None
+
+    def cache_rows(self, cache: Any, rows: slice) -> Any:
+        """A cache over `rows` of a batched cache, sharing its memory (what a step over fewer
+        sequences, or the prefill of one, works on)."""
+        return cache
+
+    def move_cache_row(self, cache: Any, src: int, dst: int) -> None:
+        """Copy row `src` of a batched cache into row `dst`."""
         return None
 
     # --- bookkeeping ---
@@ -77,6 +86,14 @@ class Drafter(nn.Module):
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def last_rows(x: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """x [B, N, ...] -> [B, 1, ...]: row b's entry at index count[b] - 1 (count 0-dim or [B])."""
+    b = x.shape[0]
+    last = (count.view(-1) - 1).expand(b)
+    index = last.view(b, 1, *([1] * (x.dim() - 2))).expand(b, 1, *x.shape[2:])
+    return x.gather(1, index)
 
 
 class VocabProjection(nn.Module):

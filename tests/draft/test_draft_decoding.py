@@ -422,9 +422,9 @@ def test_compiled_target_step_is_checked_against_eager(target, monkeypatch, capl
     stand_in_graphs(monkeypatch)
     runner = TargetRunner(target, 96)
     if broken:  # e.g. a miscompiled kernel: logits off by one
-        runner.compiled_forward = lambda *a: (lambda out: (out[0] + 1.0, out[1]))(runner.forward(*a))
+        runner.compiled_forward = lambda *a, **kw: (lambda out: (out[0] + 1.0, out[1]))(runner._forward(*a, **kw))
     else:
-        runner.compiled_forward = runner.forward
+        runner.compiled_forward = runner._forward
     drafter = perturbed_drafter(target, "amphista", seed=5)
     engine = SpeculativeEngine(target, drafter, tree=TREES["wide"], runner=runner, options=EngineOptions(cuda_graphs="false"))
     with caplog.at_level("WARNING", logger="plmtool"):
@@ -452,15 +452,15 @@ def _wrong_compiled_forward(runner, bug: str):
             layer = layers[0]
         if bug == "next_layer_cache":
             i = (layers.index(layer) + 1) % len(layers)
-            k_cache, v_cache = r.cache.k[i], r.cache.v[i]
+            k_cache, v_cache = r.cache.k[i][:1], r.cache.v[i][:1]
         if bug == "slots_off_by_one":
             slots = slots + 1
         return decoder_layer_step(r, layer, x, cos, sin, k_cache, v_cache, slots, fmask, span)
 
-    def forward(ids, positions, slots, mask, span):
+    def forward(ids, positions, slots, mask, span, rows=slice(0, 1)):
         if bug == "positions_off_by_3":
             positions = positions - 3
-        return runner._forward(ids, positions, slots, mask, span, layer_step=step)
+        return runner._forward(ids, positions, slots, mask, span, layer_step=step, rows=rows)
 
     return forward
 
@@ -481,7 +481,7 @@ def test_target_step_self_check_rejects_semantically_wrong_steps(target, monkeyp
         step = StepProgram(runner, tree.depth, tree.ancestors, cuda_graph=True)
         assert step.graph is not None and not step.compiled
         assert max(step.check_errors.values()) > 10 * tolerance("forward", torch.float32)
-    runner.compiled_forward = runner.forward  # the faithful step passes the same check
+    runner.compiled_forward = runner._forward  # the faithful step passes the same check
     assert StepProgram(runner, tree.depth, tree.ancestors, cuda_graph=True).compiled
 
 

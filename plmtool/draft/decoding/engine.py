@@ -84,7 +84,7 @@ class GenerationResult:
 class SpeculativeEngine:
     """Plain or speculative generation for one target (and optionally one drafter), batch 1.
 
-    Not thread-safe: one generation at a time (the server serialises requests).
+    Not thread-safe: one generation at a time (`batch.py` decodes several sequences together).
     """
 
     def __init__(self, model, drafter=None, tree: Sequence[Sequence[int]] | None = None, max_len: int = 2048,
@@ -180,15 +180,7 @@ class SpeculativeEngine:
 
     def check_request(self, prompt_len: int, max_new_tokens: int) -> None:
         """Raise PlmtoolError when a request cannot fit the context (the server turns it into a 400)."""
-        reserve = self.tree.n if self.tree is not None else 1
-        if prompt_len < 1:
-            raise PlmtoolError("the prompt is empty")
-        need = prompt_len + max_new_tokens + reserve
-        if need > self.max_len:
-            raise PlmtoolError(
-                f"prompt ({prompt_len} tokens) + max_tokens ({max_new_tokens}) exceeds the context of {self.max_len} tokens"
-                f"{f' (less {reserve} slots for the candidate tree)' if reserve > 1 else ''}"
-            )
+        check_fits(prompt_len, max_new_tokens, self.max_len, self.tree.n if self.tree is not None else 1)
 
     # ------------------------------------------------------------------ public API
     def generate(self, prompt: Sequence[int], gen: GenerationConfig | None = None, **kw: Any) -> GenerationResult:
@@ -205,44 +197,21 @@ class SpeculativeEngine:
         prompt = [int(t) for t in prompt]
         self.check_request(len(prompt), gen.max_new_tokens)
         result = GenerationResult(prompt_tokens=len(prompt))
-        cpu_gen = None
-        if gen.temperature > 0:
-            cpu_gen = torch.Generator()
-            cpu_gen.manual_seed(gen.seed if gen.seed is not None else int(time.time_ns() % 2**31))
+        cpu_gen = sampler(gen)
         stops = set(int(t) for t in gen.stop_token_ids)
         # no grad-mode context spans a `yield`: a consumer may resume this generator on another
         # thread (the server streams from a thread pool) and grad mode is thread-local
         yield from self._loop(prompt, gen, result, cpu_gen, stops)
 
     # ------------------------------------------------------------------ internals
-    def _choose(self, logits: torch.Tensor, gen: GenerationConfig, cpu_gen) -> int:
-        if gen.temperature == 0:
-            return int(logits.argmax().item())
-        p = filter_probs(logits, gen.temperature, gen.top_p, gen.top_k).double().cpu()
-        return int(torch.multinomial(p, 1, generator=cpu_gen).item())
-
-    def _emit(self, chunk: list[int], gen: GenerationConfig, result: GenerationResult, stops: set[int]) -> tuple[list[int], bool]:
-        room = gen.max_new_tokens - len(result.tokens)
-        kept: list[int] = []
-        done = False
-        for t in chunk[:room]:
-            kept.append(t)
-            if t in stops:
-                result.finish_reason, done = "stop", True
-                break
-        result.tokens.extend(kept)
-        if len(result.tokens) >= gen.max_new_tokens:
-            done = True
-        return kept, done
-
     def _loop(self, prompt: list[int], gen: GenerationConfig, result: GenerationResult, cpu_gen, stops: set[int]):
         runner = self.runner
         with torch.inference_mode():
             logits, hidden = runner.prefill(prompt, graphs=self.use_prefill_graphs)
             if self.sync_check:
                 check_device("the target prefill")
-            token = self._choose(logits, gen, cpu_gen)
-        kept, done = self._emit([token], gen, result, stops)
+            token = choose(logits, gen, cpu_gen)
+        kept, done = emit([token], gen, result, stops)
         # `hidden` may be a view into the prefill graphs' memory, read by the drafter's prefill
         # after this yield: safe because an engine (and a shared runner) decodes one stream at a time
         yield kept, result
@@ -256,8 +225,8 @@ class SpeculativeEngine:
                     buf.fill_(token)
                     logits, _ = step(buf, runner.length)
                     runner.cache.length += 1
-                    token = self._choose(logits[0], gen, cpu_gen)
-                kept, done = self._emit([token], gen, result, stops)
+                    token = choose(logits[0], gen, cpu_gen)
+                kept, done = emit([token], gen, result, stops)
                 result.accept_lengths.append(len(kept))
                 yield kept, result
                 if done:
@@ -313,7 +282,7 @@ class SpeculativeEngine:
                 else:
                     drafted = tokens[accepted_path[1:]].tolist()
                 token = verdict.bonus
-            kept, done = self._emit(drafted + [token], gen, result, stops)
+            kept, done = emit(drafted + [token], gen, result, stops)
             result.accept_lengths.append(len(kept))
             yield kept, result
             if done:
@@ -345,7 +314,7 @@ class SpeculativeEngine:
         while True:
             with torch.inference_mode():
                 _, bonus, path = loop.step()
-            kept, done = self._emit(path[1:] + [bonus], gen, result, stops)
+            kept, done = emit(path[1:] + [bonus], gen, result, stops)
             result.accept_lengths.append(len(kept))
             yield kept, result
             if done:
@@ -354,6 +323,57 @@ class SpeculativeEngine:
     def _verify(self, tree: Tree, tokens: torch.Tensor, logits: torch.Tensor, gen: GenerationConfig, cpu_gen) -> Verdict:
         if gen.temperature == 0:
             return greedy_verify(tree, tokens, logits)
-        if gen.acceptance == "typical":
-            return typical_verify(tree, tokens, logits, gen.temperature, gen.typical_epsilon, generator=cpu_gen)
-        return sample_verify(tree, tokens, logits, gen.temperature, gen.top_p, gen.top_k, generator=cpu_gen)
+        return sampled_verdict(tree, tokens, logits, gen, cpu_gen)
+
+
+# ---------------------------------------------------------------------- shared by both engines
+def check_fits(prompt_len: int, max_new_tokens: int, max_len: int, reserve: int) -> None:
+    """Raise PlmtoolError unless a prompt, its answer and `reserve` tree slots fit the context."""
+    if prompt_len < 1:
+        raise PlmtoolError("the prompt is empty")
+    if prompt_len + max_new_tokens + reserve > max_len:
+        raise PlmtoolError(
+            f"prompt ({prompt_len} tokens) + max_tokens ({max_new_tokens}) exceeds the context of {max_len} tokens"
+            f"{f' (less {reserve} slots for the candidate tree)' if reserve > 1 else ''}"
+        )
+
+
+def sampler(gen: GenerationConfig) -> torch.Generator | None:
+    """The request's CPU generator (None when greedy): seeded by `gen.seed`, else by the clock."""
+    if gen.temperature == 0:
+        return None
+    g = torch.Generator()
+    g.manual_seed(gen.seed if gen.seed is not None else int(time.time_ns() % 2**31))
+    return g
+
+
+def choose(logits: torch.Tensor, gen: GenerationConfig, cpu_gen) -> int:
+    """The next token from one position's logits: argmax, or a sample of the filtered distribution."""
+    if gen.temperature == 0:
+        return int(logits.argmax().item())
+    p = filter_probs(logits, gen.temperature, gen.top_p, gen.top_k).double().cpu()
+    return int(torch.multinomial(p, 1, generator=cpu_gen).item())
+
+
+def sampled_verdict(tree: Tree, tokens: torch.Tensor, logits: torch.Tensor, gen: GenerationConfig, cpu_gen) -> Verdict:
+    """Verification at temperature > 0: lossless speculative sampling, or typical acceptance."""
+    if gen.acceptance == "typical":
+        return typical_verify(tree, tokens, logits, gen.temperature, gen.typical_epsilon, generator=cpu_gen)
+    return sample_verify(tree, tokens, logits, gen.temperature, gen.top_p, gen.top_k, generator=cpu_gen)
+
+
+def emit(chunk: list[int], gen: GenerationConfig, result: GenerationResult, stops: set[int]) -> tuple[list[int], bool]:
+    """Append the step's tokens to `result` up to max_new_tokens and the first stop token; returns
+    (the tokens kept, whether the sequence is done)."""
+    room = gen.max_new_tokens - len(result.tokens)
+    kept: list[int] = []
+    done = False
+    for t in chunk[:room]:
+        kept.append(t)
+        if t in stops:
+            result.finish_reason, done = "stop", True
+            break
+    result.tokens.extend(kept)
+    if len(result.tokens) >= gen.max_new_tokens:
+        done = True
+    return kept, done

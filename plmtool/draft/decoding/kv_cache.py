@@ -36,6 +36,23 @@ class StaticKVCache:
         self.k.index_copy_(3, dst, self.k.index_select(3, src))
         self.v.index_copy_(3, dst, self.v.index_select(3, src))
 
+    def compact_rows(self, start: torch.Tensor, paths: torch.Tensor) -> None:
+        """`compact` for the first b rows at once, each with its own start [b] and (padded) path
+        [b, P]: slots `start[r] + paths[r, i]` move to `start[r] + i` in row r."""
+        b, p = paths.shape
+        layers, _, heads, _, dim = self.k.shape
+        src = (paths + start.view(b, 1)).view(1, b, 1, p, 1).expand(layers, b, heads, p, dim)
+        dst = (torch.arange(p, device=paths.device).view(1, p) + start.view(b, 1)).view(1, b, 1, p, 1).expand(layers, b, heads, p, dim)
+        for t in (self.k, self.v):
+            rows = t[:, :b]
+            rows.scatter_(3, dst, rows.gather(3, src))
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` slots of row `src` into row `dst` (a batch keeps its live
+        sequences in its first rows)."""
+        self.k[:, dst, :, :length].copy_(self.k[:, src, :, :length])
+        self.v[:, dst, :, :length].copy_(self.v[:, src, :, :length])
+
     def reset(self) -> None:
         # Stale entries are never read (masked by length), so no need to zero the buffers.
         self.length = 0

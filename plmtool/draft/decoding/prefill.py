@@ -99,7 +99,7 @@ class PrefillGraphs:
         r = self.runner
         slots = r.slot_ids[:b]
         mask = (slots.view(1, -1) <= slots.view(-1, 1)).view(1, 1, b, b)
-        return r.hidden_states(self.ids[:, :b], slots.view(1, b), slots, mask, b)
+        return r.hidden_states(self.ids[:, :b], slots.view(1, b), slots, mask, b)[0]
 
     def _buffers(self) -> tuple[torch.Tensor, ...]:
         r = self.runner

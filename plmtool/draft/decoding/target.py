@@ -49,27 +49,52 @@ def check_supported(model, max_len: int | None = None) -> None:
 def decoder_layer_step(runner: "TargetRunner", layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, fmask: torch.Tensor,
                        span: int) -> torch.Tensor:
-    """One decoder layer over the static cache: x [1, n, H] -> [1, n, H]; writes the new keys and
-    values at `slots` of this layer's cache (`k_cache`/`v_cache` [1, kv_heads, max_len, d])."""
-    n = x.shape[1]
+    """One decoder layer over the static cache: x [b, n, H] -> [b, n, H]; writes the new keys and
+    values at `slots` of this layer's cache rows (`k_cache`/`v_cache` [b, kv_heads, max_len, d]):
+    `slots` [n] puts every row's nodes in the same slots (batch 1, prefills), [b, n] gives each row
+    its own (a batch of sequences of different lengths)."""
+    b, n = x.shape[0], x.shape[1]
     g, hkv, d = runner.groups, runner.kv_heads, runner.head_dim
     attn = layer.self_attn
     h = layer.input_layernorm(x)
-    q = attn.q_proj(h).view(1, n, runner.n_heads, d)
-    k = attn.k_proj(h).view(1, n, hkv, d)
-    v = attn.v_proj(h).view(1, n, hkv, d)
+    q = attn.q_proj(h).view(b, n, runner.n_heads, d)
+    k = attn.k_proj(h).view(b, n, hkv, d)
+    v = attn.v_proj(h).view(b, n, hkv, d)
     if runner.qk_norm:
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     q = q * cos + _rotate_half(q) * sin
     k = k * cos + _rotate_half(k) * sin
-    k_cache.index_copy_(2, slots, k)
-    v_cache.index_copy_(2, slots, v)
-    o = F.scaled_dot_product_attention(q.reshape(1, hkv, g * n, d), k_cache[:, :, :span], v_cache[:, :, :span],
+    if slots.dim() == 1:
+        k_cache.index_copy_(2, slots, k)
+        v_cache.index_copy_(2, slots, v)
+    else:
+        where = slots.view(b, 1, n, 1).expand(b, hkv, n, d)
+        k_cache.scatter_(2, where, k)
+        v_cache.scatter_(2, where, v)
+    o = F.scaled_dot_product_attention(q.reshape(b, hkv, g * n, d), k_cache[:, :, :span], v_cache[:, :, :span],
                                        attn_mask=fmask, scale=runner.scaling)
-    o = o.reshape(1, runner.n_heads, n, d).transpose(1, 2).reshape(1, n, runner.n_heads * d)
+    o = o.reshape(b, runner.n_heads, n, d).transpose(1, 2).reshape(b, n, runner.n_heads * d)
     x = x + attn.o_proj(o)
     return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+def tree_inputs(runner: "TargetRunner", start: torch.Tensor, depth: torch.Tensor, ancestors: torch.Tensor,
+                span: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Slots [b, n], positions [b, n] and the attention mask [b, 1, n, span] of a tree step whose
+    nodes go after `start` [b] committed tokens in each row: node i sits at position
+    start + depth(i) and sees the committed prefix and its own ancestors. Computed on the device
+    from device tensors, so a step built on it can be captured as a CUDA graph."""
+    n = int(depth.numel())
+    start = start.view(-1, 1)
+    slots = start + torch.arange(n, device=start.device)
+    positions = start + depth.view(1, n)
+    cols = runner.slot_ids[:span].view(1, -1)
+    rel = cols - start  # [b, span]: a column's offset from the row's first tree slot
+    in_tree = (rel >= 0) & (rel < n)
+    tree_part = ancestors[:, rel.clamp(0, n - 1)].transpose(0, 1) & in_tree.unsqueeze(1)  # [b, n, span]
+    mask = (cols < start).unsqueeze(1) | tree_part
+    return slots, positions, mask.unsqueeze(1)
 
 
 _COMPILED_LAYER_STEP = None
@@ -87,7 +112,8 @@ def _compiled_layer_step():
 
 
 class TargetRunner:
-    """Static-cache forward of a causal LM (batch 1).
+    """Static-cache forward of a causal LM over `batch_size` cache rows (one sequence per row;
+    the prefill and batch-1 API work on one row).
 
     `compile=True` also provides a forward whose decoder layers run `torch.compile`d (static
     shapes) for step programs to capture in their CUDA graph: the compiler fuses the ~25 small
@@ -95,7 +121,7 @@ class TargetRunner:
     bounds a small target's step. The compiled step is checked against the eager one when
     captured (see StepProgram)."""
 
-    def __init__(self, model, max_len: int, compile: bool = False):
+    def __init__(self, model, max_len: int, compile: bool = False, batch_size: int = 1):
         check_supported(model, max_len)
         cfg = model.config
         limit = getattr(cfg, "max_position_embeddings", None)
@@ -120,7 +146,8 @@ class TargetRunner:
         self.hidden_size = cfg.hidden_size
         self.vocab_size = self.lm_head.weight.shape[0]
         self.max_len = max_len
-        self.cache = StaticKVCache(len(self.layers), self.kv_heads, self.head_dim, max_len, 1, self.device, self.dtype)
+        self.batch_size = batch_size
+        self.cache = StaticKVCache(len(self.layers), self.kv_heads, self.head_dim, max_len, batch_size, self.device, self.dtype)
         self.slot_ids = torch.arange(max_len, device=self.device)
         # the compiled layer step specialises per step shape (1 node, the tree's n nodes)
         self.compiled_forward = self._compiled if compile else None
@@ -141,16 +168,19 @@ class TargetRunner:
         Returns (logits [n, V], hidden [n, H]); `hidden` is the final-norm output fed to lm_head,
         which is what drafters read.
         """
-        return self._forward(ids, positions, slots, mask, span)
+        logits, hidden = self._forward(ids, positions, slots, mask, span)
+        return logits[0], hidden[0]
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor, span: int,
-                 layer_step=None):
-        hidden = self.hidden_states(ids, positions, slots, mask, span, layer_step)
+                 layer_step=None, rows: slice = slice(0, 1)):
+        """Batched: ids/positions [b, n] -> (logits [b, n, V], hidden [b, n, H]) over cache `rows` (b of them)."""
+        hidden = self.hidden_states(ids, positions, slots, mask, span, layer_step, rows)
         return self.lm_head(hidden), hidden
 
     def hidden_states(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
-                      span: int, layer_step=None) -> torch.Tensor:
-        """The forward without the vocabulary projection: the final-norm output [n, H]."""
+                      span: int, layer_step=None, rows: slice = slice(0, 1)) -> torch.Tensor:
+        """The forward without the vocabulary projection: the final-norm output [b, n, H], for
+        sequences in cache `rows`."""
         layer_step = layer_step or decoder_layer_step
         x = self.embed(ids)
         cos, sin = self.rotary(x, positions)
@@ -159,11 +189,11 @@ class TargetRunner:
         g = self.groups
         fmask = mask if g == 1 else mask.repeat(1, 1, g, 1)
         for i, layer in enumerate(self.layers):
-            x = layer_step(self, layer, x, cos, sin, self.cache.k[i], self.cache.v[i], slots, fmask, span)
-        return self.norm(x)[0]
+            x = layer_step(self, layer, x, cos, sin, self.cache.k[i][rows], self.cache.v[i][rows], slots, fmask, span)
+        return self.norm(x)
 
-    def _compiled(self, ids, positions, slots, mask, span):
-        return self._forward(ids, positions, slots, mask, span, layer_step=_compiled_layer_step())
+    def _compiled(self, ids, positions, slots, mask, span, rows: slice = slice(0, 1)):
+        return self._forward(ids, positions, slots, mask, span, layer_step=_compiled_layer_step(), rows=rows)
 
     @torch.no_grad()
     def prefill(self, prompt: list[int], graphs: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,8 +218,10 @@ class TargetRunner:
             self.prefill_graphs_failed = self.prefill_graphs is None  # engines sharing this runner do not try again
 
     @torch.no_grad()
-    def extend(self, ids: list[int] | torch.Tensor):
-        """Append tokens causally after the committed prefix (prefill); returns (logits, hidden) for them."""
+    def extend(self, ids: list[int] | torch.Tensor, row: int = 0):
+        """Append tokens causally after the committed prefix (prefill) in cache `row`; returns
+        (logits, hidden) for them. A batch of sequences keeps its lengths itself: it sets
+        `cache.length` to the row's length first."""
         ids = torch.as_tensor(ids, device=self.device, dtype=torch.long).view(1, -1)
         n, start = ids.shape[1], self.cache.length
         if start + n > self.max_len:
@@ -197,30 +229,35 @@ class TargetRunner:
         slots = self.slot_ids[start : start + n]
         span = start + n
         mask = self.slot_ids[:span].view(1, -1) <= slots.view(-1, 1)
-        out = self.forward(ids, slots.view(1, -1), slots, mask.view(1, 1, n, span), span)
+        logits, hidden = self._forward(ids, slots.view(1, -1), slots, mask.view(1, 1, n, span), span, rows=slice(row, row + 1))
         self.cache.length = span
-        return out
+        return logits[0], hidden[0]
 
 
 class StepProgram:
-    """One verification step for a fixed tree shape (`n = 1` is plain decoding).
+    """One verification step for a fixed tree shape (`n = 1` is plain decoding), over the first
+    `rows` sequences of the runner's cache (one tree per row).
 
-    Inputs go into static buffers (`tokens`, `start`); the forward derives slots, positions and
-    the tree mask from them on the device, so the whole step can be captured as a CUDA graph.
+    Inputs go into static buffers (`tokens` [rows, n], `start` [rows]); the forward derives slots,
+    positions and the tree mask from them on the device, so the whole step can be captured as a
+    CUDA graph. Outputs: logits [n, V] and hidden states [n, H] for one row, [rows, n, ...] for more.
     """
 
     def __init__(self, runner: TargetRunner, depth: torch.Tensor, ancestors: torch.Tensor, cuda_graph: bool = False,
-                 pool=None, sync_check: bool = False):
+                 pool=None, sync_check: bool = False, rows: int = 1):
         """`sync_check`: synchronise after each step so a device fault names this program."""
+        if not 1 <= rows <= runner.batch_size:
+            raise ValueError(f"a step over {rows} rows of a cache of {runner.batch_size}")
         self.runner = runner
         self.sync_check = sync_check
+        self.rows = rows
         dev = runner.device
         self.n = int(depth.numel())
         self.depth = depth.to(dev)
         self.ancestors = ancestors.to(dev)
         self.node_ids = torch.arange(self.n, device=dev)
-        self.tokens = torch.zeros(1, self.n, dtype=torch.long, device=dev)
-        self.start = torch.zeros((), dtype=torch.long, device=dev)
+        self.tokens = torch.zeros(rows, self.n, dtype=torch.long, device=dev)
+        self.start = torch.zeros(rows, dtype=torch.long, device=dev)
         self.graph: CapturedGraph | None = None
         self.compiled = False  # the captured graph runs the compiled forward
         self.check_errors: dict[str, float] = {}  # relative errors the self-check measured
@@ -229,7 +266,8 @@ class StepProgram:
                                          lambda: self.capture(pool, compiled=True), check=self._self_check)
             self.compiled = self.graph is not None
         if cuda_graph and self.graph is None:  # a model whose modules cannot be captured still decodes eagerly
-            self.graph = capture_checked(f"{self.n}-node step CUDA graph", "decoding eagerly", lambda: self.capture(pool))
+            self.graph = capture_checked(f"{self.n}-node step CUDA graph{'' if rows == 1 else f' ({rows} rows)'}",
+                                         "decoding eagerly", lambda: self.capture(pool))
 
     @property
     def out(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -237,16 +275,13 @@ class StepProgram:
         return self.graph.out if self.graph is not None else None
 
     def _run(self, span: int, compiled: bool = False):
-        r, n, start = self.runner, self.n, self.start
-        slots = start + self.node_ids
-        positions = (start + self.depth).view(1, n)
-        cols = r.slot_ids[:span]
-        rel = cols - start
-        in_tree = (rel >= 0) & (rel < n)
-        tree_part = self.ancestors[:, rel.clamp(0, n - 1)] & in_tree
-        mask = (cols < start).view(1, -1) | tree_part
-        forward = r.compiled_forward if compiled else r.forward
-        return forward(self.tokens, positions, slots, mask.view(1, 1, n, span), span)
+        r = self.runner
+        slots, positions, mask = tree_inputs(r, self.start, self.depth, self.ancestors, span)
+        forward = r.compiled_forward if compiled else r._forward
+        # one row writes its keys with index_copy (the same slots for the batch of one)
+        logits, hidden = forward(self.tokens, positions, slots[0] if self.rows == 1 else slots, mask, span,
+                                 rows=slice(0, self.rows))
+        return (logits[0], hidden[0]) if self.rows == 1 else (logits, hidden)
 
     @torch.no_grad()
     def capture(self, pool=None, compiled: bool = False) -> CapturedGraph:
@@ -312,6 +347,14 @@ class StepProgram:
         """Replay the captured step on what its buffers hold (`tokens`, `start` written on the
         device by the previous program); for loops that keep the step's inputs on the device."""
         return self.graph.replay()
+
+    def run(self, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step on what its buffers hold: the replay, or eagerly attending to slots [0, span)
+        (the caller's bound on every row's `start + n`, checked by the caller on the host)."""
+        out = self.graph.replay() if self.graph is not None else self._run(span)
+        if self.sync_check:
+            check_device(f"the {self.n}-node target step over {self.rows} rows")
+        return out
 
     def eager(self, span: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The step run eagerly on its buffers, attending to slots [0, span)."""

@@ -38,17 +38,23 @@ class Verdict:
 def greedy_accepted_node(tree: Tree, tokens: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
     """The accepted node ([1], on the device) given the target's argmax per node: the deepest node
     whose every token equals the argmax at its parent."""
-    match = tokens == pred.index_select(0, tree.parent)
-    match[:1].fill_(True)
-    return _deepest(tree, match).view(1)
+    return greedy_accepted_nodes(tree, tokens.view(1, -1), pred.view(1, -1))
+
+
+def greedy_accepted_nodes(tree: Tree, tokens: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """`greedy_accepted_node` for a batch of trees of one shape: tokens / pred [b, n] -> [b]."""
+    match = tokens == pred.index_select(1, tree.parent)
+    match[:, :1].fill_(True)
+    return _deepest(tree, match)
 
 
 def _deepest(tree: Tree, ok_node: torch.Tensor) -> torch.Tensor:
-    """Deepest node whose every node on its path is ok (root always ok); first such node on ties."""
-    ok_path = ok_node[tree.paths] | (torch.arange(tree.paths.shape[1], device=ok_node.device) > tree.depth.view(-1, 1))
-    full = ok_path.all(dim=1)
+    """Deepest node whose every node on its path is ok (root always ok); first such node on ties.
+    ok_node [n] -> 0-dim, or [b, n] -> [b]."""
+    ok_path = ok_node[..., tree.paths] | (torch.arange(tree.paths.shape[1], device=ok_node.device) > tree.depth.view(-1, 1))
+    full = ok_path.all(dim=-1)
     score = torch.where(full, tree.depth, torch.full_like(tree.depth, -1))
-    return torch.argmax(score)  # argmax returns the first maximal index
+    return torch.argmax(score, dim=-1)  # argmax returns the first maximal index
 
 
 def greedy_verify(tree: Tree, tokens: torch.Tensor, logits: torch.Tensor) -> Verdict:

@@ -1,0 +1,271 @@
+"""Continuous batching: up to `max_batch` sequences decoded together, speculative or plain.
+
+Each sequence owns one row of a batched target KV cache (and of the drafter's cache), its own
+candidate tree (the same shape for all: the engine's tree), acceptance length, sampling generator
+and stop conditions. One engine step verifies every live sequence's tree in one target forward
+over the first b rows (b: the smallest bucket 1, 2, 4, ... `max_batch` holding them all), then
+runs one drafter step over the same rows. Sequences join (`add`: the prompt is prefilled into a
+free row) and leave (`remove`: the last live row moves into the freed one, so live rows stay the
+first ones) between steps.
+
+Per sequence the rules are those of the batch-1 engine (`engine.py`): greedy verification
+accepts exactly what plain greedy decoding emits; sampling is lossless speculative sampling with
+the request's own generator. A step program per bucket (target and drafter) is captured as a CUDA
+graph where graphs are on, each checked against eager at capture like every captured program.
+
+Host reads per step: one transfer of every greedy row's verdict (accepted node, bonus token, path
+tokens); sampled rows verify on the host from their logits, as in the batch-1 engine.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from plmtool.draft.config import EngineOptions
+from plmtool.draft.decoding.device import variable_shape_attention
+from plmtool.draft.decoding.drafter_step import DrafterProgram
+from plmtool.draft.decoding.engine import (
+    GenerationConfig, GenerationResult, check_fits, choose, emit, sampled_verdict, sampler,
+)
+from plmtool.draft.decoding.target import StepProgram, TargetRunner
+from plmtool.draft.decoding.tree import make_tree
+from plmtool.draft.decoding.verify import greedy_accepted_nodes, tree_depth
+from plmtool.errors import PlmtoolError
+
+log = logging.getLogger("plmtool")
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """Row counts with a step program each: powers of two below `max_batch`, then `max_batch`."""
+    out, b = [], 1
+    while b < max_batch:
+        out.append(b)
+        b *= 2
+    return out + [max_batch]
+
+
+@dataclass
+class BatchSequence:
+    """One sequence being decoded: its request, what it produced, where it lives."""
+
+    prompt: list[int]
+    gen: GenerationConfig
+    result: GenerationResult
+    generator: torch.Generator | None
+    stops: set[int]
+    row: int
+    length: int  # tokens in the target cache (the prompt and the accepted tokens)
+    token: int  # the last emitted token: not yet in the cache, the root of the next tree
+    tag: object = None  # the caller's handle (the server's job)
+    done: bool = False
+
+
+@dataclass
+class StepOutput:
+    """What one engine step gave one sequence."""
+
+    seq: BatchSequence
+    tokens: list[int]
+    done: bool
+
+
+@dataclass
+class BatchStats:
+    steps: int = 0  # batched engine steps
+    sequence_steps: int = 0  # sum over steps of the live sequences
+    tokens: int = 0  # tokens emitted by steps (prefill tokens not counted)
+    prefills: int = 0
+    rows: dict[int, int] = field(default_factory=dict)  # steps per bucket
+
+    @property
+    def mean_accepted(self) -> float:
+        return self.tokens / self.sequence_steps if self.sequence_steps else 0.0
+
+
+class BatchEngine:
+    """Decodes several sequences per step; not thread-safe (the server drives it from one thread)."""
+
+    def __init__(self, model, drafter=None, tree: Sequence[Sequence[int]] | None = None, max_len: int = 2048,
+                 max_batch: int = 16, options: EngineOptions | None = None):
+        if max_batch < 1:
+            raise PlmtoolError(f"max_batch must be at least 1, got {max_batch}")
+        opts = options if options is not None else EngineOptions()
+        opts.check()
+        self.options = opts
+        self.model, self.drafter, self.max_batch = model, drafter, max_batch
+        self.runner = TargetRunner(model, max_len, compile=opts.compile, batch_size=max_batch)
+        self.device, self.max_len = self.runner.device, self.runner.max_len
+        use_graphs = opts.graphs_on(self.device)
+        if drafter is not None and tree is None:
+            raise PlmtoolError("a drafter needs a candidate tree")
+        if drafter is not None and not hasattr(drafter, "step_static"):
+            raise PlmtoolError(f"{type(drafter).__name__} has no fixed-shape step (step_static) to batch")
+        self.tree = make_tree(tree if drafter is not None else [], num_heads=getattr(drafter, "num_heads", None)).to(self.device)
+        if self.tree.n + 1 > self.max_len:
+            raise PlmtoolError(f"tree of {self.tree.n} nodes does not fit the context of {self.max_len}")
+        self.max_depth = self.tree.max_depth
+        self.buckets = batch_buckets(max_batch)
+        self.steps = {b: StepProgram(self.runner, self.tree.depth, self.tree.ancestors, use_graphs, None,
+                                     bool(opts.sync_check), rows=b) for b in self.buckets}
+        self.drafter_steps: dict[int, DrafterProgram] = {}
+        if drafter is not None:
+            dtype, hidden = self.runner.dtype, self.runner.hidden_size
+            rows = int(self.tree.paths.shape[1])  # deepest path + 1: the accepted positions a step reads
+            with torch.no_grad():
+                self.dcache = drafter.new_cache(max_batch, self.max_len, self.device, dtype)
+            self.dhidden = torch.zeros(max_batch, rows, hidden, device=self.device, dtype=dtype)
+            self.dnext = torch.zeros(max_batch, rows, dtype=torch.long, device=self.device)
+            self.dcount = torch.ones(max_batch, dtype=torch.long, device=self.device)
+            self.heads = torch.zeros(max_batch, drafter.num_heads, self.runner.vocab_size, device=self.device, dtype=dtype)
+            for b in self.buckets:
+                self.drafter_steps[b] = DrafterProgram(
+                    drafter, drafter.cache_rows(self.dcache, slice(0, b)), rows, hidden, self.device, dtype,
+                    use_graphs and bool(opts.drafter_graph), compile=bool(opts.compile),
+                    buffers=(self.dhidden[:b], self.dnext[:b], self.dcount[:b]), name=f"drafter step ({b} rows)",
+                    sync_check=bool(opts.sync_check))
+        self.cuda_graphs = all(p.graph is not None for p in self.steps.values())
+        self.seqs: list[BatchSequence] = []  # row i holds seqs[i]
+        self.stats = BatchStats()
+
+    @property
+    def speculative(self) -> bool:
+        return self.drafter is not None
+
+    @property
+    def free(self) -> int:
+        return self.max_batch - len(self.seqs)
+
+    def check_request(self, prompt_len: int, max_new_tokens: int) -> None:
+        check_fits(prompt_len, max_new_tokens, self.max_len, self.tree.n)
+
+    # ------------------------------------------------------------------ joining and leaving
+    def add(self, prompt: Sequence[int], gen: GenerationConfig, tag: object = None) -> StepOutput:
+        """Prefill `prompt` into a free row; returns its first token (the sequence may already be
+        done: a one-token answer or a stop token). Raises PlmtoolError when no row is free."""
+        gen.validate()
+        prompt = [int(t) for t in prompt]
+        self.check_request(len(prompt), gen.max_new_tokens)
+        if not self.free:
+            raise PlmtoolError(f"all {self.max_batch} rows are decoding")
+        row = len(self.seqs)
+        generator = sampler(gen)
+        with torch.inference_mode():
+            self.runner.cache.length = 0  # the row's own prefill starts at slot 0
+            with variable_shape_attention():
+                logits, hidden = self.runner.extend(prompt, row=row)
+            token = choose(logits[-1], gen, generator)
+            if self.drafter is not None:
+                cache = self.drafter.cache_rows(self.dcache, slice(row, row + 1))
+                self.drafter.crop_cache(cache, 0)
+                nxt = torch.tensor([prompt[1:] + [token]], device=self.device)
+                with variable_shape_attention():
+                    heads = self.drafter.step(hidden.unsqueeze(0), nxt, cache)  # [1, K, V]
+                self.heads[row].copy_(heads[0])
+        seq = BatchSequence(prompt, gen, GenerationResult(prompt_tokens=len(prompt)), generator,
+                        {int(t) for t in gen.stop_token_ids}, row, len(prompt), token, tag)
+        self.stats.prefills += 1
+        kept, done = emit([token], gen, seq.result, seq.stops)
+        seq.done = done
+        if not done:
+            self.seqs.append(seq)
+        return StepOutput(seq, kept, done)
+
+    def remove(self, seq: BatchSequence) -> None:
+        """Free a sequence's row (finished or cancelled): the last live row moves into it."""
+        if seq not in self.seqs:
+            return
+        row, last = seq.row, len(self.seqs) - 1
+        if row != last:
+            moved = self.seqs[last]
+            with torch.inference_mode():
+                self.runner.cache.move_row(last, row, moved.length)
+                if self.drafter is not None:
+                    self.drafter.move_cache_row(self.dcache, last, row)
+                    self.heads[row].copy_(self.heads[last])
+            moved.row = row
+            self.seqs[row] = moved
+        self.seqs.pop()
+        seq.done = True
+
+    # ------------------------------------------------------------------ one step for every live sequence
+    def step(self) -> list[StepOutput]:
+        """One verification (and drafting) step of every live sequence; finished ones leave."""
+        live = list(self.seqs)
+        if not live:
+            return []
+        b = next(x for x in self.buckets if x >= len(live))
+        pad = b - len(live)
+        program, tree = self.steps[b], self.tree
+        with torch.inference_mode():
+            program.start.copy_(torch.tensor([s.length for s in live] + [0] * pad))
+            program.tokens[:, 0].copy_(torch.tensor([s.token for s in live] + [0] * pad))
+            if self.drafter is not None:
+                cands = torch.topk(self.heads[:b, : self.max_depth], tree.topk, dim=-1).indices.reshape(b, -1)
+                program.tokens[:, 1:] = cands[:, tree.candidate_index]
+            span = max(s.length for s in live) + tree.n
+            logits, hidden = program.run(span)
+            if b == 1:
+                logits, hidden = logits.unsqueeze(0), hidden.unsqueeze(0)
+            tokens = program.tokens
+            verdicts = self._verify(live, tokens, logits)
+            nodes = torch.tensor([v[0] for v in verdicts] + [0] * pad, device=self.device)
+            paths = tree.paths.index_select(0, nodes)  # [b, P]
+            if tree.n > 1:
+                self.runner.cache.compact_rows(program.start, paths)
+            outputs = []
+            for seq, (node, length, drafted, bonus) in zip(live, verdicts):
+                seq.length += length
+                seq.token = bonus
+                kept, done = emit(drafted + [bonus], seq.gen, seq.result, seq.stops)
+                seq.result.accept_lengths.append(len(kept))
+                outputs.append(StepOutput(seq, kept, done))
+            if self.drafter is not None and not all(o.done for o in outputs):
+                self._draft(b, hidden, tokens, paths, [v[1] for v in verdicts] + [1] * pad,
+                            [v[3] for v in verdicts] + [0] * pad)
+        for o in outputs:
+            if o.done:
+                self.remove(o.seq)
+        self.stats.steps += 1
+        self.stats.sequence_steps += len(live)
+        self.stats.tokens += sum(len(o.tokens) for o in outputs)
+        self.stats.rows[b] = self.stats.rows.get(b, 0) + 1
+        return outputs
+
+    def _verify(self, live: list[BatchSequence], tokens: torch.Tensor, logits: torch.Tensor) -> list[tuple[int, int, list[int], int]]:
+        """(accepted node, accepted length with the root, drafted tokens kept, bonus token) per
+        live row: greedy rows from one device-side verification and one transfer, sampled rows on
+        the host with their own generators."""
+        tree = self.tree
+        out: list[tuple[int, int, list[int], int] | None] = [None] * len(live)
+        greedy = [i for i, s in enumerate(live) if s.gen.temperature == 0]
+        if greedy:
+            pred = logits.argmax(dim=-1)  # [b, n]
+            best = greedy_accepted_nodes(tree, tokens, pred)  # [b]
+            path_tokens = tokens.gather(1, tree.paths.index_select(0, best))
+            table = torch.cat([best.view(-1, 1), pred.gather(1, best.view(-1, 1)), path_tokens], dim=1).tolist()
+            for i in greedy:
+                node, bonus, *path = table[i]
+                length = tree_depth(tree, node) + 1
+                out[i] = (node, length, path[1:length], bonus)
+        for i, s in enumerate(live):
+            if out[i] is None:
+                v = sampled_verdict(tree, tokens[i], logits[i], s.gen, s.generator)
+                drafted = v.path_tokens[1:] if v.path_tokens is not None else tokens[i, tree.paths[v.node][1 : v.length]].tolist()
+                out[i] = (v.node, v.length, drafted, v.bonus)
+        return out  # type: ignore[return-value]
+
+    def _draft(self, b: int, hidden: torch.Tensor, tokens: torch.Tensor, paths: torch.Tensor, lengths: list[int],
+               bonuses: list[int]) -> None:
+        """The drafter reads each row's accepted positions and the token after each one (the
+        drafted tokens, then the bonus token); its heads for every row go to `self.heads`."""
+        p = paths.shape[1]
+        count = torch.tensor(lengths, device=self.device)
+        self.dhidden[:b].copy_(hidden.gather(1, paths.unsqueeze(-1).expand(b, p, hidden.shape[-1])))
+        self.dnext[:b, : p - 1].copy_(tokens.gather(1, paths[:, 1:]))
+        self.dnext[:b].scatter_(1, (count - 1).view(b, 1), torch.tensor(bonuses, device=self.device).view(b, 1))
+        self.dcount[:b].copy_(count)
+        self.heads[:b].copy_(self.drafter_steps[b].launch())
