@@ -26,69 +26,107 @@ log = logging.getLogger("plmtool")
 DRY_RUN = "dry run: server built (model, drafter, tree checked); not serving — drop serve.dry_run to serve"
 
 
+def serve_options(node) -> "ServeConfig":
+    """The `serve` node as the `ServeConfig` the server takes, checked."""
+    from omegaconf import OmegaConf
+
+    from plmtool.draft.config import ServeConfig
+
+    options = node if isinstance(node, ServeConfig) else ServeConfig(**OmegaConf.to_container(node))
+    options.check()
+    return options
+
+
 def build_server(cfg: DictConfig):
     """Model (+ drafter and tree) -> Server; shared by the command and the tests."""
-    from plmtool.draft.decoding.engine import ACCEPTANCE, SpeculativeEngine
+    from plmtool.draft.decoding.batch import BatchEngine
     from plmtool.draft.setup import (
         calibration_sequences, chat_prompt_ids, check_decoding_config, engine_options, setup_drafter, stop_token_ids,
     )
     from plmtool.models import load_model
     from plmtool.serve.app import Server
 
-    s, d = cfg.serve, cfg.draft
-    if s.acceptance not in ACCEPTANCE:
-        raise PlmtoolError(f"serve.acceptance must be one of {', '.join(ACCEPTANCE)}, got '{s.acceptance}'")
-    if not 0 < s.port < 65536:
-        raise PlmtoolError(f"serve.port must be in 1..65535, got {s.port}")
+    s, d = serve_options(cfg.serve), cfg.draft
     check_decoding_config(d)
     options = engine_options(cfg.engine)
     model, tokenizer = load_model(cfg.model)
     stops = stop_token_ids(model, tokenizer)
-    plain = SpeculativeEngine(model, max_len=s.max_len, options=options)
-    engine, kind, tree_info = plain, None, None
+    max_batch = s.batch_for(next(model.parameters()).device)
+    drafter, tree, kind = None, None, None
     if d.checkpoint:
         cal = []
         if isinstance(d.tree, str) and d.tree.startswith("auto") and d.tree_calibration > 0:
             from plmtool.data.chat import load_mtbench
 
             prompts = [chat_prompt_ids(tokenizer, q["turns"][-1]) for q in load_mtbench()[: d.tree_calibration]]
-            cal = calibration_sequences(plain, prompts, 64, stops)
+            # one row is enough for the few calibration answers; dropped before the served engine
+            cal = calibration_sequences(BatchEngine(model, max_len=s.max_len, max_batch=1, options=options), prompts, 64, stops)
+        if d.dynamic_pool:
+            raise PlmtoolError("draft.dynamic_pool is not served: the batched engine decodes static trees")
         setup = setup_drafter(model, d.checkpoint, d.tree, cal, s.max_len, d.tree_accuracy, d.dynamic_pool)
-        runner = plain.runner  # reuses the KV cache and any compiled step
-        del plain
-        engine = SpeculativeEngine(model, setup.drafter, setup.tree, max_len=s.max_len, options=options, runner=runner,
-                                   dynamic_pool=setup.pool)
-        kind, tree_info = setup.name, len(setup.tree) + 1
+        drafter, tree, kind = setup.drafter, setup.tree, setup.name
+    engine = BatchEngine(model, drafter, tree, max_len=s.max_len, max_batch=max_batch, options=options)
     model_id = s.model_id or str(cfg.model.name_or_path)
-    server = Server(engine, tokenizer, model_id, s.max_tokens_default, s.acceptance, s.typical_epsilon, stops, kind)
-    return server, {"model_id": model_id, "drafter": kind, "tree_nodes": tree_info, "max_len": engine.max_len,
-                    "acceptance": s.acceptance if kind else None, "device": str(engine.device), "cuda_graphs": engine.cuda_graphs,
-                    "compiled": engine.compiled, "drafter_graph": engine.drafter_graph, "prefill_graphs": engine.prefill_graphs,
-                    "drafter_prefill_graphs": engine.drafter_prefill_graphs, "dynamic_tree": engine.dynamic,
-                    "static_drafter": engine.drafter_step is not None, "greedy_loop": engine.greedy_loop is not None,
-                    "engine": dataclasses.asdict(options)}
+    server = Server(engine, tokenizer, model_id, s, stops, kind)
+    return server, {"model_id": model_id, "drafter": kind, "tree_nodes": engine.tree.n if kind else None,
+                    "max_len": engine.max_len, "max_batch": max_batch, "batch_buckets": engine.buckets,
+                    "acceptance": s.acceptance if kind else None, "device": str(engine.device),
+                    "cuda_graphs": engine.cuda_graphs, "engine": dataclasses.asdict(options)}
+
+
+def _uvicorn_server(app, s, on_signal):
+    """uvicorn's server with our own signal handling: SIGTERM / SIGINT stop admitting requests and
+    let in-flight ones finish within serve.shutdown_timeout_s; the command then returns normally,
+    so run.json records `finished` and the report is written (uvicorn re-raises a caught signal
+    after its shutdown, which killed the process before either)."""
+    import uvicorn
+
+    class Uvicorn(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if self.should_exit:  # a second signal: stop now
+                self.force_exit = True
+            self.should_exit = True
+            on_signal(sig)
+
+    config = uvicorn.Config(app, host=s.host, port=s.port, log_level="info",
+                            timeout_graceful_shutdown=max(1, int(s.shutdown_timeout_s) + 1))
+    return Uvicorn(config)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> Report:
     from plmtool.serve.app import create_app
 
     server, info = build_server(cfg)
-    app = create_app(server)
-    report = {"host": cfg.serve.host, "port": cfg.serve.port, **info}
-    if cfg.serve.dry_run:
+    s = server.options
+    report = {"host": s.host, "port": s.port, **info}
+    if s.dry_run:
+        server.scheduler.stop()
         # said on the terminal: a run that exits 0 would otherwise look like a server that stopped
         print(DRY_RUN, flush=True)
         return {**report, "served": 0, "dry_run": True}
-    import uvicorn
+    app = create_app(server)
+    stopped_by: list[str] = []
 
-    log.info("serving %s on http://%s:%d (drafter: %s)", info["model_id"], cfg.serve.host, cfg.serve.port, info["drafter"] or "none")
-    uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="info")
-    return {**report, "served": server.served, "dry_run": False}
+    def on_signal(sig) -> None:
+        import signal
+
+        stopped_by.append(signal.Signals(sig).name)
+        server.scheduler.shutdown(s.shutdown_timeout_s)
+        log.info("%s: finishing in-flight requests (up to %gs), then stopping", stopped_by[-1], s.shutdown_timeout_s)
+
+    log.info("serving %s on http://%s:%d (drafter: %s, max_batch %d)", info["model_id"], s.host, s.port,
+             info["drafter"] or "none", info["max_batch"])
+    _uvicorn_server(app, s, on_signal).run()
+    server.scheduler.stop()
+    return {**report, "served": server.served, "stopped_by": stopped_by[0] if stopped_by else None,
+            "dry_run": False, **server.report()}
 
 
 def render(report: Report) -> str:
-    keys = ("model_id", "drafter", "tree_nodes", "acceptance", "device", "cuda_graphs", "host", "port", "served", "dry_run")
-    rows = [[k, report.get(k)] for k in keys]
+    keys = ("model_id", "drafter", "tree_nodes", "acceptance", "device", "cuda_graphs", "max_batch", "host", "port",
+            "served", "tokens", "engine_steps", "sequence_steps", "mean_accepted", "cancelled", "timed_out", "failed",
+            "rejected", "stopped_by", "dry_run")
+    rows = [[k, report.get(k)] for k in keys if k in report]
     return "# plmtool draft serve\n\n" + md_table(["key", "value"], rows) + "\n"
 
 

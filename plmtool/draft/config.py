@@ -229,14 +229,45 @@ class BenchConfig:
 
 @dataclass
 class ServeConfig:
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # 0.0.0.0 to accept other machines (set serve.api_key then)
     port: int = 8000
     model_id: Optional[str] = None  # name served in /v1/models (default: the model path)
-    max_len: int = 2048
+    max_len: int = 2048  # context per sequence (KV cache slots of each batch row)
     max_tokens_default: int = 256
     acceptance: str = "lossless"  # lossless | typical (Medusa's typical acceptance; lossy)
     typical_epsilon: float = 0.09
+    # sequences decoded together per engine step (continuous batching); null: 16 on CUDA, 4 on CPU
+    max_batch: Optional[int] = None
+    max_queue: int = 256  # sequences waiting for a row; beyond it requests get 429
+    request_timeout_s: float = 600.0  # a sequence still waiting or decoding after this ends (504); 0 = none
+    shutdown_timeout_s: float = 5.0  # SIGTERM / SIGINT: in-flight requests get this long to finish
+    api_key: Optional[str] = None  # when set, /v1/* needs "Authorization: Bearer <key>" (else 401)
+    max_body_mb: float = 8.0  # larger request bodies get 413
     dry_run: bool = False  # build the app and exit (checks config + model + drafter)
+
+    def check(self) -> None:
+        """Each limit in range; the error names the key."""
+        if self.acceptance not in ("lossless", "typical"):
+            raise PlmtoolError(f"serve.acceptance must be lossless or typical, got '{self.acceptance}'")
+        if not 0 < self.port < 65536:
+            raise PlmtoolError(f"serve.port must be in 1..65535, got {self.port}")
+        if self.max_batch is not None and self.max_batch < 1:
+            raise PlmtoolError(f"serve.max_batch must be at least 1 (or null for the device's default), got {self.max_batch}")
+        for key in ("max_queue", "max_tokens_default"):
+            if getattr(self, key) < 1:
+                raise PlmtoolError(f"serve.{key} must be at least 1, got {getattr(self, key)}")
+        for key in ("request_timeout_s", "shutdown_timeout_s"):
+            if getattr(self, key) < 0:
+                raise PlmtoolError(f"serve.{key} must be >= 0, got {getattr(self, key)}")
+        if self.max_body_mb <= 0:
+            raise PlmtoolError(f"serve.max_body_mb must be > 0, got {self.max_body_mb}")
+
+    def batch_for(self, device) -> int:
+        """`max_batch`, or the device's default: 16 rows on CUDA (a step of the 135M target costs
+        about the same for one tree or several there), 4 on a CPU."""
+        if self.max_batch is not None:
+            return int(self.max_batch)
+        return 16 if getattr(device, "type", str(device)) == "cuda" else 4
 
 
 # Hydra is optional at import time: the GPU box trains and benchmarks through the Python API without it.

@@ -9,9 +9,10 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from plmtool.draft.decoding import SpeculativeEngine
+from plmtool.draft.config import ServeConfig
+from plmtool.draft.decoding.batch import BatchEngine
 from plmtool.serve.app import Server, create_app
-from tests.draft.decoding_helpers import RandomDrafter, plain_greedy
+from tests.draft.decoding_helpers import perturbed_drafter, plain_greedy
 
 MODEL_ID = "tiny"
 TREE = [[0], [1], [0, 0], [1, 0], [0, 0, 0]]
@@ -19,10 +20,10 @@ TREE = [[0], [1], [0, 0], [1, 0], [0, 0, 0]]
 
 @pytest.fixture(scope="module")
 def served(tiny_llama, tiny_tokenizer):
-    vocab = tiny_llama.config.vocab_size
-    engine = SpeculativeEngine(tiny_llama, RandomDrafter(tiny_llama.config.hidden_size, vocab, 3, stateful=True), TREE, max_len=128)
-    server = Server(engine, tiny_tokenizer, MODEL_ID, max_tokens_default=16, drafter_kind="random")
-    return server, TestClient(create_app(server))
+    engine = BatchEngine(tiny_llama, perturbed_drafter(tiny_llama, "amphista", seed=2), TREE, max_len=128, max_batch=4)
+    server = Server(engine, tiny_tokenizer, MODEL_ID, ServeConfig(max_tokens_default=16), drafter_kind="amphista")
+    yield server, TestClient(create_app(server))
+    server.scheduler.stop()
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,11 @@ def test_streamed_text_equals_non_streamed(client, endpoint):
     assert text == expected and len(expected) > 0
     finals = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
     assert finals[-1]["choices"][0]["finish_reason"] == full["choices"][0]["finish_reason"]
-    assert chunks[-1]["usage"] == full["usage"] and "mean_accepted" in chunks[-1]["speculative"]
+    assert "usage" not in chunks[-1]  # OpenAI: usage in a stream only when asked for
+    r = client.post(endpoint, json={**req, "stream": True, "stream_options": {"include_usage": True}})
+    chunks = _sse(r.text)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == full["usage"]
+    assert "mean_accepted" in chunks[-1]["speculative"]
 
 
 def test_stop_strings(client):
@@ -156,7 +161,7 @@ def test_sampling_with_seed_is_reproducible(client):
 
 
 def test_plain_mode(tiny_llama, tiny_tokenizer):
-    server = Server(SpeculativeEngine(tiny_llama, max_len=64), tiny_tokenizer, MODEL_ID)
+    server = Server(BatchEngine(tiny_llama, max_len=64, max_batch=2), tiny_tokenizer, MODEL_ID, ServeConfig())
     c = TestClient(create_app(server))
     body = c.post("/v1/chat/completions", json={"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0}).json()
     assert body["speculative"]["mode"] == "plain" and body["speculative"]["mean_accepted"] == 1.0

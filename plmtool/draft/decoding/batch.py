@@ -142,6 +142,15 @@ class BatchEngine:
     def check_request(self, prompt_len: int, max_new_tokens: int) -> None:
         check_fits(prompt_len, max_new_tokens, self.max_len, self.tree.n)
 
+    def generate(self, prompt: Sequence[int], gen: GenerationConfig | None = None, **kw) -> GenerationResult:
+        """One sequence decoded to its end while no other is live (calibration, scripts)."""
+        if self.seqs:
+            raise RuntimeError("generate() needs an idle engine")
+        out = self.add(prompt, gen or GenerationConfig(**kw))
+        while not out.done:
+            (out,) = self.step()
+        return out.seq.result
+
     # ------------------------------------------------------------------ joining and leaving
     def add(self, prompt: Sequence[int], gen: GenerationConfig, tag: object = None) -> StepOutput:
         """Prefill `prompt` into a free row; returns its first token (the sequence may already be
