@@ -162,7 +162,113 @@ def test_sampling_with_seed_is_reproducible(client):
 
 def test_plain_mode(tiny_llama, tiny_tokenizer):
     server = Server(BatchEngine(tiny_llama, max_len=64, max_batch=2), tiny_tokenizer, MODEL_ID, ServeConfig())
-    c = TestClient(create_app(server))
-    body = c.post("/v1/chat/completions", json={"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0}).json()
+    request = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0}
+    with TestClient(create_app(server)) as c:  # the app's shutdown stops the decoding thread
+        body = c.post("/v1/chat/completions", json=request).json()
+    assert not server.scheduler.thread.is_alive()
     assert body["speculative"]["mode"] == "plain" and body["speculative"]["mean_accepted"] == 1.0
     assert body["object"] == "chat.completion"
+
+
+# ---------------------------------------------------------------------- bad input, OpenAI extras
+
+
+def test_inputs_that_used_to_crash_are_handled(client):
+    base = {"model": MODEL_ID, "prompt": "The quick", "max_tokens": 8}
+    tiny_t = client.post("/v1/completions", json={**base, "temperature": 1e-300})
+    greedy = client.post("/v1/completions", json={**base, "temperature": 0})
+    assert tiny_t.status_code == 200 and tiny_t.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
+    r = client.post("/v1/completions", json={**base, "seed": 2**64})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "seed"
+    r = client.post("/v1/chat/completions", json={"model": MODEL_ID, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": 5}]}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content[0].text"
+    r = client.post("/v1/completions", content=b"[" * 100_000, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = client.post("/v1/completions", json={**base, "logprobs": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
+    assert client.get("/health").status_code == 200  # and the server goes on serving
+
+
+def test_n_choices_and_prompt_lists(client, tiny_llama, tiny_tokenizer):
+    prompts = ["The quick brown", "A language model"]
+    r = client.post("/v1/completions", json={"model": MODEL_ID, "prompt": prompts, "max_tokens": 6, "temperature": 0, "n": 2})
+    body = r.json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    for i, p in enumerate(prompts):
+        ref = plain_greedy(tiny_llama, tiny_tokenizer(p)["input_ids"], 6)
+        eos = tiny_tokenizer.eos_token_id
+        ref = ref[: ref.index(eos) + 1] if eos in ref else ref
+        assert [body["choices"][2 * i + j]["text"] for j in (0, 1)] == [tiny_tokenizer.decode(ref, skip_special_tokens=True)] * 2
+    ids = [len(tiny_tokenizer(p)["input_ids"]) for p in prompts]
+    assert body["usage"]["prompt_tokens"] == sum(ids)
+    sampled = client.post("/v1/chat/completions", json={"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}],
+                                                        "max_tokens": 8, "temperature": 1.0, "n": 3, "seed": 5}).json()
+    assert len(sampled["choices"]) == 3 and sampled["usage"]["completion_tokens"] >= 3
+    streamed = _sse(client.post("/v1/completions", json={"model": MODEL_ID, "prompt": prompts, "max_tokens": 6,
+                                                         "temperature": 0, "stream": True}).text)
+    for i in (0, 1):
+        text = "".join(c["choices"][0]["text"] for c in streamed if c["choices"] and c["choices"][0]["index"] == i)
+        assert text == body["choices"][2 * i]["text"]
+
+
+def test_model_card_metrics_and_limits(served, tiny_llama, tiny_tokenizer):
+    _, client = served
+    assert client.get(f"/v1/models/{MODEL_ID}").json()["id"] == MODEL_ID
+    r = client.get("/v1/models/gpt-4")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    text = client.get("/metrics").text
+    for name in ("plmtool_queue_length", "plmtool_tokens_per_second", "plmtool_mean_accepted_tokens",
+                 "plmtool_engine_steps_total", "plmtool_http_requests_total"):
+        assert name in text
+    engine = BatchEngine(tiny_llama, max_len=64, max_batch=2)
+    server = Server(engine, tiny_tokenizer, MODEL_ID, ServeConfig(api_key="sesame", max_body_mb=0.001))
+    try:
+        c = TestClient(create_app(server))
+        req = {"model": MODEL_ID, "prompt": "hi", "max_tokens": 2}
+        r = c.post("/v1/completions", json=req)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert c.get("/v1/models").status_code == 401 and c.get("/health").status_code == 200
+        auth = {"Authorization": "Bearer sesame"}
+        assert c.post("/v1/completions", json=req, headers=auth).status_code == 200
+        r = c.post("/v1/completions", json={**req, "prompt": "x" * 2000}, headers=auth)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    finally:
+        server.scheduler.stop()
+
+
+def test_the_official_openai_client_works_unchanged(served):
+    """The `openai` package against the app served by uvicorn on 127.0.0.1."""
+    import socket
+    import time
+
+    import openai
+    import uvicorn
+
+    server, _ = served
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    web = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=web.run, daemon=True)
+    thread.start()
+    try:
+        while not web.started:
+            time.sleep(0.05)
+        oai = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        assert oai.models.retrieve(MODEL_ID).id == MODEL_ID
+        chat = oai.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Numbers: 0 1 2"}],
+                                           max_tokens=10, temperature=0)
+        assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens >= 1
+        parts = list(oai.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Numbers: 0 1 2"}],
+                                                 max_tokens=10, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+        text = "".join(p.choices[0].delta.content or "" for p in parts if p.choices)
+        assert text == chat.choices[0].message.content and parts[-1].usage.completion_tokens == chat.usage.completion_tokens
+        done = oai.completions.create(model=MODEL_ID, prompt=["The quick", "A model"], max_tokens=5, temperature=0)
+        assert [c.index for c in done.choices] == [0, 1] and done.choices[0].finish_reason in ("stop", "length")
+        with pytest.raises(openai.BadRequestError):
+            oai.completions.create(model=MODEL_ID, prompt="hi", max_tokens=5, logprobs=2)
+    finally:
+        web.should_exit = True
+        thread.join(10)

@@ -1,0 +1,67 @@
+"""The decoding thread's queue: FIFO admission, 429 when full, 503 when stopping, cancellation that
+frees the row, per-request deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from plmtool.draft.decoding.batch import BatchEngine
+from plmtool.draft.decoding.engine import GenerationConfig
+from plmtool.serve.protocol import APIError
+from plmtool.serve.scheduler import Job, Scheduler
+
+
+@pytest.fixture()
+def engine(tiny_llama):
+    return BatchEngine(tiny_llama, max_len=128, max_batch=2)
+
+
+async def _events(job: Job, until: str) -> list:
+    got = []
+    while True:
+        kind, payload = await asyncio.wait_for(job.events.get(), 60)
+        got.append((kind, payload))
+        if kind in ("done", "error") or kind == until:
+            return got
+
+
+def test_queue_limit_and_stopping(engine):
+    async def main():
+        loop = asyncio.get_running_loop()
+        s = Scheduler(engine, max_queue=2)  # not started: jobs stay queued
+        s.submit([Job([5, 6], GenerationConfig(max_new_tokens=3), loop) for _ in range(2)])
+        with pytest.raises(APIError) as full:
+            s.submit([Job([5], GenerationConfig(max_new_tokens=3), loop)])
+        assert full.value.status == 429 and s.counters.rejected == 1
+        s.shutdown(0)
+        with pytest.raises(APIError) as stopping:
+            s.submit([Job([5], GenerationConfig(max_new_tokens=3), loop)])
+        assert stopping.value.status == 503
+
+    asyncio.run(main())
+
+
+def test_fifo_admission_cancellation_and_deadline(engine):
+    async def main():
+        loop = asyncio.get_running_loop()
+        s = Scheduler(engine, max_queue=8)
+        long = [Job([5 + i, 6], GenerationConfig(max_new_tokens=100), loop) for i in range(2)]
+        late = Job([9, 9], GenerationConfig(max_new_tokens=4), loop)
+        expired = Job([7, 7], GenerationConfig(max_new_tokens=100), loop, timeout_s=1e-9)
+        s.submit(long + [late, expired])
+        s.start()
+        await _events(long[0], "tokens")
+        await _events(long[1], "tokens")
+        assert s.running == 2 and s.queue_length == 2  # two rows: the first two in, the others wait in order
+        s.cancel(long)  # clients gone: their rows free up for the waiting ones
+        events = await _events(late, "done")
+        assert events[-1][0] == "done" and sum(len(p) for k, p in events if k == "tokens") == 4
+        kind, err = (await _events(expired, "error"))[-1]
+        assert kind == "error" and err.status == 504
+        s.stop()
+        assert s.counters.cancelled == 2 and s.counters.timed_out == 1 and s.counters.requests == 1
+        assert not engine.seqs
+
+    asyncio.run(main())
