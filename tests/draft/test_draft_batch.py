@@ -139,3 +139,19 @@ def test_compact_rows_matches_per_row_compact():
     for r in range(3):
         ref[r].compact(int(start[r]), paths[r])
         assert torch.equal(cache.k[:, r : r + 1], ref[r].k) and torch.equal(cache.v[:, r : r + 1], ref[r].v)
+
+
+def test_captured_bucket_programs_decode_losslessly(target, monkeypatch):
+    """With every bucket's target and drafter step captured (CPU stand-ins for CUDA graphs, each
+    checked against eager at capture), the batch still decodes exactly plain greedy."""
+    from plmtool.draft.config import EngineOptions
+    from tests.core.cuda_graph_helpers import stand_in_graphs
+
+    stand_in_graphs(monkeypatch)
+    monkeypatch.setattr(EngineOptions, "graphs_on", lambda self, device: True)
+    drafter = perturbed_drafter(target, "amphista", seed=3)
+    engine = BatchEngine(target, drafter, TREE, max_len=96, max_batch=3)
+    assert engine.cuda_graphs and all(p.graph is not None for p in engine.drafter_steps.values())
+    ps = prompts(5, seed=8)
+    got = run_all(engine, [(p, GenerationConfig(max_new_tokens=10)) for p in ps], join_every=2)
+    assert got == [plain_greedy(target, p, 10) for p in ps]
