@@ -264,13 +264,13 @@ class AmphistaDrafter(Drafter):
         layers = [LayerCache(layer.k[rows], layer.v[rows]) for layer in cache.layers]
         return AmphistaCache(layers, cache.length, cache.max_len, cache.slot_ids, cache.cos, cache.sin, cache.start[rows])
 
-    def move_cache_row(self, cache: AmphistaCache | None, src: int, dst: int) -> None:
-        if cache is None:
+    def copy_cache_row(self, src: AmphistaCache | None, src_row: int, dst: AmphistaCache | None, dst_row: int) -> None:
+        if src is None or dst is None:
             return
-        for layer in cache.layers:
-            layer.k[dst].copy_(layer.k[src])
-            layer.v[dst].copy_(layer.v[src])
-        cache.start[dst].copy_(cache.start[src])
+        for a, b in zip(src.layers, dst.layers):
+            b.k[dst_row].copy_(a.k[src_row])
+            b.v[dst_row].copy_(a.v[src_row])
+        dst.start[dst_row].copy_(src.start[src_row])
 
     def _heads_of_last(self, features: list[torch.Tensor]) -> torch.Tensor:
         return self.project(self.heads_from_features(features))[:, -1]

@@ -76,8 +76,9 @@ class Drafter(nn.Module):
         sequences, or the prefill of one, works on)."""
         return cache
 
-    def move_cache_row(self, cache: Any, src: int, dst: int) -> None:
-        """Copy row `src` of a batched cache into row `dst`."""
+    def copy_cache_row(self, src: Any, src_row: int, dst: Any, dst_row: int) -> None:
+        """Copy row `src_row` of cache `src` into row `dst_row` of cache `dst` (the same cache or
+        another of the same shape per row)."""
         return None
 
     # --- bookkeeping ---

@@ -174,7 +174,12 @@ class Server:
     async def choices(self, plan: Plan, jobs: list[Job]) -> AsyncIterator[tuple[int, str, ChoiceState]]:
         """(choice index, text delta, state) as tokens arrive, choice by choice in arrival order;
         a state's `finish` is set on its last delta. Raises the first job's APIError. Cancels
-        every job still running when the consumer stops early (a disconnect, an error)."""
+        every job still running when the consumer stops early (a disconnect, an error).
+
+        Text is decoded as tokens arrive only where something needs it (a stream, stop strings);
+        otherwise once at the end: decoding runs on the event loop, and re-decoding every answer
+        at every step of a full batch would hold the interpreter against the decoding thread."""
+        incremental = plan.req.stream or bool(plan.req.stop)
         states = [ChoiceState(TextAssembler(self.tokenizer, plan.req.stop), [], []) for _ in jobs]
         getters = {asyncio.ensure_future(job.events.get()): i for i, job in enumerate(jobs)}
         try:
@@ -190,6 +195,9 @@ class Server:
                         if state.tokens:  # the first tokens come from the prefill, the rest from steps
                             state.accept_lengths.append(len(payload))
                         state.tokens.extend(payload)
+                        if not incremental:
+                            getters[asyncio.ensure_future(jobs[i].events.get())] = i
+                            continue
                         delta = state.text.feed(state.tokens)
                         if state.text.stopped:  # a stop string: this choice is over, free its row
                             self.scheduler.cancel([jobs[i]])

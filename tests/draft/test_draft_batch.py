@@ -152,6 +152,7 @@ def test_captured_bucket_programs_decode_losslessly(target, monkeypatch):
     drafter = perturbed_drafter(target, "amphista", seed=3)
     engine = BatchEngine(target, drafter, TREE, max_len=96, max_batch=3)
     assert engine.cuda_graphs and all(p.graph is not None for p in engine.drafter_steps.values())
+    assert engine.prefill_graphs is not None and engine.drafter_prefills is not None  # padded prefills, spare row
     ps = prompts(5, seed=8)
     got = run_all(engine, [(p, GenerationConfig(max_new_tokens=10)) for p in ps], join_every=2)
     assert got == [plain_greedy(target, p, 10) for p in ps]

@@ -13,8 +13,11 @@ accepts exactly what plain greedy decoding emits; sampling is lossless speculati
 the request's own generator. A step program per bucket (target and drafter) is captured as a CUDA
 graph where graphs are on, each checked against eager at capture like every captured program.
 
-Host reads per step: one transfer of every greedy row's verdict (accepted node, bonus token, path
-tokens); sampled rows verify on the host from their logits, as in the batch-1 engine.
+The rows' lengths and next roots live on the device, so a step's commit (cache compaction, new
+lengths) and the drafter's step are launched right after verification, and the host reads the
+verdicts (accepted node, bonus token, path tokens: one transfer) while the device drafts; the host
+then emits the tokens. Sampled rows verify on the host from their logits, as in the batch-1
+engine, and their verdicts are written back before the commit.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from plmtool.draft.decoding.drafter_step import DrafterProgram
 from plmtool.draft.decoding.engine import (
     GenerationConfig, GenerationResult, check_fits, choose, emit, sampled_verdict, sampler,
 )
+from plmtool.draft.decoding.prefill import drafter_prefills, lengths_up_to
 from plmtool.draft.decoding.target import StepProgram, TargetRunner
 from plmtool.draft.decoding.tree import make_tree
 from plmtool.draft.decoding.verify import greedy_accepted_nodes, tree_depth
@@ -97,9 +101,13 @@ class BatchEngine:
         opts.check()
         self.options = opts
         self.model, self.drafter, self.max_batch = model, drafter, max_batch
-        self.runner = TargetRunner(model, max_len, compile=opts.compile, batch_size=max_batch)
+        device = next(model.parameters()).device
+        use_graphs = opts.graphs_on(device)
+        # prompts are prefilled by padded graphs (prefill.py) into a spare row, then moved into place
+        self.use_prefill_graphs = opts.prefill_graphs_on(device)
+        self.stage = max_batch  # the spare row
+        self.runner = TargetRunner(model, max_len, compile=opts.compile, batch_size=max_batch + self.use_prefill_graphs)
         self.device, self.max_len = self.runner.device, self.runner.max_len
-        use_graphs = opts.graphs_on(self.device)
         if drafter is not None and tree is None:
             raise PlmtoolError("a drafter needs a candidate tree")
         if drafter is not None and not hasattr(drafter, "step_static"):
@@ -128,6 +136,22 @@ class BatchEngine:
                     buffers=(self.dhidden[:b], self.dnext[:b], self.dcount[:b]), name=f"drafter step ({b} rows)",
                     sync_check=bool(opts.sync_check))
         self.cuda_graphs = all(p.graph is not None for p in self.steps.values())
+        self.prefill_graphs = self.drafter_prefills = None
+        if self.use_prefill_graphs:
+            longest = self.max_len - 1 - self.tree.n  # the longest prompt check_request lets through
+            self.runner.enable_prefill_graphs(row=self.stage, lengths=lengths_up_to(self.max_len, longest), cuda_graphs=use_graphs)
+            self.prefill_graphs = self.runner.prefill_graphs
+            if drafter is not None and self.prefill_graphs is not None:
+                with torch.no_grad():  # the drafter's prefill goes to a one-row cache, then into place
+                    self.dstage = drafter.new_cache(1, self.max_len, self.device, self.runner.dtype)
+                staging = DrafterProgram(drafter, self.dstage, rows, self.runner.hidden_size, self.device, self.runner.dtype)
+                self.drafter_prefills = drafter_prefills(staging, lengths_up_to(self.max_len, longest), cuda_graphs=use_graphs)
+        # per row: committed length and the next tree's root, on the device (host copies in the sequences)
+        self.lengths = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self.roots = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        width = 2 + int(self.tree.paths.shape[1])  # node, bonus, path tokens
+        pinned = self.device.type == "cuda"
+        self.verdicts = torch.zeros(max_batch, width, dtype=torch.long, pin_memory=pinned)  # host side of the one read
         self.seqs: list[BatchSequence] = []  # row i holds seqs[i]
         self.stats = BatchStats()
 
@@ -163,17 +187,11 @@ class BatchEngine:
         row = len(self.seqs)
         generator = sampler(gen)
         with torch.inference_mode():
-            self.runner.cache.length = 0  # the row's own prefill starts at slot 0
-            with variable_shape_attention():
-                logits, hidden = self.runner.extend(prompt, row=row)
-            token = choose(logits[-1], gen, generator)
+            token, hidden = self._prefill(prompt, row, gen, generator)
             if self.drafter is not None:
-                cache = self.drafter.cache_rows(self.dcache, slice(row, row + 1))
-                self.drafter.crop_cache(cache, 0)
-                nxt = torch.tensor([prompt[1:] + [token]], device=self.device)
-                with variable_shape_attention():
-                    heads = self.drafter.step(hidden.unsqueeze(0), nxt, cache)  # [1, K, V]
-                self.heads[row].copy_(heads[0])
+                self._prefill_drafter(hidden, prompt[1:] + [token], row)
+            self.lengths[row] = len(prompt)
+            self.roots[row] = token
         seq = BatchSequence(prompt, gen, GenerationResult(prompt_tokens=len(prompt)), generator,
                         {int(t) for t in gen.stop_token_ids}, row, len(prompt), token, tag)
         self.stats.prefills += 1
@@ -182,6 +200,32 @@ class BatchEngine:
         if not done:
             self.seqs.append(seq)
         return StepOutput(seq, kept, done)
+
+    def _prefill(self, prompt: list[int], row: int, gen: GenerationConfig, generator) -> tuple[int, torch.Tensor]:
+        """The prompt into `row` of the cache: its first token and its hidden states [n, H]."""
+        runner = self.runner
+        runner.cache.length = 0  # a row's prefill starts at slot 0
+        if self.prefill_graphs is not None:
+            logits, hidden = runner.prefill(prompt)  # one padded replay into the spare row
+            runner.cache.move_row(self.stage, row, len(prompt))
+        else:
+            with variable_shape_attention():
+                logits, hidden = runner.extend(prompt, row=row)
+            logits = logits[-1]
+        return choose(logits, gen, generator), hidden
+
+    def _prefill_drafter(self, hidden: torch.Tensor, next_tokens: list[int], row: int) -> None:
+        drafter = self.drafter
+        if self.drafter_prefills is not None:
+            drafter.crop_cache(self.dstage, 0)
+            heads = self.drafter_prefills(hidden, next_tokens)  # [1, K, V]
+            drafter.copy_cache_row(self.dstage, 0, self.dcache, row)
+        else:
+            cache = drafter.cache_rows(self.dcache, slice(row, row + 1))
+            drafter.crop_cache(cache, 0)
+            with variable_shape_attention():
+                heads = drafter.step(hidden.unsqueeze(0), torch.tensor([next_tokens], device=self.device), cache)
+        self.heads[row].copy_(heads[0])
 
     def remove(self, seq: BatchSequence) -> None:
         """Free a sequence's row (finished or cancelled): the last live row moves into it."""
@@ -192,11 +236,14 @@ class BatchEngine:
             moved = self.seqs[last]
             with torch.inference_mode():
                 self.runner.cache.move_row(last, row, moved.length)
+                self.lengths[row] = self.lengths[last]
+                self.roots[row] = self.roots[last]
                 if self.drafter is not None:
-                    self.drafter.move_cache_row(self.dcache, last, row)
+                    self.drafter.copy_cache_row(self.dcache, last, self.dcache, row)
                     self.heads[row].copy_(self.heads[last])
             moved.row = row
             self.seqs[row] = moved
+            self.lengths[last] = 0  # a padding row from now on: it writes from slot 0 of its free row
         self.seqs.pop()
         seq.done = True
 
@@ -206,12 +253,12 @@ class BatchEngine:
         live = list(self.seqs)
         if not live:
             return []
-        b = next(x for x in self.buckets if x >= len(live))
-        pad = b - len(live)
+        n_live = len(live)
+        b = next(x for x in self.buckets if x >= n_live)
         program, tree = self.steps[b], self.tree
         with torch.inference_mode():
-            program.start.copy_(torch.tensor([s.length for s in live] + [0] * pad))
-            program.tokens[:, 0].copy_(torch.tensor([s.token for s in live] + [0] * pad))
+            program.start.copy_(self.lengths[:b])
+            program.tokens[:, 0].copy_(self.roots[:b])
             if self.drafter is not None:
                 cands = torch.topk(self.heads[:b, : self.max_depth], tree.topk, dim=-1).indices.reshape(b, -1)
                 program.tokens[:, 1:] = cands[:, tree.candidate_index]
@@ -220,61 +267,64 @@ class BatchEngine:
             if b == 1:
                 logits, hidden = logits.unsqueeze(0), hidden.unsqueeze(0)
             tokens = program.tokens
-            verdicts = self._verify(live, tokens, logits)
-            nodes = torch.tensor([v[0] for v in verdicts] + [0] * pad, device=self.device)
-            paths = tree.paths.index_select(0, nodes)  # [b, P]
+            pred = logits.argmax(dim=-1)  # [b, n]
+            best = greedy_accepted_nodes(tree, tokens, pred)  # [b]: every row's greedy verdict
+            bonus = pred.gather(1, best.view(-1, 1)).view(-1)
+            sampled = self._sampled_verdicts(live, tokens, logits)
+            if sampled:  # the host's verdicts for rows at temperature > 0 replace the greedy ones
+                rows = torch.tensor(list(sampled), device=self.device)
+                best[rows] = torch.tensor([v.node for v in sampled.values()], device=self.device)
+                bonus[rows] = torch.tensor([v.bonus for v in sampled.values()], device=self.device)
+            paths = tree.paths.index_select(0, best)  # [b, P]
+            count = tree.depth.index_select(0, best) + 1  # accepted positions, the root included
+            table = torch.cat([best.view(-1, 1), bonus.view(-1, 1), tokens.gather(1, paths)], dim=1)
+            host = self.verdicts[:b]
+            host.copy_(table, non_blocking=True)
+            read = torch.cuda.Event() if self.device.type == "cuda" else None
+            if read is not None:
+                read.record()
+            # commit and draft on the device while the host waits for the verdicts
             if tree.n > 1:
                 self.runner.cache.compact_rows(program.start, paths)
-            outputs = []
-            for seq, (node, length, drafted, bonus) in zip(live, verdicts):
-                seq.length += length
-                seq.token = bonus
-                kept, done = emit(drafted + [bonus], seq.gen, seq.result, seq.stops)
-                seq.result.accept_lengths.append(len(kept))
-                outputs.append(StepOutput(seq, kept, done))
-            if self.drafter is not None and not all(o.done for o in outputs):
-                self._draft(b, hidden, tokens, paths, [v[1] for v in verdicts] + [1] * pad,
-                            [v[3] for v in verdicts] + [0] * pad)
+            self.lengths[:n_live] += count[:n_live]  # padding rows keep their length: they stay in bounds
+            self.roots[:b].copy_(bonus)
+            if self.drafter is not None:
+                self._draft(b, hidden, tokens, paths, count, bonus)
+            if read is not None:
+                read.synchronize()
+            verdicts = host.tolist()
+        outputs = []
+        for i, seq in enumerate(live):
+            node, token, *path = verdicts[i]
+            length = tree_depth(tree, node) + 1
+            seq.length += length
+            seq.token = token
+            kept, done = emit(path[1:length] + [token], seq.gen, seq.result, seq.stops)
+            seq.result.accept_lengths.append(len(kept))
+            outputs.append(StepOutput(seq, kept, done))
         for o in outputs:
             if o.done:
                 self.remove(o.seq)
         self.stats.steps += 1
-        self.stats.sequence_steps += len(live)
+        self.stats.sequence_steps += n_live
         self.stats.tokens += sum(len(o.tokens) for o in outputs)
         self.stats.rows[b] = self.stats.rows.get(b, 0) + 1
         return outputs
 
-    def _verify(self, live: list[BatchSequence], tokens: torch.Tensor, logits: torch.Tensor) -> list[tuple[int, int, list[int], int]]:
-        """(accepted node, accepted length with the root, drafted tokens kept, bonus token) per
-        live row: greedy rows from one device-side verification and one transfer, sampled rows on
-        the host with their own generators."""
-        tree = self.tree
-        out: list[tuple[int, int, list[int], int] | None] = [None] * len(live)
-        greedy = [i for i, s in enumerate(live) if s.gen.temperature == 0]
-        if greedy:
-            pred = logits.argmax(dim=-1)  # [b, n]
-            best = greedy_accepted_nodes(tree, tokens, pred)  # [b]
-            path_tokens = tokens.gather(1, tree.paths.index_select(0, best))
-            table = torch.cat([best.view(-1, 1), pred.gather(1, best.view(-1, 1)), path_tokens], dim=1).tolist()
-            for i in greedy:
-                node, bonus, *path = table[i]
-                length = tree_depth(tree, node) + 1
-                out[i] = (node, length, path[1:length], bonus)
-        for i, s in enumerate(live):
-            if out[i] is None:
-                v = sampled_verdict(tree, tokens[i], logits[i], s.gen, s.generator)
-                drafted = v.path_tokens[1:] if v.path_tokens is not None else tokens[i, tree.paths[v.node][1 : v.length]].tolist()
-                out[i] = (v.node, v.length, drafted, v.bonus)
-        return out  # type: ignore[return-value]
+    def _sampled_verdicts(self, live: list[BatchSequence], tokens: torch.Tensor, logits: torch.Tensor) -> dict:
+        """Row -> Verdict for the rows at temperature > 0 (verified on the host with their own
+        generators: lossless speculative sampling or typical acceptance)."""
+        return {i: sampled_verdict(self.tree, tokens[i], logits[i], s.gen, s.generator)
+                for i, s in enumerate(live) if s.gen.temperature > 0}
 
-    def _draft(self, b: int, hidden: torch.Tensor, tokens: torch.Tensor, paths: torch.Tensor, lengths: list[int],
-               bonuses: list[int]) -> None:
+    def _draft(self, b: int, hidden: torch.Tensor, tokens: torch.Tensor, paths: torch.Tensor, count: torch.Tensor,
+               bonus: torch.Tensor) -> None:
         """The drafter reads each row's accepted positions and the token after each one (the
-        drafted tokens, then the bonus token); its heads for every row go to `self.heads`."""
+        drafted tokens, then the bonus token); its heads for every row go to `self.heads`. All
+        inputs stay on the device."""
         p = paths.shape[1]
-        count = torch.tensor(lengths, device=self.device)
         self.dhidden[:b].copy_(hidden.gather(1, paths.unsqueeze(-1).expand(b, p, hidden.shape[-1])))
         self.dnext[:b, : p - 1].copy_(tokens.gather(1, paths[:, 1:]))
-        self.dnext[:b].scatter_(1, (count - 1).view(b, 1), torch.tensor(bonuses, device=self.device).view(b, 1))
+        self.dnext[:b].scatter_(1, (count - 1).view(b, 1), bonus.view(b, 1))
         self.dcount[:b].copy_(count)
         self.heads[:b].copy_(self.drafter_steps[b].launch())

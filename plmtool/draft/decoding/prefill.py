@@ -71,9 +71,12 @@ def _padded_length(lengths: list[int], n: int) -> int:
 class PrefillGraphs:
     """Padded prefills of one runner: `logits_last, hidden = graphs(prompt)` from an empty cache."""
 
-    def __init__(self, runner, lengths: Sequence[int] | None = None, cuda_graphs: bool | None = None, check: bool = True):
-        """`cuda_graphs=False` runs the same padded forward eagerly (what the CPU tests exercise)."""
+    def __init__(self, runner, lengths: Sequence[int] | None = None, cuda_graphs: bool | None = None, check: bool = True,
+                 row: int = 0):
+        """`cuda_graphs=False` runs the same padded forward eagerly (what the CPU tests exercise);
+        `row`: the cache row prefilled (a batch prefills a spare row and moves it into place)."""
         self.runner = runner
+        self.row = row
         self.lengths = sorted(lengths) if lengths is not None else bucket_lengths(runner.max_len)
         if not self.lengths or self.lengths[0] < 1 or self.lengths[-1] > runner.max_len:
             raise ValueError(f"prefill lengths {self.lengths} outside 1..{runner.max_len}")
@@ -99,7 +102,7 @@ class PrefillGraphs:
         r = self.runner
         slots = r.slot_ids[:b]
         mask = (slots.view(1, -1) <= slots.view(-1, 1)).view(1, 1, b, b)
-        return r.hidden_states(self.ids[:, :b], slots.view(1, b), slots, mask, b)[0]
+        return r.hidden_states(self.ids[:, :b], slots.view(1, b), slots, mask, b, rows=slice(self.row, self.row + 1))[0]
 
     def _buffers(self) -> tuple[torch.Tensor, ...]:
         r = self.runner
@@ -139,7 +142,7 @@ class PrefillGraphs:
             prompt = torch.randint(0, r.vocab_size, (n,), generator=g)
             r.reset()
             with torch.no_grad():
-                _, ref = r.extend(prompt.to(r.device))
+                _, ref = r.extend(prompt.to(r.device), row=self.row)
                 ref = ref.clone()
                 ref_k, ref_v = r.cache.k[..., :n, :].clone(), r.cache.v[..., :n, :].clone()
                 r.reset()

@@ -206,15 +206,16 @@ class TargetRunner:
             logits, hidden = self.extend(prompt)
         return logits[-1], hidden
 
-    def enable_prefill_graphs(self) -> None:
-        """Capture the prefill for a ladder of padded prompt lengths (once per runner; engines that
-        share the runner share them). Logs and keeps the eager prefill where capture fails."""
+    def enable_prefill_graphs(self, row: int = 0, lengths: list[int] | None = None, cuda_graphs: bool | None = None) -> None:
+        """Capture the prefill into cache `row` for a ladder of padded prompt lengths (once per
+        runner; engines that share the runner share them). Logs and keeps the eager prefill where
+        capture fails."""
         if self.prefill_graphs is None and not self.prefill_graphs_failed:
             from plmtool.draft.decoding.prefill import PrefillGraphs
 
             # the graphs check themselves against eager prefills when built (raising on a mismatch)
-            self.prefill_graphs = capture_checked("prefill CUDA graphs", "prefilling eagerly", lambda: PrefillGraphs(self),
-                                                  cleanup=self.reset)
+            self.prefill_graphs = capture_checked("prefill CUDA graphs", "prefilling eagerly",
+                                                  lambda: PrefillGraphs(self, lengths, cuda_graphs, row=row), cleanup=self.reset)
             self.prefill_graphs_failed = self.prefill_graphs is None  # engines sharing this runner do not try again
 
     @torch.no_grad()
