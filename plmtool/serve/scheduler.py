@@ -126,12 +126,22 @@ class Scheduler:
 
     # ------------------------------------------------------------------ decoding thread
     def _send(self, job: Job, kind: str, payload: Any) -> None:
-        if kind in ("done", "error"):
-            job.finished = True
-        try:
-            job.loop.call_soon_threadsafe(job.events.put_nowait, (kind, payload))
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            pass
+        self._send_all([(job, kind, payload)])
+
+    def _send_all(self, events: list[tuple[Job, str, Any]]) -> None:
+        """Hand events to their jobs' event loops: one wake-up per loop, not one per event (a full
+        batch step would otherwise wake the loop once per row, each a system call and a switch of
+        the interpreter between the threads)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for job, kind, payload in events:
+            if kind in ("done", "error"):
+                job.finished = True
+            by_loop.setdefault(job.loop, []).append((job.events, (kind, payload)))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                pass
 
     def _end(self, job: Job, error: APIError | None, counter: str) -> None:
         setattr(self.counters, counter, getattr(self.counters, counter) + 1)
@@ -192,14 +202,20 @@ class Scheduler:
                 self._end(job, timed_out(job.timeout_s), "timed_out")
 
     def _deliver(self, outputs: list[StepOutput]) -> None:
-        now, total = time.monotonic(), 0
+        now, total, events = time.monotonic(), 0, []
         for out in outputs:
             job: Job = out.seq.tag
             total += len(out.tokens)
             if out.tokens:
-                self._send(job, "tokens", list(out.tokens))
+                events.append((job, "tokens", list(out.tokens)))
             if out.done:
                 self.counters.requests += 1
-                self._send(job, "done", out.seq.result)
+                events.append((job, "done", out.seq.result))
+        self._send_all(events)
         self.counters.tokens += total
         self.counters.recent.append((now, total))
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)

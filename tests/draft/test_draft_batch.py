@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from plmtool.draft.decoding.batch import BatchEngine, batch_buckets
+from plmtool.draft.decoding.batch import BatchEngine, batch_buckets, span_buckets
 from plmtool.draft.decoding.engine import GenerationConfig, SpeculativeEngine
 from plmtool.draft.decoding.kv_cache import StaticKVCache
 from tests.conftest import build_tiny_llama
@@ -48,6 +48,7 @@ def run_all(engine: BatchEngine, requests: list[tuple[list[int], GenerationConfi
 
 
 def test_buckets():
+    assert span_buckets(2048) == [512, 1024, 2048] and span_buckets(300) == [300]
     assert batch_buckets(1) == [1]
     assert batch_buckets(16) == [1, 2, 4, 8, 16]
     assert batch_buckets(6) == [1, 2, 4, 6]
@@ -143,16 +144,20 @@ def test_compact_rows_matches_per_row_compact():
 
 def test_captured_bucket_programs_decode_losslessly(target, monkeypatch):
     """With every bucket's target and drafter step captured (CPU stand-ins for CUDA graphs, each
-    checked against eager at capture), the batch still decodes exactly plain greedy."""
+    checked against eager at capture) over spans of 16, 32, 64 and 96 slots, the batch still
+    decodes exactly plain greedy as its sequences outgrow the shorter spans."""
     from plmtool.draft.config import EngineOptions
+    from plmtool.draft.decoding import batch
     from tests.core.cuda_graph_helpers import stand_in_graphs
 
     stand_in_graphs(monkeypatch)
     monkeypatch.setattr(EngineOptions, "graphs_on", lambda self, device: True)
+    monkeypatch.setattr(batch, "SHORTEST_SPAN", 16)
     drafter = perturbed_drafter(target, "amphista", seed=3)
     engine = BatchEngine(target, drafter, TREE, max_len=96, max_batch=3)
+    assert engine.spans == [16, 32, 64, 96] and {s.span for s in engine.steps.values()} == {16, 32, 64, 96}
     assert engine.cuda_graphs and all(p.graph is not None for p in engine.drafter_steps.values())
     assert engine.prefill_graphs is not None and engine.drafter_prefills is not None  # padded prefills, spare row
     ps = prompts(5, seed=8)
-    got = run_all(engine, [(p, GenerationConfig(max_new_tokens=10)) for p in ps], join_every=2)
-    assert got == [plain_greedy(target, p, 10) for p in ps]
+    got = run_all(engine, [(p, GenerationConfig(max_new_tokens=40)) for p in ps], join_every=2)
+    assert got == [plain_greedy(target, p, 40) for p in ps]

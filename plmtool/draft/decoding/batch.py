@@ -52,6 +52,20 @@ def batch_buckets(max_batch: int) -> list[int]:
     return out + [max_batch]
 
 
+SHORTEST_SPAN = 512
+
+
+def span_buckets(max_len: int) -> list[int]:
+    """Attention spans with a captured step each: 512, 1024, ... below `max_len`, then `max_len`.
+    A captured step attends to a fixed number of cache slots; most answers end far before the
+    context does, and at 16 rows the attention over 2,048 slots is a large part of a step."""
+    out, s = [], SHORTEST_SPAN
+    while s < max_len:
+        out.append(s)
+        s *= 2
+    return out + [max_len]
+
+
 @dataclass
 class BatchSequence:
     """One sequence being decoded: its request, what it produced, where it lives."""
@@ -117,8 +131,11 @@ class BatchEngine:
             raise PlmtoolError(f"tree of {self.tree.n} nodes does not fit the context of {self.max_len}")
         self.max_depth = self.tree.max_depth
         self.buckets = batch_buckets(max_batch)
-        self.steps = {b: StepProgram(self.runner, self.tree.depth, self.tree.ancestors, use_graphs, None,
-                                     bool(opts.sync_check), rows=b) for b in self.buckets}
+        # eager steps attend to exactly the live slots: one program per row count is enough
+        self.spans = span_buckets(self.max_len) if use_graphs else [self.max_len]
+        self.steps = {(b, span): StepProgram(self.runner, self.tree.depth, self.tree.ancestors, use_graphs, None,
+                                             bool(opts.sync_check), rows=b, span=span)
+                      for b in self.buckets for span in self.spans}
         self.drafter_steps: dict[int, DrafterProgram] = {}
         if drafter is not None:
             dtype, hidden = self.runner.dtype, self.runner.hidden_size
@@ -243,6 +260,7 @@ class BatchEngine:
                     self.heads[row].copy_(self.heads[last])
             moved.row = row
             self.seqs[row] = moved
+        with torch.inference_mode():
             self.lengths[last] = 0  # a padding row from now on: it writes from slot 0 of its free row
         self.seqs.pop()
         seq.done = True
@@ -255,14 +273,15 @@ class BatchEngine:
             return []
         n_live = len(live)
         b = next(x for x in self.buckets if x >= n_live)
-        program, tree = self.steps[b], self.tree
+        tree = self.tree
+        span = max(s.length for s in live) + tree.n  # every row's tree ends before it
+        program = self.steps[b, next(x for x in self.spans if x >= span)]
         with torch.inference_mode():
             program.start.copy_(self.lengths[:b])
             program.tokens[:, 0].copy_(self.roots[:b])
             if self.drafter is not None:
                 cands = torch.topk(self.heads[:b, : self.max_depth], tree.topk, dim=-1).indices.reshape(b, -1)
                 program.tokens[:, 1:] = cands[:, tree.candidate_index]
-            span = max(s.length for s in live) + tree.n
             logits, hidden = program.run(span)
             if b == 1:
                 logits, hidden = logits.unsqueeze(0), hidden.unsqueeze(0)

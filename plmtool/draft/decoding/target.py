@@ -245,10 +245,13 @@ class StepProgram:
     """
 
     def __init__(self, runner: TargetRunner, depth: torch.Tensor, ancestors: torch.Tensor, cuda_graph: bool = False,
-                 pool=None, sync_check: bool = False, rows: int = 1):
-        """`sync_check`: synchronise after each step so a device fault names this program."""
+                 pool=None, sync_check: bool = False, rows: int = 1, span: int | None = None):
+        """`sync_check`: synchronise after each step so a device fault names this program; `span`:
+        the cache slots a captured step attends to (default all): a shorter span serves sequences
+        whose every row ends before it, at less attention work."""
         if not 1 <= rows <= runner.batch_size:
             raise ValueError(f"a step over {rows} rows of a cache of {runner.batch_size}")
+        self.span = runner.max_len if span is None else min(int(span), runner.max_len)
         self.runner = runner
         self.sync_check = sync_check
         self.rows = rows
@@ -290,7 +293,7 @@ class StepProgram:
         the compiled step is captured)."""
         r = self.runner
         saved = r.cache.length
-        graph = CapturedGraph(f"{self.n}-node target step", lambda: self._run(r.max_len, compiled), self._buffers, pool)
+        graph = CapturedGraph(f"{self.n}-node target step", lambda: self._run(self.span, compiled), self._buffers, pool)
         r.cache.length = saved
         return graph
 
@@ -318,7 +321,7 @@ class StepProgram:
         it, as it did on the GPU (0.39 / 0.37)."""
         r = self.runner
         g = torch.Generator(device=r.device).manual_seed(seed)
-        start = max(0, min(self.CHECK_PREFIX, r.max_len - self.n))
+        start = max(0, min(self.CHECK_PREFIX, self.span - self.n))
         r.reset()
         if start:
             r.extend(torch.randint(0, r.vocab_size, (start,), generator=g, device=r.device))
