@@ -67,7 +67,7 @@ LOADED_SPEEDUP_TARGET = 1.0  # speculative over plain, 16 clients
 LOADED_CONCURRENCY = 16
 
 # arguments that do not change what is measured: they may differ between the commands of one run
-NOT_SETTINGS = {"cmd", "out", "work", "data", "concurrency", "budget_s", "train_budget_s", "startup_timeout_s",
+NOT_SETTINGS = {"commit", "cmd", "out", "work", "data", "concurrency", "budget_s", "train_budget_s", "startup_timeout_s",
                 "stop_timeout_s", "request_timeout_s", "fresh", "port"}
 
 
@@ -609,6 +609,8 @@ def run(args) -> int:
     questions = [q["turns"][0] for q in data["mtbench"]]
     results = load_results(work / RESULTS, settings_of(args), args.fresh)
     env = environment()
+    if args.commit:  # a copied checkout may carry another history than the code it holds
+        env["git_commit"], env["git_dirty"] = args.commit, None
     results["environment"] = env  # this command's; each level also records its card
     results["commands"].append({"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"), **env})
 
@@ -752,6 +754,7 @@ def main() -> None:
     pr.add_argument("--model", default="smollm2-135m", help="model.name_or_path of the servers and the training")
     pr.add_argument("--out", required=True)
     pr.add_argument("--work", default="/tmp/serve_work", help="drafter, server run dirs and logs, results: reused on rerun")
+    pr.add_argument("--commit", default=None, help="the commit the copied code is (recorded instead of `git rev-parse`)")
     pr.add_argument("--fresh", action="store_true", help="discard the results saved in --work (not the drafter)")
     pr.add_argument("--budget-s", type=float, default=420,
                     help="start no new level or server after this many seconds; the same command continues (0: none)")
