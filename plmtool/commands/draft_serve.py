@@ -39,9 +39,10 @@ def serve_options(node) -> "ServeConfig":
 
 def build_server(cfg: DictConfig):
     """Model (+ drafter and tree) -> Server; shared by the command and the tests."""
-    from plmtool.draft.decoding.batch import BatchEngine
+    from plmtool.draft.decoding.batch import BatchEngine, batch_buckets
     from plmtool.draft.setup import (
-        calibration_sequences, chat_prompt_ids, check_decoding_config, engine_options, setup_drafter, stop_token_ids,
+        bucket_trees, calibration_sequences, chat_prompt_ids, check_decoding_config, engine_options, setup_drafter,
+        stop_token_ids,
     )
     from plmtool.models import load_model
     from plmtool.serve.app import Server
@@ -52,7 +53,7 @@ def build_server(cfg: DictConfig):
     model, tokenizer = load_model(cfg.model)
     stops = stop_token_ids(model, tokenizer)
     max_batch = s.batch_for(next(model.parameters()).device)
-    drafter, tree, kind = None, None, None
+    drafter, tree, kind, smaller = None, None, None, {}
     if d.checkpoint:
         cal = []
         if isinstance(d.tree, str) and d.tree.startswith("auto") and d.tree_calibration > 0:
@@ -65,10 +66,12 @@ def build_server(cfg: DictConfig):
             raise PlmtoolError("draft.dynamic_pool is not served: the batched engine decodes static trees")
         setup = setup_drafter(model, d.checkpoint, d.tree, cal, s.max_len, d.tree_accuracy, d.dynamic_pool)
         drafter, tree, kind = setup.drafter, setup.tree, setup.name
-    engine = BatchEngine(model, drafter, tree, max_len=s.max_len, max_batch=max_batch, options=options)
+        smaller = bucket_trees(setup, batch_buckets(max_batch), s.step_tokens)
+    engine = BatchEngine(model, drafter, tree, max_len=s.max_len, max_batch=max_batch, options=options, bucket_trees=smaller)
     model_id = s.model_id or str(cfg.model.name_or_path)
     server = Server(engine, tokenizer, model_id, s, stops, kind)
     return server, {"model_id": model_id, "drafter": kind, "tree_nodes": engine.tree.n if kind else None,
+                    "tree_nodes_per_batch_rows": {str(b): t.n for b, t in engine.trees.items()} if kind else None,
                     "max_len": engine.max_len, "max_batch": max_batch, "batch_buckets": engine.buckets,
                     "acceptance": s.acceptance if kind else None, "device": str(engine.device),
                     "cuda_graphs": engine.cuda_graphs, "engine": dataclasses.asdict(options)}

@@ -238,6 +238,10 @@ class ServeConfig:
     typical_epsilon: float = 0.09
     # sequences decoded together per engine step (continuous batching); null: 16 on CUDA, 4 on CPU
     max_batch: Optional[int] = None
+    # tree nodes one engine step verifies over all its rows (roots included): a step over b rows
+    # decodes with trees of at most step_tokens // b nodes (an auto tree rebuilt at that size);
+    # null: every step decodes with draft.tree
+    step_tokens: Optional[int] = 512
     max_queue: int = 256  # sequences waiting for a row; beyond it requests get 429
     request_timeout_s: float = 600.0  # a sequence still waiting or decoding after this ends (504); 0 = none
     shutdown_timeout_s: float = 5.0  # SIGTERM / SIGINT: in-flight requests get this long to finish
@@ -251,6 +255,8 @@ class ServeConfig:
             raise PlmtoolError(f"serve.acceptance must be lossless or typical, got '{self.acceptance}'")
         if not 0 < self.port < 65536:
             raise PlmtoolError(f"serve.port must be in 1..65535, got {self.port}")
+        if self.step_tokens is not None and self.step_tokens < 1:
+            raise PlmtoolError(f"serve.step_tokens must be at least 1 (or null), got {self.step_tokens}")
         if self.max_batch is not None and self.max_batch < 1:
             raise PlmtoolError(f"serve.max_batch must be at least 1 (or null for the device's default), got {self.max_batch}")
         for key in ("max_queue", "max_tokens_default"):

@@ -16,7 +16,7 @@ from plmtool.draft.accuracy import RankAccuracy, measure_rank_accuracy
 from plmtool.draft.config import EngineOptions, check_dynamic_pool, check_tree_accuracy
 from plmtool.draft.decoding.engine import GenerationConfig, SpeculativeEngine
 from plmtool.draft.decoding.target import TargetRunner
-from plmtool.draft.decoding.tree import resolve_tree, validate_tree
+from plmtool.draft.decoding.tree import build_tree, resolve_tree, validate_tree
 from plmtool.draft.drafter import check_checkpoint, load_drafter
 from plmtool.errors import PlmtoolError
 
@@ -118,6 +118,26 @@ def setup_drafter(model, path: str, tree_spec: Any, calibration: Sequence[tuple[
     tree = resolve_tree(tree_spec, drafter.num_heads, acc)
     pool = dynamic_pool_paths(dynamic_pool, tree, drafter.num_heads, acc)
     return DrafterSetup(drafter.cfg.kind, drafter, tree, acc, str(path), measured, pool)
+
+
+def bucket_trees(setup: "DrafterSetup", buckets: Sequence[int], step_tokens: int | None) -> dict[int, list[list[int]]]:
+    """Smaller trees for batches of many rows: a step over b rows verifies at most `step_tokens`
+    tree nodes in all (the root of each row included), so each row gets at most step_tokens // b
+    nodes. An auto tree is rebuilt at that size from the same accuracies (the best tree of that
+    size); another tree keeps its first nodes (sorted by depth, so a prefix is a tree). Buckets
+    whose share holds the whole tree are left out (they decode with it)."""
+    if not step_tokens:
+        return {}
+    out = {}
+    for b in buckets:
+        paths = max(step_tokens // b, 1) - 1  # nodes per row less the root
+        if paths >= len(setup.tree):
+            continue
+        if setup.rank_accuracy is not None:
+            out[b] = build_tree(setup.rank_accuracy[: setup.drafter.num_heads], paths) if paths else []
+        else:
+            out[b] = setup.tree[:paths]
+    return out
 
 
 def dynamic_pool_paths(size: int, tree: list[list[int]], num_heads: int,

@@ -161,3 +161,39 @@ def test_captured_bucket_programs_decode_losslessly(target, monkeypatch):
     ps = prompts(5, seed=8)
     got = run_all(engine, [(p, GenerationConfig(max_new_tokens=40)) for p in ps], join_every=2)
     assert got == [plain_greedy(target, p, 40) for p in ps]
+
+
+def test_smaller_trees_for_fuller_batches_stay_lossless(target):
+    """Buckets of more rows may decode with smaller trees (sequences move between buckets as
+    others join and leave): every sequence still equals plain greedy decoding alone."""
+    drafter = perturbed_drafter(target, "amphista", seed=3)
+    small = {2: [[0], [1], [0, 0]], 4: [[0]]}
+    engine = BatchEngine(target, drafter, TREE, max_len=96, max_batch=4, bucket_trees=small)
+    assert [engine.trees[b].n for b in (1, 2, 4)] == [len(TREE) + 1, 4, 2]
+    ps = prompts(7, seed=4)
+    lengths = [6 + (5 * i) % 13 for i in range(len(ps))]
+    got = run_all(engine, [(p, GenerationConfig(max_new_tokens=m)) for p, m in zip(ps, lengths)], join_every=2)
+    assert got == [plain_greedy(target, p, m) for p, m in zip(ps, lengths)]
+    assert {1, 2, 4} <= set(engine.stats.rows)
+    with pytest.raises(Exception, match="buckets are"):
+        BatchEngine(target, drafter, TREE, max_len=96, max_batch=4, bucket_trees={3: [[0]]})
+
+
+def test_bucket_trees_share_the_step_between_rows():
+    """step_tokens // rows nodes per row (root included): an auto tree is rebuilt at that size from
+    its accuracies (the best tree of that size), another tree keeps its first nodes."""
+    from types import SimpleNamespace
+
+    from plmtool.draft.decoding.tree import build_tree, validate_tree
+    from plmtool.draft.setup import bucket_trees
+
+    acc = [[0.5, 0.2, 0.1], [0.3, 0.1, 0.05], [0.2, 0.1, 0.05]]
+    tree = build_tree(acc, 20)
+    auto = SimpleNamespace(tree=tree, rank_accuracy=acc, drafter=SimpleNamespace(num_heads=3))
+    got = bucket_trees(auto, [1, 2, 4, 8, 16], 64)
+    assert set(got) == {4, 8, 16}  # 64 // 2 - 1 = 31 paths hold the whole 20-path tree
+    assert got[4] == build_tree(acc, 15) and got[16] == build_tree(acc, 3)
+    listed = SimpleNamespace(tree=tree, rank_accuracy=None, drafter=SimpleNamespace(num_heads=3))
+    prefix = bucket_trees(listed, [8], 64)[8]
+    assert prefix == tree[:7] and validate_tree(prefix) == prefix
+    assert bucket_trees(auto, [1, 16], None) == {}

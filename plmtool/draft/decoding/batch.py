@@ -108,7 +108,11 @@ class BatchEngine:
     """Decodes several sequences per step; not thread-safe (the server drives it from one thread)."""
 
     def __init__(self, model, drafter=None, tree: Sequence[Sequence[int]] | None = None, max_len: int = 2048,
-                 max_batch: int = 16, options: EngineOptions | None = None):
+                 max_batch: int = 16, options: EngineOptions | None = None,
+                 bucket_trees: dict[int, Sequence[Sequence[int]]] | None = None):
+        """`tree`: the candidate tree (Medusa format); `bucket_trees`: smaller trees for steps over
+        more rows ({rows: tree}, for buckets of `batch_buckets`), where the target's work per step
+        grows with rows x nodes; every other bucket decodes with `tree`."""
         if max_batch < 1:
             raise PlmtoolError(f"max_batch must be at least 1, got {max_batch}")
         opts = options if options is not None else EngineOptions()
@@ -126,14 +130,22 @@ class BatchEngine:
             raise PlmtoolError("a drafter needs a candidate tree")
         if drafter is not None and not hasattr(drafter, "step_static"):
             raise PlmtoolError(f"{type(drafter).__name__} has no fixed-shape step (step_static) to batch")
-        self.tree = make_tree(tree if drafter is not None else [], num_heads=getattr(drafter, "num_heads", None)).to(self.device)
+        heads = getattr(drafter, "num_heads", None)
+        self.tree = make_tree(tree if drafter is not None else [], num_heads=heads).to(self.device)
         if self.tree.n + 1 > self.max_len:
             raise PlmtoolError(f"tree of {self.tree.n} nodes does not fit the context of {self.max_len}")
-        self.max_depth = self.tree.max_depth
         self.buckets = batch_buckets(max_batch)
+        unknown = set(bucket_trees or {}) - set(self.buckets)
+        if unknown or (bucket_trees and drafter is None):
+            raise PlmtoolError(f"bucket trees for {sorted(unknown) or 'plain decoding'}: the buckets are {self.buckets}, with a drafter")
+        self.trees = {b: make_tree(bucket_trees[b], num_heads=heads).to(self.device) if b in (bucket_trees or {}) else self.tree
+                      for b in self.buckets}
+        if any(t.n > self.tree.n for t in self.trees.values()):
+            raise PlmtoolError("a bucket tree is larger than the engine's tree (which sets every request's room)")
+        self.max_depths = {b: t.max_depth for b, t in self.trees.items()}  # host ints, read once
         # eager steps attend to exactly the live slots: one program per row count is enough
         self.spans = span_buckets(self.max_len) if use_graphs else [self.max_len]
-        self.steps = {(b, span): StepProgram(self.runner, self.tree.depth, self.tree.ancestors, use_graphs, None,
+        self.steps = {(b, span): StepProgram(self.runner, self.trees[b].depth, self.trees[b].ancestors, use_graphs, None,
                                              bool(opts.sync_check), rows=b, span=span)
                       for b in self.buckets for span in self.spans}
         self.drafter_steps: dict[int, DrafterProgram] = {}
@@ -142,16 +154,16 @@ class BatchEngine:
             rows = int(self.tree.paths.shape[1])  # deepest path + 1: the accepted positions a step reads
             with torch.no_grad():
                 self.dcache = drafter.new_cache(max_batch, self.max_len, self.device, dtype)
-            self.dhidden = torch.zeros(max_batch, rows, hidden, device=self.device, dtype=dtype)
-            self.dnext = torch.zeros(max_batch, rows, dtype=torch.long, device=self.device)
-            self.dcount = torch.ones(max_batch, dtype=torch.long, device=self.device)
             self.heads = torch.zeros(max_batch, drafter.num_heads, self.runner.vocab_size, device=self.device, dtype=dtype)
             for b in self.buckets:
+                p = int(self.trees[b].paths.shape[1])
+                buffers = (torch.zeros(b, p, hidden, device=self.device, dtype=dtype),
+                           torch.zeros(b, p, dtype=torch.long, device=self.device),
+                           torch.ones(b, dtype=torch.long, device=self.device))
                 self.drafter_steps[b] = DrafterProgram(
-                    drafter, drafter.cache_rows(self.dcache, slice(0, b)), rows, hidden, self.device, dtype,
-                    use_graphs and bool(opts.drafter_graph), compile=bool(opts.compile),
-                    buffers=(self.dhidden[:b], self.dnext[:b], self.dcount[:b]), name=f"drafter step ({b} rows)",
-                    sync_check=bool(opts.sync_check))
+                    drafter, drafter.cache_rows(self.dcache, slice(0, b)), p, hidden, self.device, dtype,
+                    use_graphs and bool(opts.drafter_graph), compile=bool(opts.compile), buffers=buffers,
+                    name=f"drafter step ({b} rows)", sync_check=bool(opts.sync_check))
         self.cuda_graphs = all(p.graph is not None for p in self.steps.values())
         self.prefill_graphs = self.drafter_prefills = None
         if self.use_prefill_graphs:
@@ -166,9 +178,10 @@ class BatchEngine:
         # per row: committed length and the next tree's root, on the device (host copies in the sequences)
         self.lengths = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.roots = torch.zeros(max_batch, dtype=torch.long, device=self.device)
-        width = 2 + int(self.tree.paths.shape[1])  # node, bonus, path tokens
+        # host side of the one read per step: node, bonus token, path tokens per row
         pinned = self.device.type == "cuda"
-        self.verdicts = torch.zeros(max_batch, width, dtype=torch.long, pin_memory=pinned)  # host side of the one read
+        self.verdicts = {b: torch.zeros(b, 2 + int(t.paths.shape[1]), dtype=torch.long, pin_memory=pinned)
+                         for b, t in self.trees.items()}
         self.seqs: list[BatchSequence] = []  # row i holds seqs[i]
         self.stats = BatchStats()
 
@@ -273,14 +286,14 @@ class BatchEngine:
             return []
         n_live = len(live)
         b = next(x for x in self.buckets if x >= n_live)
-        tree = self.tree
+        tree = self.trees[b]
         span = max(s.length for s in live) + tree.n  # every row's tree ends before it
         program = self.steps[b, next(x for x in self.spans if x >= span)]
         with torch.inference_mode():
             program.start.copy_(self.lengths[:b])
             program.tokens[:, 0].copy_(self.roots[:b])
             if self.drafter is not None:
-                cands = torch.topk(self.heads[:b, : self.max_depth], tree.topk, dim=-1).indices.reshape(b, -1)
+                cands = torch.topk(self.heads[:b, : self.max_depths[b]], tree.topk, dim=-1).indices.reshape(b, -1)
                 program.tokens[:, 1:] = cands[:, tree.candidate_index]
             logits, hidden = program.run(span)
             if b == 1:
@@ -289,7 +302,7 @@ class BatchEngine:
             pred = logits.argmax(dim=-1)  # [b, n]
             best = greedy_accepted_nodes(tree, tokens, pred)  # [b]: every row's greedy verdict
             bonus = pred.gather(1, best.view(-1, 1)).view(-1)
-            sampled = self._sampled_verdicts(live, tokens, logits)
+            sampled = self._sampled_verdicts(tree, live, tokens, logits)
             if sampled:  # the host's verdicts for rows at temperature > 0 replace the greedy ones
                 rows = torch.tensor(list(sampled), device=self.device)
                 best[rows] = torch.tensor([v.node for v in sampled.values()], device=self.device)
@@ -297,7 +310,7 @@ class BatchEngine:
             paths = tree.paths.index_select(0, best)  # [b, P]
             count = tree.depth.index_select(0, best) + 1  # accepted positions, the root included
             table = torch.cat([best.view(-1, 1), bonus.view(-1, 1), tokens.gather(1, paths)], dim=1)
-            host = self.verdicts[:b]
+            host = self.verdicts[b]
             host.copy_(table, non_blocking=True)
             read = torch.cuda.Event() if self.device.type == "cuda" else None
             if read is not None:
@@ -330,10 +343,10 @@ class BatchEngine:
         self.stats.rows[b] = self.stats.rows.get(b, 0) + 1
         return outputs
 
-    def _sampled_verdicts(self, live: list[BatchSequence], tokens: torch.Tensor, logits: torch.Tensor) -> dict:
+    def _sampled_verdicts(self, tree, live: list[BatchSequence], tokens: torch.Tensor, logits: torch.Tensor) -> dict:
         """Row -> Verdict for the rows at temperature > 0 (verified on the host with their own
         generators: lossless speculative sampling or typical acceptance)."""
-        return {i: sampled_verdict(self.tree, tokens[i], logits[i], s.gen, s.generator)
+        return {i: sampled_verdict(tree, tokens[i], logits[i], s.gen, s.generator)
                 for i, s in enumerate(live) if s.gen.temperature > 0}
 
     def _draft(self, b: int, hidden: torch.Tensor, tokens: torch.Tensor, paths: torch.Tensor, count: torch.Tensor,
@@ -341,9 +354,9 @@ class BatchEngine:
         """The drafter reads each row's accepted positions and the token after each one (the
         drafted tokens, then the bonus token); its heads for every row go to `self.heads`. All
         inputs stay on the device."""
-        p = paths.shape[1]
-        self.dhidden[:b].copy_(hidden.gather(1, paths.unsqueeze(-1).expand(b, p, hidden.shape[-1])))
-        self.dnext[:b, : p - 1].copy_(tokens.gather(1, paths[:, 1:]))
-        self.dnext[:b].scatter_(1, (count - 1).view(b, 1), bonus.view(b, 1))
-        self.dcount[:b].copy_(count)
-        self.heads[:b].copy_(self.drafter_steps[b].launch())
+        program, p = self.drafter_steps[b], paths.shape[1]
+        program.hidden.copy_(hidden.gather(1, paths.unsqueeze(-1).expand(b, p, hidden.shape[-1])))
+        program.next_tokens[:, : p - 1].copy_(tokens.gather(1, paths[:, 1:]))
+        program.next_tokens.scatter_(1, (count - 1).view(b, 1), bonus.view(b, 1))
+        program.count.copy_(count)
+        self.heads[:b].copy_(program.launch())
