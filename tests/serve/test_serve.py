@@ -237,12 +237,12 @@ def test_model_card_metrics_and_limits(served, tiny_llama, tiny_tokenizer):
         server.scheduler.stop()
 
 
-def test_the_official_openai_client_works_unchanged(served):
-    """The `openai` package against the app served by uvicorn on 127.0.0.1."""
+@pytest.fixture(scope="module")
+def live_url(served):
+    """The app served by uvicorn on 127.0.0.1 in a thread (real sockets: disconnects, clients)."""
     import socket
     import time
 
-    import openai
     import uvicorn
 
     server, _ = served
@@ -252,23 +252,57 @@ def test_the_official_openai_client_works_unchanged(served):
     web = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=web.run, daemon=True)
     thread.start()
-    try:
-        while not web.started:
-            time.sleep(0.05)
-        oai = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
-        assert oai.models.retrieve(MODEL_ID).id == MODEL_ID
-        chat = oai.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Numbers: 0 1 2"}],
-                                           max_tokens=10, temperature=0)
-        assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens >= 1
-        parts = list(oai.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Numbers: 0 1 2"}],
-                                                 max_tokens=10, temperature=0, stream=True,
-                                                 stream_options={"include_usage": True}))
-        text = "".join(p.choices[0].delta.content or "" for p in parts if p.choices)
-        assert text == chat.choices[0].message.content and parts[-1].usage.completion_tokens == chat.usage.completion_tokens
-        done = oai.completions.create(model=MODEL_ID, prompt=["The quick", "A model"], max_tokens=5, temperature=0)
-        assert [c.index for c in done.choices] == [0, 1] and done.choices[0].finish_reason in ("stop", "length")
-        with pytest.raises(openai.BadRequestError):
-            oai.completions.create(model=MODEL_ID, prompt="hi", max_tokens=5, logprobs=2)
-    finally:
-        web.should_exit = True
-        thread.join(10)
+    while not web.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    web.should_exit = True
+    thread.join(10)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_goes_away_frees_its_row(served, live_url, stream, monkeypatch, tiny_llama, tiny_tokenizer):
+    import time
+
+    import httpx
+
+    server, _ = served
+    # a prompt whose answer runs to max_tokens (no end-of-text), decoded slowly enough that the
+    # client surely leaves first
+    eos = tiny_tokenizer.eos_token_id
+    prompt = next(p for p in ("The quick brown", "Numbers: 0 1", "A language model", "Pruning removes")
+                  if eos not in plain_greedy(tiny_llama, tiny_tokenizer(p)["input_ids"], 60))
+    step = server.engine.step
+    monkeypatch.setattr(server.engine, "step", lambda: (time.sleep(0.05), step())[1])
+    before = server.scheduler.counters.cancelled
+    body = {"model": MODEL_ID, "prompt": prompt, "max_tokens": 60, "temperature": 0, "stream": stream}
+    with httpx.Client(base_url=live_url) as c:
+        if stream:
+            with c.stream("POST", "/v1/completions", json=body) as r:
+                next(r.iter_lines())  # the first event, then the client hangs up
+        else:
+            with pytest.raises(httpx.TimeoutException):
+                c.post("/v1/completions", json=body, timeout=0.3)
+    deadline = time.monotonic() + 30
+    while server.scheduler.counters.cancelled == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.scheduler.counters.cancelled == before + 1 and server.scheduler.running == 0
+
+
+def test_the_official_openai_client_works_unchanged(live_url):
+    """The `openai` package against the app served by uvicorn on 127.0.0.1."""
+    import openai
+
+    oai = openai.OpenAI(base_url=f"{live_url}/v1", api_key="unused")
+    assert oai.models.retrieve(MODEL_ID).id == MODEL_ID
+    chat = oai.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Numbers: 0 1 2"}],
+                                       max_tokens=10, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens >= 1
+    parts = list(oai.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Numbers: 0 1 2"}],
+                                             max_tokens=10, temperature=0, stream=True,
+                                             stream_options={"include_usage": True}))
+    text = "".join(p.choices[0].delta.content or "" for p in parts if p.choices)
+    assert text == chat.choices[0].message.content and parts[-1].usage.completion_tokens == chat.usage.completion_tokens
+    done = oai.completions.create(model=MODEL_ID, prompt=["The quick", "A model"], max_tokens=5, temperature=0)
+    assert [c.index for c in done.choices] == [0, 1] and done.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError):
+        oai.completions.create(model=MODEL_ID, prompt="hi", max_tokens=5, logprobs=2)
