@@ -50,6 +50,9 @@ def build_server(cfg: DictConfig):
     s, d = serve_options(cfg.serve), cfg.draft
     check_decoding_config(d)
     options = engine_options(cfg.engine)
+    if not options.static_drafter:
+        raise PlmtoolError("engine.static_drafter=false is a draft bench option: the server batches every drafter "
+                           "through its fixed-shape step")
     model, tokenizer = load_model(cfg.model)
     stops = stop_token_ids(model, tokenizer)
     max_batch = s.batch_for(next(model.parameters()).device)

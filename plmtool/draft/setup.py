@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from plmtool.draft.accuracy import RankAccuracy, measure_rank_accuracy
 from plmtool.draft.config import EngineOptions, check_dynamic_pool, check_tree_accuracy
-from plmtool.draft.decoding.engine import GenerationConfig, SpeculativeEngine
+from plmtool.draft.decoding.engine import GenerationConfig
 from plmtool.draft.decoding.target import TargetRunner
 from plmtool.draft.decoding.tree import build_tree, resolve_tree, validate_tree
 from plmtool.draft.drafter import check_checkpoint, load_drafter
@@ -151,9 +151,10 @@ def dynamic_pool_paths(size: int, tree: list[list[int]], num_heads: int,
     return resolve_tree(f"auto:{size}", num_heads, acc)
 
 
-def calibration_sequences(engine: SpeculativeEngine, prompts: Sequence[list[int]], max_new_tokens: int,
+def calibration_sequences(engine: Any, prompts: Sequence[list[int]], max_new_tokens: int,
                           stops: Sequence[int]) -> list[tuple[list[int], list[int]]]:
-    """(prompt, target greedy response) pairs on which drafter accuracies are measured."""
+    """(prompt, target greedy response) pairs on which drafter accuracies are measured; `engine`:
+    any engine with `generate` (`SpeculativeEngine`, or a `BatchEngine` with nothing else live)."""
     seqs = []
     for p in prompts:
         out = engine.generate(p, GenerationConfig(max_new_tokens=max_new_tokens, stop_token_ids=stops))

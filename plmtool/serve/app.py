@@ -24,12 +24,10 @@ from plmtool.draft.decoding.batch import BatchEngine
 from plmtool.draft.decoding.engine import GenerationConfig
 from plmtool.errors import PlmtoolError
 from plmtool.serve.protocol import (
-    APIError, Request, choice_index, chunk_body, completion_body, new_id, parse_json_body, parse_request, unauthorized,
-    usage_chunk, usage_of,
+    MAX_SEED, APIError, Request, choice_index, chunk_body, completion_body, new_id, parse_json_body, parse_request,
+    unauthorized, usage_chunk, usage_of,
 )
 from plmtool.serve.scheduler import Job, Scheduler
-
-MAX_SEED = 2**64
 
 
 class TextAssembler:
@@ -136,7 +134,7 @@ class Server:
             prompt_tokens += len(ids)
             for j in range(req.n):
                 # each of n choices samples with its own seed (seed + j), so they differ
-                seed = None if req.seed is None else (req.seed + j) % MAX_SEED
+                seed = None if req.seed is None else (req.seed + j) % (MAX_SEED + 1)
                 gen = GenerationConfig(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                        acceptance=self.options.acceptance, typical_epsilon=self.options.typical_epsilon,
                                        stop_token_ids=self.stop_token_ids, seed=seed)

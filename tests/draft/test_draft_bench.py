@@ -148,18 +148,19 @@ def test_serve_dry_run(monkeypatch, capsys, tmp_path, tiny_llama_dir, drafters):
     assert "dry run: server built (model, drafter, tree checked); not serving — drop serve.dry_run to serve" in out
     report = json.loads((run / "report.json").read_text())
     assert report["drafter"] == "amphista" and report["tree_nodes"] == 4 and report["host"] == "127.0.0.1"
-    assert report["engine"] == dataclasses.asdict(EngineOptions()) and report["static_drafter"] and report["greedy_loop"]
+    assert report["engine"] == dataclasses.asdict(EngineOptions())
+    assert report["max_batch"] == 4 and report["batch_buckets"] == [1, 2, 4]  # the CPU default
     assert report["dry_run"] is True and report["served"] == 0
 
 
 def test_engine_options_reach_the_engine_and_the_report(monkeypatch, tmp_path, tiny_llama_dir, drafters):
     run = tmp_path / "serve"
     _cli(monkeypatch, "draft", "serve", "experiment=smoke", f"model.name_or_path={tiny_llama_dir}",
-         f"draft.checkpoint={drafters['medusa']}", "draft.tree=chain", "engine.static_drafter=false", "engine.sync_check=true",
+         f"draft.checkpoint={drafters['medusa']}", "draft.tree=chain", "engine.drafter_graph=false", "engine.sync_check=true",
          f"hydra.run.dir={run}")
     report = json.loads((run / "report.json").read_text())
-    assert report["engine"] == {**dataclasses.asdict(EngineOptions()), "static_drafter": False, "sync_check": True}
-    assert report["drafter"] == "medusa" and report["static_drafter"] is False and report["greedy_loop"] is False
+    assert report["engine"] == {**dataclasses.asdict(EngineOptions()), "drafter_graph": False, "sync_check": True}
+    assert report["drafter"] == "medusa"
 
 
 def test_interleaved_benchmark_cuts_every_method_after_the_same_questions():
