@@ -164,9 +164,9 @@ class Scheduler:
                 while self.waiting and len(admit) < engine.free:
                     admit.append(self.waiting.popleft())
                 abort = self.abort_at is not None and time.monotonic() >= self.abort_at
+            for job in admit:
+                self._admit(job)
             try:
-                for job in admit:
-                    self._admit(job)
                 self._drop(abort)
                 if engine.seqs:
                     self._deliver(engine.step())
@@ -186,6 +186,10 @@ class Scheduler:
             first = self.engine.add(job.prompt, job.gen, tag=job)
         except PlmtoolError as e:  # checked before queueing; kept as a 400, never a dead thread
             return self._end(job, APIError(400, str(e), None, "invalid_value"), "failed")
+        except Exception as e:  # a device fault in the prefill: this request fails, the others go on
+            log.exception("prefill failed")
+            self.error = f"{type(e).__name__}: {e}"
+            return self._end(job, APIError(500, f"prefill failed: {self.error}", None, "engine_error"), "failed")
         self._deliver([first])
 
     def _drop(self, abort: bool) -> None:

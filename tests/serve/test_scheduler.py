@@ -65,3 +65,27 @@ def test_fifo_admission_cancellation_and_deadline(engine):
         assert not engine.seqs
 
     asyncio.run(main())
+
+
+def test_an_engine_fault_fails_its_requests_and_the_thread_serves_on(engine, monkeypatch):
+    async def main():
+        loop = asyncio.get_running_loop()
+        s = Scheduler(engine, max_queue=8)
+        s.start()
+        add = engine.add
+
+        def broken_add(prompt, gen, tag=None):
+            if prompt == [13, 13]:
+                raise RuntimeError("device fault")
+            return add(prompt, gen, tag=tag)
+
+        monkeypatch.setattr(engine, "add", broken_add)
+        bad, good = Job([13, 13], GenerationConfig(max_new_tokens=3), loop), Job([5, 6], GenerationConfig(max_new_tokens=3), loop)
+        s.submit([bad, good])
+        kind, err = (await _events(bad, "error"))[-1]
+        assert kind == "error" and err.status == 500 and "device fault" in err.message
+        assert (await _events(good, "done"))[-1][0] == "done"
+        s.stop()
+        assert s.counters.failed == 1 and s.counters.requests == 1 and "device fault" in s.error
+
+    asyncio.run(main())
