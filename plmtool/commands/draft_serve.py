@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from pathlib import Path
 
 import hydra
@@ -95,7 +96,7 @@ def _uvicorn_server(app, s, on_signal):
             on_signal(sig)
 
     config = uvicorn.Config(app, host=s.host, port=s.port, log_level="info",
-                            timeout_graceful_shutdown=max(1, int(s.shutdown_timeout_s) + 1))
+                            timeout_graceful_shutdown=math.ceil(s.shutdown_timeout_s) + 2)  # after the scheduler's own
     return Uvicorn(config)
 
 

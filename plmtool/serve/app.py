@@ -132,6 +132,9 @@ class Server:
             except PlmtoolError as e:
                 raise APIError(400, str(e), "max_tokens", "context_length_exceeded") from None
             prompt_tokens += len(ids)
+            if len(prompts) * req.n > self.options.max_queue:
+                raise APIError(400, f"{len(prompts) * req.n} sequences (prompts x n) exceed what the server queues "
+                               f"(serve.max_queue = {self.options.max_queue})", "n", "invalid_value")
             for j in range(req.n):
                 # each of n choices samples with its own seed (seed + j), so they differ
                 seed = None if req.seed is None else (req.seed + j) % (MAX_SEED + 1)
@@ -148,7 +151,7 @@ class Server:
             vocab = self.engine.runner.vocab_size
             for i, p in enumerate(req.prompts or []):
                 if isinstance(p, str):
-                    out.append(self.tokenizer(p)["input_ids"])
+                    out.append(self._encode(p, f"prompt[{i}]" if len(req.prompts) > 1 else "prompt"))
                     continue
                 bad = next((t for t in p if t >= vocab), None)
                 if bad is not None:
@@ -158,8 +161,17 @@ class Server:
             return out
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, "this model has no chat template; use /v1/completions", "messages", "no_chat_template")
-        text = self.tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=False)
-        return [self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+        try:
+            text = self.tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # a template's own refusal (raise_exception: roles that must alternate, ...)
+            raise APIError(400, f"the model's chat template refuses these messages: {e}", "messages", "invalid_value") from None
+        return [self._encode(text, "messages", add_special_tokens=False)]
+
+    def _encode(self, text: str, param: str, **kw) -> list[int]:
+        try:
+            return self.tokenizer(text, **kw)["input_ids"]
+        except (UnicodeError, TypeError, ValueError) as e:  # e.g. a lone surrogate, which JSON allows
+            raise APIError(400, f"'{param}' cannot be tokenized: {e}", param, "invalid_value") from None
 
     # ------------------------------------------------------------------ sequences -> choices (event loop)
     def submit(self, plan: Plan) -> list[Job]:
@@ -310,12 +322,15 @@ def create_app(server: Server):
 
     app = FastAPI(title="plmtool draft serve", version="1", lifespan=lifespan)
 
-    def count(endpoint: str, status: int) -> None:
+    def count(request: HTTPRequest, status: int) -> None:
+        """Responses per route template (not per path: /v1/models/<anything> is one series)."""
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", "unmatched")
         server.http_status[(endpoint, status)] = server.http_status.get((endpoint, status), 0) + 1
 
     @app.exception_handler(APIError)
     async def api_error(request: HTTPRequest, exc: APIError):
-        count(request.url.path, exc.status)
+        count(request, exc.status)
         return JSONResponse(exc.body(), status_code=exc.status)
 
     @app.exception_handler(StarletteHTTPException)
@@ -366,7 +381,7 @@ def create_app(server: Server):
         raw = await read_body(request, int(server.options.max_body_mb * 2**20))
         plan = await run_in_threadpool(server.plan, raw, kind)  # JSON, validation, tokenizer: off the loop
         jobs = server.submit(plan)
-        count(request.url.path, 200)
+        count(request, 200)
         if plan.req.stream:
             return StreamingResponse(server.stream(plan, jobs), media_type="text/event-stream")
         return await server.complete(plan, jobs, request)

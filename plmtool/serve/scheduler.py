@@ -84,7 +84,8 @@ class Scheduler:
     def submit(self, jobs: list[Job]) -> None:
         """Queue all of a request's jobs or none (429 when the queue would overflow, 503 when stopping)."""
         with self.cond:
-            if not self.accepting:
+            dead = self.thread.ident is not None and not self.thread.is_alive()
+            if not self.accepting or dead:
                 self.counters.rejected += 1
                 raise shutting_down()
             if len(self.waiting) + len(jobs) > self.max_queue:
@@ -150,32 +151,64 @@ class Scheduler:
         job.finished = True
 
     def _run(self) -> None:
-        engine = self.engine
+        if self.engine.device.type == "cuda":  # this thread's current device is the engine's
+            import torch
+
+            torch.cuda.set_device(self.engine.device)
         while True:
-            with self.cond:
-                while not self.waiting and not engine.seqs and not self.stopped:
-                    self.cond.wait()
-                if self.stopped and not engine.seqs and not self.waiting:
-                    return
-                admit = []
-                if not self.accepting:  # shutting down: nobody new starts
-                    while self.waiting:
-                        self._end(self.waiting.popleft(), shutting_down(), "rejected")
-                while self.waiting and len(admit) < engine.free:
-                    admit.append(self.waiting.popleft())
-                abort = self.abort_at is not None and time.monotonic() >= self.abort_at
-            for job in admit:
-                self._admit(job)
             try:
-                self._drop(abort)
-                if engine.seqs:
-                    self._deliver(engine.step())
-            except Exception as e:  # a device fault: fail what is live, keep serving new requests
-                log.exception("decoding step failed")
-                self.error = f"{type(e).__name__}: {e}"
-                for seq in list(engine.seqs):
-                    engine.remove(seq)
-                    self._end(seq.tag, APIError(500, f"decoding failed: {self.error}", None, "engine_error"), "failed")
+                if not self._iteration():
+                    return
+            except Exception:  # never let the thread die: nothing else would answer the requests
+                log.exception("decoding thread error")
+
+    def _iteration(self) -> bool:
+        """Admit, drop, step once; False when stopped with nothing left."""
+        engine = self.engine
+        with self.cond:
+            while not self.waiting and not engine.seqs and not self.stopped:
+                self.cond.wait()
+            if self.stopped and not engine.seqs and not self.waiting:
+                return False
+            self._sweep_waiting()
+            admit = []
+            while self.waiting and len(admit) < engine.free:
+                admit.append(self.waiting.popleft())
+            abort = self.abort_at is not None and time.monotonic() >= self.abort_at
+        for job in admit:
+            self._admit(job)
+        live = [seq.tag for seq in engine.seqs]
+        try:
+            self._drop(abort)
+            if engine.seqs:
+                self._deliver(engine.step())
+        except Exception as e:  # a device fault: fail what was live, keep serving new requests
+            log.exception("decoding step failed")
+            self.error = f"{type(e).__name__}: {e}"
+            failure = APIError(500, f"decoding failed: {self.error}", None, "engine_error")
+            for job in live:  # first the answers: resetting the engine may fail too
+                if not job.finished:
+                    self._end(job, failure, "failed")
+            try:
+                engine.clear()
+            except Exception:  # a broken device: at least the rows are free for new prefills
+                engine.seqs.clear()
+        return True
+
+    def _sweep_waiting(self) -> None:
+        """Under the lock: waiting jobs that were cancelled, ran past their deadline, or arrive at
+        a stopping server leave the queue now, not when a row frees up."""
+        keep: collections.deque[Job] = collections.deque()
+        for job in self.waiting:
+            if job.cancelled:
+                self._end(job, None, "cancelled")
+            elif not self.accepting:
+                self._end(job, shutting_down(), "rejected")
+            elif job.expired:
+                self._end(job, timed_out(job.timeout_s), "timed_out")
+            else:
+                keep.append(job)
+        self.waiting = keep
 
     def _admit(self, job: Job) -> None:
         if job.cancelled:

@@ -197,3 +197,12 @@ def test_bucket_trees_share_the_step_between_rows():
     prefix = bucket_trees(listed, [8], 64)[8]
     assert prefix == tree[:7] and validate_tree(prefix) == prefix
     assert bucket_trees(auto, [1, 16], None) == {}
+
+
+def test_plain_sampling_with_typical_acceptance_keeps_top_p(target):
+    """One-node trees have nothing to accept: a sampled token comes from the top-p filtered
+    distribution, as in the batch-1 engine (a top_p that keeps one token decodes greedily)."""
+    engine = BatchEngine(target, None, None, max_len=96, max_batch=2)
+    p = prompts(1, seed=3)[0]
+    gen = GenerationConfig(max_new_tokens=12, temperature=1.0, top_p=1e-6, acceptance="typical", seed=1)
+    assert engine.generate(p, gen).tokens == plain_greedy(target, p, 12)

@@ -306,3 +306,36 @@ def test_the_official_openai_client_works_unchanged(live_url):
     assert [c.index for c in done.choices] == [0, 1] and done.choices[0].finish_reason in ("stop", "length")
     with pytest.raises(openai.BadRequestError):
         oai.completions.create(model=MODEL_ID, prompt="hi", max_tokens=5, logprobs=2)
+
+
+def test_tokenizer_and_template_refusals_are_400(served, tiny_llama, tiny_tokenizer):
+    _, client = served
+    r = client.post("/v1/completions", content=b'{"model": "tiny", "prompt": "a\\ud800b", "max_tokens": 2}',
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    strict = build_strict_tokenizer(tiny_tokenizer)
+    server = Server(BatchEngine(tiny_llama, max_len=64, max_batch=2), strict, MODEL_ID, ServeConfig(max_queue=4))
+    try:
+        c = TestClient(create_app(server))
+        r = c.post("/v1/chat/completions", json={"model": MODEL_ID, "messages": [{"role": "system", "content": "x"},
+                                                                                {"role": "user", "content": "hi"}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages" and "System role" in r.json()["error"]["message"]
+        r = c.post("/v1/completions", json={"model": MODEL_ID, "prompt": ["a", "b"], "n": 3, "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"  # 6 sequences, a queue of 4
+        for path in ("/v1/models/a", "/v1/models/b"):
+            assert c.get(path).status_code == 404
+        assert server.http_status[("/v1/models/{model_id:path}", 404)] == 2  # one series, not one per path
+    finally:
+        server.scheduler.stop()
+
+
+def build_strict_tokenizer(tokenizer):
+    """The tiny tokenizer with a chat template that refuses system messages (as Llama 2's and
+    Gemma's do, through raise_exception)."""
+    import copy
+
+    strict = copy.deepcopy(tokenizer)
+    strict.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                            "{{ raise_exception('System role not supported') }}{% endif %}"
+                            "{{ m['content'] }}{% endfor %}")
+    return strict

@@ -257,6 +257,12 @@ class BatchEngine:
                 heads = drafter.step(hidden.unsqueeze(0), torch.tensor([next_tokens], device=self.device), cache)
         self.heads[row].copy_(heads[0])
 
+    def clear(self) -> None:
+        """Drop every live sequence (after a failed step): all rows free, padding from slot 0."""
+        self.seqs.clear()
+        with torch.inference_mode():
+            self.lengths.zero_()
+
     def remove(self, seq: BatchSequence) -> None:
         """Free a sequence's row (finished or cancelled): the last live row moves into it."""
         if seq not in self.seqs:
@@ -314,7 +320,7 @@ class BatchEngine:
             host.copy_(table, non_blocking=True)
             read = torch.cuda.Event() if self.device.type == "cuda" else None
             if read is not None:
-                read.record()
+                read.record(torch.cuda.current_stream(self.device))
             # commit and draft on the device while the host waits for the verdicts
             if tree.n > 1:
                 self.runner.cache.compact_rows(program.start, paths)

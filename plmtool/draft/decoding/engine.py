@@ -356,8 +356,9 @@ def choose(logits: torch.Tensor, gen: GenerationConfig, cpu_gen) -> int:
 
 
 def sampled_verdict(tree: Tree, tokens: torch.Tensor, logits: torch.Tensor, gen: GenerationConfig, cpu_gen) -> Verdict:
-    """Verification at temperature > 0: lossless speculative sampling, or typical acceptance."""
-    if gen.acceptance == "typical":
+    """Verification at temperature > 0: lossless speculative sampling, or typical acceptance (a
+    one-node tree has no candidate to accept: plain sampling from the filtered distribution)."""
+    if gen.acceptance == "typical" and tree.n > 1:
         return typical_verify(tree, tokens, logits, gen.temperature, gen.typical_epsilon, generator=cpu_gen)
     return sample_verify(tree, tokens, logits, gen.temperature, gen.top_p, gen.top_k, generator=cpu_gen)
 
