@@ -21,10 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,19 +29,16 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+
+from bench_serve import ServerProcess, free_port, server_env  # noqa: E402  (one way to run a server process)
+
 PROMPTS = ["The quick brown fox", "A language model", "Pruning removes weights", "Experts are trained",
            "Speculative decoding drafts", "Numbers: 0 1 2 3", "Once upon a time", "The capital of France"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def tiny_checkpoints(root: Path) -> tuple[Path, Path]:
     """A tiny random Llama + tokenizer and an Amphista drafter on it, saved under `root`."""
-    sys.path.insert(0, str(ROOT))
     from plmtool.draft.config import DrafterConfig
     from plmtool.draft.drafter import build_drafter, save_drafter, target_dims
     from tests.conftest import build_tiny_llama, build_tiny_tokenizer
@@ -58,27 +51,19 @@ def tiny_checkpoints(root: Path) -> tuple[Path, Path]:
     return root / "model", save_drafter(drafter, root / "drafter", target_dims(model))
 
 
-def start_server(model: Path, drafter: Path | None, run_dir: Path, port: int, extra: list[str]) -> subprocess.Popen:
-    args = [sys.executable, "-m", "plmtool", "draft", "serve", f"model.name_or_path={model}", f"serve.port={port}",
-            "serve.max_batch=4", "serve.max_len=256", f"hydra.run.dir={run_dir}", "model.dtype=float32"]
+def start_server(model: Path, drafter: Path | None, work: Path, extra: list[str], timeout_s: float = 300) -> ServerProcess:
+    """`plmtool draft serve` (serve.max_batch=4) on a free port, its run directory and log under
+    `work`; returns once /health answers."""
+    port = free_port()
+    run_dir = work / "serve_contract"
+    cmd = [sys.executable, "-m", "plmtool", "draft", "serve", f"model.name_or_path={model}", f"serve.port={port}",
+           "serve.max_batch=4", "serve.max_len=256", f"hydra.run.dir={run_dir}", "model.dtype=float32"]
     if drafter is not None:
-        args += [f"draft.checkpoint={drafter}", "draft.tree=[[0],[1],[0,0],[1,0],[0,0,0]]"]
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return subprocess.Popen(args + extra, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-async def wait_ready(client: httpx.AsyncClient, proc: subprocess.Popen, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}:\n{proc.stdout.read()[-3000:]}")
-        try:
-            if (await client.get("/health", timeout=1)).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        await asyncio.sleep(0.2)
-    raise RuntimeError(f"the server did not answer /health within {timeout_s:.0f} s")
+        cmd += [f"draft.checkpoint={drafter}", "draft.tree=[[0],[1],[0,0],[1,0],[0,0,0]]"]
+    server = ServerProcess(work, "contract", cmd + list(extra), server_env(None), port)
+    server.start()
+    server.wait_ready(timeout_s)
+    return server
 
 
 async def complete(client: httpx.AsyncClient, model_id: str, prompt: str, max_tokens: int, stream: bool) -> str:
@@ -116,10 +101,10 @@ async def probe(client: httpx.AsyncClient, stop: asyncio.Event, worst: list[floa
         await asyncio.sleep(0.1)
 
 
-async def exercise(port: int, requests: int, max_tokens: int) -> dict:
+async def exercise(base_url: str, requests: int, max_tokens: int) -> dict:
     limits = httpx.Limits(max_connections=requests + 8, max_keepalive_connections=requests + 8)
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600, limits=limits) as client, \
-            httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as health:
+    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client, \
+            httpx.AsyncClient(base_url=base_url) as health:
         model_id = (await client.get("/v1/models")).json()["data"][0]["id"]
         prompts = [PROMPTS[i % len(PROMPTS)] + f" #{i}" for i in range(requests)]
         stop, worst = asyncio.Event(), []
@@ -145,36 +130,21 @@ async def exercise(port: int, requests: int, max_tokens: int) -> dict:
             "concurrent_s": round(concurrent_s, 2), "steps_sequential_4": s1 - s0, "steps_concurrent_4": s2 - s1}
 
 
-def run_contract(model: Path, drafter: Path | None, run_dir: Path, requests: int = 48, max_tokens: int = 24,
+def run_contract(model: Path, drafter: Path | None, work: Path, requests: int = 48, max_tokens: int = 24,
                  extra: list[str] | None = None) -> dict:
-    """Everything above; returns the measurements and `checks` (name -> passed)."""
-    port = free_port()
-    proc = start_server(model, drafter, run_dir, port, list(extra or []))
+    """Everything above (the server's run directory: WORK/serve_contract); returns the
+    measurements and `checks` (name -> passed)."""
+    server = start_server(model, drafter, work, list(extra or []))
     try:
-        async def main() -> dict:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
-                await wait_ready(c, proc)
-            return await exercise(port, requests, max_tokens)
-
-        out = asyncio.run(main())
-        t = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        out["exit_s"] = round(time.monotonic() - t, 2)
-        out["exit_code"] = proc.returncode
+        out = asyncio.run(exercise(server.base_url, requests, max_tokens))
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    run_json = run_dir / "run.json"
-    out["run_status"] = json.loads(run_json.read_text()).get("status") if run_json.is_file() else None
-    report = run_dir / "report.json"
+        stopped = server.stop(30)  # SIGTERM, then a kill after 30 s
+    out["exit_s"] = stopped.get("exit_s", 0.0)
+    out["exit_code"] = stopped.get("returncode")
+    out["run_status"] = stopped.get("run_status")
+    report = server.run_dir / "report.json"
     out["report_engine_steps"] = json.loads(report.read_text()).get("engine_steps") if report.is_file() else None
-    out["server_log_tail"] = proc.stdout.read()[-2000:] if proc.stdout else ""
+    out["server_log_tail"] = server.tail()
     out["checks"] = {
         f"all {requests} concurrent requests complete": out["completed"] == requests,
         "each equals the same prompt sent alone": not out["differ_from_alone"] and out["completed"] == requests,
@@ -193,14 +163,14 @@ def main() -> int:
     ap.add_argument("--drafter", type=Path, help="drafter checkpoint (default: an untrained Amphista on the tiny model)")
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--max-tokens", type=int, default=24)
-    ap.add_argument("--run-dir", type=Path, help="the server's run directory (default: a temporary one)")
+    ap.add_argument("--work", type=Path, help="where the server's run directory and log go (default: a temporary folder)")
     ap.add_argument("overrides", nargs="*", help="more `plmtool draft serve` overrides")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model, drafter = args.model, args.drafter
         if model is None:
             model, drafter = tiny_checkpoints(Path(tmp))
-        out = run_contract(model, drafter, args.run_dir or Path(tmp) / "serve", args.requests, args.max_tokens, args.overrides)
+        out = run_contract(model, drafter, args.work or Path(tmp), args.requests, args.max_tokens, args.overrides)
     print(json.dumps({k: v for k, v in out.items() if k not in ("checks", "server_log_tail")}, indent=1))
     for name, ok in out["checks"].items():
         print(f"{'PASS' if ok else 'FAIL'}  {name}")

@@ -11,7 +11,7 @@ from tests.conftest import load_script
 def test_the_serving_contract(tmp_path):
     contract = load_script("serve_contract")
     model, drafter = contract.tiny_checkpoints(tmp_path)
-    out = contract.run_contract(model, drafter, tmp_path / "serve", requests=48, max_tokens=24)
+    out = contract.run_contract(model, drafter, tmp_path, requests=48, max_tokens=24)
     failed = [name for name, ok in out["checks"].items() if not ok]
     assert not failed, (failed, {k: v for k, v in out.items() if k != "checks"})
 
@@ -26,12 +26,10 @@ def _stream_then_sigterm(contract, tmp_path, timeout_s: str) -> tuple[list[dict]
     import httpx
 
     model, drafter = contract.tiny_checkpoints(tmp_path)
-    port = contract.free_port()
-    proc = contract.start_server(model, drafter, tmp_path / "serve", port, [f"serve.shutdown_timeout_s={timeout_s}"])
+    server = contract.start_server(model, drafter, tmp_path, [f"serve.shutdown_timeout_s={timeout_s}"])
 
     async def main() -> list[dict]:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
-            await contract.wait_ready(c, proc)
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as c:
             events = []
             body = {"model": str(model), "prompt": "Numbers: 0 1 2", "max_tokens": 200, "temperature": 0, "stream": True}
             async with c.stream("POST", "/v1/completions", json=body) as r:
@@ -39,17 +37,15 @@ def _stream_then_sigterm(contract, tmp_path, timeout_s: str) -> tuple[list[dict]
                     if line.startswith("data: ") and line != "data: [DONE]":
                         events.append(json.loads(line[len("data: "):]))
                         if len(events) == 1:
-                            proc.send_signal(signal.SIGTERM)
+                            server.proc.send_signal(signal.SIGTERM)
             return events
 
     try:
         events = asyncio.run(main())
-        proc.wait(timeout=30)
+        server.proc.wait(30)  # the exit the one SIGTERM started
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    status = json.loads((tmp_path / "serve" / "run.json").read_text())["status"]
-    return events, proc.returncode, status
+        stopped = server.stop(30)  # the exit code and run.json's status (a kill if still running)
+    return events, stopped["returncode"], stopped["run_status"]
 
 
 def test_sigterm_lets_a_streamed_request_finish(tmp_path):
