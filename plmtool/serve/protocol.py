@@ -288,18 +288,23 @@ def _top_p(v: Any) -> float:
     return float(v)
 
 
-def _n(v: Any) -> int:
-    if v is None:
-        return 1
+def _int_between(v: Any, name: str, lo: int, hi: int, hi_text: str | None = None) -> int:
+    """An integer (not a bool) in [lo, hi]; `hi_text` spells the bound in the message."""
     if not _is_int(v):
-        raise _wrong_type("n", f"'n' must be an integer, got {type(v).__name__}")
-    if not 1 <= v <= MAX_N:
-        raise _invalid("n", f"'n' must be between 1 and {MAX_N}, got {_short(v)}")
+        raise _wrong_type(name, f"'{name}' must be an integer, got {type(v).__name__}")
+    if not lo <= v <= hi:
+        raise _invalid(name, f"'{name}' must be between {lo} and {hi_text or hi}, got {_short(v)}")
     return v
 
 
-def _bool(body: dict, name: str) -> bool:
-    v = body.get(name)
+def _n(v: Any) -> int:
+    return 1 if v is None else _int_between(v, "n", 1, MAX_N)
+
+
+def _bool(body: dict, key: str, name: str | None = None) -> bool:
+    """body[key] as a bool (null: false); `name`: what errors call it (default: the key)."""
+    name = name or key
+    v = body.get(key)
     if v is None:
         return False
     if not isinstance(v, bool):
@@ -312,12 +317,7 @@ def _include_usage(opts: Any) -> bool:
         return False
     if not isinstance(opts, dict):
         raise _wrong_type("stream_options", "'stream_options' must be an object")
-    v = opts.get("include_usage")
-    if v is None:
-        return False
-    if not isinstance(v, bool):
-        raise _wrong_type("stream_options.include_usage", "'stream_options.include_usage' must be a boolean")
-    return v
+    return _bool(opts, "include_usage", "stream_options.include_usage")
 
 
 def _stop(stop: Any) -> list[str]:
@@ -330,13 +330,7 @@ def _stop(stop: Any) -> list[str]:
 
 
 def _seed(v: Any) -> int | None:
-    if v is None:
-        return None
-    if not _is_int(v):
-        raise _wrong_type("seed", f"'seed' must be an integer, got {type(v).__name__}")
-    if not 0 <= v <= MAX_SEED:
-        raise _invalid("seed", f"'seed' must be between 0 and 2**64 - 1, got {_short(v)}")
-    return v
+    return None if v is None else _int_between(v, "seed", 0, MAX_SEED, "2**64 - 1")
 
 
 def _refuse_unsupported(body: dict, n: int) -> None:
