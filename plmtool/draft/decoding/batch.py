@@ -68,18 +68,16 @@ def span_buckets(max_len: int) -> list[int]:
 
 @dataclass
 class BatchSequence:
-    """One sequence being decoded: its request, what it produced, where it lives."""
+    """One sequence being decoded: its request, what it produced, where it lives. Its next root
+    lives on the device (`BatchEngine.roots`); `length` is the host copy of its row's length."""
 
-    prompt: list[int]
     gen: GenerationConfig
     result: GenerationResult
     generator: torch.Generator | None
     stops: set[int]
     row: int
     length: int  # tokens in the target cache (the prompt and the accepted tokens)
-    token: int  # the last emitted token: not yet in the cache, the root of the next tree
     tag: object = None  # the caller's handle (the server's job)
-    done: bool = False
 
 
 @dataclass
@@ -222,11 +220,10 @@ class BatchEngine:
                 self._prefill_drafter(hidden, prompt[1:] + [token], row)
             self.lengths[row] = len(prompt)
             self.roots[row] = token
-        seq = BatchSequence(prompt, gen, GenerationResult(prompt_tokens=len(prompt)), generator,
-                        {int(t) for t in gen.stop_token_ids}, row, len(prompt), token, tag)
+        seq = BatchSequence(gen, GenerationResult(prompt_tokens=len(prompt)), generator,
+                            {int(t) for t in gen.stop_token_ids}, row, len(prompt), tag)
         self.stats.prefills += 1
         kept, done = emit([token], gen, seq.result, seq.stops)
-        seq.done = done
         if not done:
             self.seqs.append(seq)
         return StepOutput(seq, kept, done)
@@ -282,7 +279,6 @@ class BatchEngine:
         with torch.inference_mode():
             self.lengths[last] = 0  # a padding row from now on: it writes from slot 0 of its free row
         self.seqs.pop()
-        seq.done = True
 
     # ------------------------------------------------------------------ one step for every live sequence
     def step(self) -> list[StepOutput]:
@@ -336,7 +332,6 @@ class BatchEngine:
             node, token, *path = verdicts[i]
             length = tree_depth(tree, node) + 1
             seq.length += length
-            seq.token = token
             kept, done = emit(path[1:length] + [token], seq.gen, seq.result, seq.stops)
             seq.result.accept_lengths.append(len(kept))
             outputs.append(StepOutput(seq, kept, done))
