@@ -27,28 +27,18 @@ log = logging.getLogger("plmtool")
 DRY_RUN = "dry run: server built (model, drafter, tree checked); not serving — drop serve.dry_run to serve"
 
 
-def serve_options(node) -> "ServeConfig":
-    """The `serve` node as the `ServeConfig` the server takes, checked."""
-    from omegaconf import OmegaConf
-
-    from plmtool.draft.config import ServeConfig
-
-    options = node if isinstance(node, ServeConfig) else ServeConfig(**OmegaConf.to_container(node))
-    options.check()
-    return options
-
-
 def build_server(cfg: DictConfig):
     """Model (+ drafter and tree) -> Server; shared by the command and the tests."""
     from plmtool.draft.decoding.batch import BatchEngine, batch_buckets
     from plmtool.draft.setup import (
-        bucket_trees, calibration_sequences, chat_prompt_ids, check_decoding_config, engine_options, setup_drafter,
-        stop_token_ids,
+        bucket_trees, calibration_sequences, chat_prompt_ids, check_decoding_config, checked_options, engine_options,
+        setup_drafter, stop_token_ids,
     )
+    from plmtool.draft.config import ServeConfig
     from plmtool.models import load_model
     from plmtool.serve.app import Server
 
-    s, d = serve_options(cfg.serve), cfg.draft
+    s, d = checked_options(cfg.serve, ServeConfig), cfg.draft
     check_decoding_config(d)
     options = engine_options(cfg.engine)
     if not options.static_drafter:

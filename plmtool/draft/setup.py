@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, TypeVar
 
 from plmtool.draft.accuracy import RankAccuracy, measure_rank_accuracy
 from plmtool.draft.config import EngineOptions, check_dynamic_pool, check_tree_accuracy
@@ -19,6 +19,8 @@ from plmtool.draft.decoding.target import TargetRunner
 from plmtool.draft.decoding.tree import build_tree, resolve_tree, validate_tree
 from plmtool.draft.drafter import check_checkpoint, load_drafter
 from plmtool.errors import PlmtoolError
+
+T = TypeVar("T")
 
 # ----------------------------------------------------------------------------- prompts
 
@@ -64,14 +66,20 @@ def check_decoding_config(draft, checkpoints: Sequence[str] = ("checkpoint",), t
             validate_tree(plain_tree(spec))
 
 
-def engine_options(node: Any) -> EngineOptions:
-    """The `engine` node of bench and serve as the `EngineOptions` the engine takes, checked."""
-    if not isinstance(node, EngineOptions):
+def checked_options(node: Any, cls: type[T]) -> T:
+    """A config node (Hydra node, dict, or already a `cls`) as the options dataclass the code
+    takes, checked (`cls.check()` names the offending key)."""
+    if not isinstance(node, cls):
         from omegaconf import OmegaConf
 
-        node = EngineOptions(**(OmegaConf.to_container(node) if OmegaConf.is_config(node) else dict(node)))
+        node = cls(**(OmegaConf.to_container(node) if OmegaConf.is_config(node) else dict(node)))
     node.check()
     return node
+
+
+def engine_options(node: Any) -> EngineOptions:
+    """The `engine` node of bench and serve as the `EngineOptions` the engine takes, checked."""
+    return checked_options(node, EngineOptions)
 
 
 def plain_tree(spec: Any) -> Any:

@@ -116,6 +116,9 @@ class Server:
         if req.model != self.model_id:
             raise APIError(404, f"model '{req.model}' does not exist; this server serves '{self.model_id}'", "model",
                            "model_not_found")
+        if req.choice_count > self.options.max_queue:  # before tokenizing: it could never be queued
+            raise APIError(400, f"{req.choice_count} sequences (prompts x n) exceed what the server queues "
+                           f"(serve.max_queue = {self.options.max_queue})", "n", "invalid_value")
         prompts = self._prompt_ids(req)
         choices, prompt_tokens = [], 0
         for i, ids in enumerate(prompts):
@@ -132,9 +135,6 @@ class Server:
             except PlmtoolError as e:
                 raise APIError(400, str(e), "max_tokens", "context_length_exceeded") from None
             prompt_tokens += len(ids)
-            if len(prompts) * req.n > self.options.max_queue:
-                raise APIError(400, f"{len(prompts) * req.n} sequences (prompts x n) exceed what the server queues "
-                               f"(serve.max_queue = {self.options.max_queue})", "n", "invalid_value")
             for j in range(req.n):
                 # each of n choices samples with its own seed (seed + j), so they differ
                 seed = None if req.seed is None else (req.seed + j) % (MAX_SEED + 1)
