@@ -339,3 +339,18 @@ def build_strict_tokenizer(tokenizer):
                             "{{ raise_exception('System role not supported') }}{% endif %}"
                             "{{ m['content'] }}{% endfor %}")
     return strict
+
+
+@pytest.mark.parametrize("field,value", [("max_batch", 0), ("step_tokens", 0), ("max_queue", 0), ("port", 70000),
+                                         ("request_timeout_s", -1), ("shutdown_timeout_s", -1), ("max_body_mb", 0),
+                                         ("acceptance", "greedy")])
+def test_serve_options_name_the_bad_key(field, value):
+    from plmtool.errors import PlmtoolError
+
+    with pytest.raises(PlmtoolError, match=f"serve.{field}"):
+        ServeConfig(**{field: value}).check()
+
+
+def test_max_batch_defaults_by_device():
+    assert ServeConfig().batch_for(torch.device("cuda")) == 16 and ServeConfig().batch_for(torch.device("cpu")) == 4
+    assert ServeConfig(max_batch=3).batch_for(torch.device("cuda")) == 3
